@@ -1,0 +1,119 @@
+"""Turn a trained model into verified ONNX graphs plus the metadata serving needs.
+
+Classifiers: one graph `model.onnx`, `input` [B, C, H, W] -> `logits` [B, K].
+Language models: a step graph `model.onnx` (`tokens` [B, 1], `h`, `c` [L, B, H] ->
+`logits` [B, V], `h_next`, `c_next`) and a prefill graph `prefill.onnx` with the
+same names and a dynamic T axis on `tokens`, to consume a whole prompt in one call.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from export import verify
+
+OPSET = 17
+
+
+class _LastStep(nn.Module):
+    """Adapts `forward(tokens, state)` to named tensors: logits at the last position."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, h, c):
+        logits, (h_next, c_next) = self.model(tokens, (h, c))  # logits: [B, T, V]
+        return logits[:, -1], h_next, c_next
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic_axes: dict) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False)
+
+
+def _stamp(path: Path, card: dict) -> None:
+    """Copy the model card into the graph's metadata_props, so the .onnx stands alone."""
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {"stepwise.model_card": json.dumps(card, sort_keys=True),
+                                        "stepwise.kind": card["kind"]})
+    onnx.save(graph, str(path))
+
+
+def export_classifier(model: nn.Module, out_dir: Path) -> dict:
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    path = out_dir / "model.onnx"
+    _export(model, (torch.zeros(2, *shape),), path, ["input"], ["logits"],
+            {"input": {0: "batch"}, "logits": {0: "batch"}})
+    checks = verify.verify_classifier(model, path, shape)
+    card = {
+        "kind": "classifier",
+        "graphs": {"model": "model.onnx"},
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *shape]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, cfg.num_classes]}],
+        "labels": list(cfg.labels),
+        "preprocess": {
+            "color_mode": "L" if cfg.in_channels == 1 else "RGB",
+            "height": cfg.image_size,
+            "width": cfg.image_size,
+            "resample": "bilinear",
+            "scale": 1 / 255,
+            "mean": [cfg.mean] * cfg.in_channels,
+            "std": [cfg.std] * cfg.in_channels,
+        },
+        "verification": checks,
+    }
+    return card
+
+
+def export_char_lm(model: nn.Module, out_dir: Path) -> dict:
+    cfg = model.config
+    layers, hidden = cfg.num_layers, cfg.hidden_size
+    step = _LastStep(model).eval()
+    inputs, outputs = ["tokens", "h", "c"], ["logits", "h_next", "c_next"]
+    state_axes = {name: {1: "batch"} for name in ("h", "c", "h_next", "c_next")}
+    zeros = torch.zeros(layers, 2, hidden)
+    _export(step, (torch.zeros(2, 1, dtype=torch.long), zeros, zeros), out_dir / "model.onnx",
+            inputs, outputs, {"tokens": {0: "batch"}, "logits": {0: "batch"}, **state_axes})
+    _export(step, (torch.zeros(2, 3, dtype=torch.long), zeros, zeros), out_dir / "prefill.onnx",
+            inputs, outputs,
+            {"tokens": {0: "batch", 1: "time"}, "logits": {0: "batch"}, **state_axes})
+    checks = verify.verify_char_lm(model, out_dir / "model.onnx", out_dir / "prefill.onnx")
+    state_shape = [layers, -1, hidden]
+    card = {
+        "kind": "language_model",
+        "graphs": {"step": "model.onnx", "prefill": "prefill.onnx"},
+        "inputs": [
+            {"name": "tokens", "dtype": "int64", "shape": [-1, 1]},
+            {"name": "h", "dtype": "float32", "shape": state_shape},
+            {"name": "c", "dtype": "float32", "shape": state_shape},
+        ],
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": [-1, cfg.vocab_size]},
+            {"name": "h_next", "dtype": "float32", "shape": state_shape},
+            {"name": "c_next", "dtype": "float32", "shape": state_shape},
+        ],
+        # Each state input is fed back from its output at the next step; zeros to start.
+        "state": [
+            {"input": "h", "output": "h_next", "dtype": "float32", "shape": state_shape},
+            {"input": "c", "output": "c_next", "dtype": "float32", "shape": state_shape},
+        ],
+        "vocab": list(cfg.vocab),
+        # EOS ends a document; it also opens one (BOS), so a prompt is fed after it.
+        "special_tokens": {"eos": 0, "bos": 0},
+        "verification": checks,
+    }
+    return card
+
+
+EXPORTERS = {"classifier": export_classifier, "language_model": export_char_lm}

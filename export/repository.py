@@ -1,0 +1,43 @@
+"""The model repository, Triton-style: `<root>/<name>/<version>/model.onnx` + side-cars.
+
+A version directory is assembled in a temporary directory beside the repository
+and renamed into place, so readers never see a half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+MODEL_CARD = "model.json"  # everything serving needs to know, beside the graphs
+METRICS = "metrics.json"
+
+
+@contextlib.contextmanager
+def staged_version(root: Path, name: str, version: str) -> Iterator[Path]:
+    """Yield an empty staging directory; on success it becomes root/name/version."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=root))
+    try:
+        yield staging
+        target = root / name / version
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".old-{name}-", dir=root))
+            target.rename(trash / version)
+            staging.rename(target)
+            shutil.rmtree(trash)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,103 @@
+"""Verification every export must pass before it reaches the repository.
+
+Failing any check raises VerificationError; nothing is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+ATOL = 1e-4
+
+
+class VerificationError(RuntimeError):
+    """An exported graph disagrees with its PyTorch source."""
+
+
+def check_graph(path: Path) -> None:
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def cpu_session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def assert_close(what: str, got: np.ndarray, want: torch.Tensor | np.ndarray) -> None:
+    want = want.detach().numpy() if isinstance(want, torch.Tensor) else want
+    if got.shape != want.shape:
+        raise VerificationError(f"{what}: ONNX shape {got.shape} != PyTorch {want.shape}")
+    err = float(np.max(np.abs(got - want))) if got.size else 0.0
+    if not err <= ATOL:
+        raise VerificationError(f"{what}: max |ONNX - PyTorch| = {err:.2e} > {ATOL:.0e}")
+
+
+def verify_classifier(model: torch.nn.Module, path: Path, shape: tuple[int, ...]) -> dict:
+    """Outputs match at batch sizes the export never saw."""
+    check_graph(path)
+    sess = cpu_session(path)
+    gen = torch.Generator().manual_seed(1)
+    for batch in (1, 3, 7):
+        x = torch.randn(batch, *shape, generator=gen)
+        with torch.no_grad():
+            want = model(x)
+        (got,) = sess.run(["logits"], {"input": x.numpy()})
+        assert_close(f"logits at batch {batch}", got, want)
+    return {"checked_batches": [1, 3, 7], "atol": ATOL}
+
+
+def verify_char_lm(model, step_path: Path, prefill_path: Path, rollout_steps: int = 200) -> dict:
+    """Step and prefill graphs match PyTorch at unseen shapes; greedy rollouts agree."""
+    check_graph(step_path)
+    check_graph(prefill_path)
+    step, prefill = cpu_session(step_path), cpu_session(prefill_path)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(2)
+    for batch, length in ((1, 5), (3, 17), (5, 1)):
+        tokens = torch.randint(0, vocab, (batch, length), generator=gen)
+        h0, c0 = (0.5 * torch.randn(model.config.num_layers, batch, model.config.hidden_size,
+                                    generator=gen) for _ in range(2))
+        with torch.no_grad():
+            logits, (h, c) = model(tokens, (h0, c0))
+        feeds = {"tokens": tokens.numpy(), "h": h0.numpy(), "c": c0.numpy()}
+        got = prefill.run(["logits", "h_next", "c_next"], feeds)
+        for name, g, w in zip(("logits", "h_next", "c_next"), got, (logits[:, -1], h, c)):
+            assert_close(f"prefill {name} at B={batch} T={length}", g, w)
+        if length == 1:
+            got = step.run(["logits", "h_next", "c_next"], feeds)
+            for name, g, w in zip(("logits", "h_next", "c_next"), got, (logits[:, -1], h, c)):
+                assert_close(f"step {name} at B={batch}", g, w)
+    prompt = torch.randint(1, vocab, (2, 7), generator=gen)
+    torch_tokens = _torch_rollout(model, prompt, rollout_steps)
+    onnx_tokens = _onnx_rollout(model, step, prefill, prompt.numpy(), rollout_steps)
+    if not np.array_equal(torch_tokens, onnx_tokens):
+        first = int(np.argmax((torch_tokens != onnx_tokens).any(0)))
+        raise VerificationError(f"greedy rollout diverges from PyTorch at step {first}")
+    return {"checked": [[1, 5], [3, 17], [5, 1]], "atol": ATOL, "rollout_steps": rollout_steps}
+
+
+@torch.no_grad()
+def _torch_rollout(model, prompt: torch.Tensor, steps: int) -> np.ndarray:
+    logits, state = model(prompt, model.init_state(prompt.size(0)))
+    out = []
+    for _ in range(steps):
+        token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        out.append(token)
+        logits, state = model(token, state)
+    return torch.cat(out, 1).numpy()
+
+
+def _onnx_rollout(model, step, prefill, prompt: np.ndarray, steps: int) -> np.ndarray:
+    zeros = np.zeros((model.config.num_layers, prompt.shape[0], model.config.hidden_size),
+                     np.float32)
+    logits, h, c = prefill.run(None, {"tokens": prompt, "h": zeros, "c": zeros})
+    out = []
+    for _ in range(steps):
+        token = logits.argmax(-1)[:, None].astype(np.int64)  # [B, 1]
+        out.append(token)
+        logits, h, c = step.run(None, {"tokens": token, "h": h, "c": c})
+    return np.concatenate(out, 1)

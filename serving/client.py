@@ -1,0 +1,106 @@
+"""Python client and CLI for a stepwise server.
+
+    python -m serving.client list
+    python -m serving.client classify --image digit.png [--model lenet5] [--top-k 3]
+    python -m serving.client generate --prompt "ROMEO." --max-tokens 300 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+
+
+class StepwiseClient:
+    def __init__(self, target: str = "localhost:8001", timeout: float | None = 60.0):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> StepwiseClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+
+    def classify(self, image: bytes, model: str = "lenet5", top_k: int = 0) -> pb.ClassifyResponse:
+        return self.stub.Classify(pb.ClassifyRequest(model=model, image=image, top_k=top_k),
+                                  timeout=self.timeout)
+
+    def generate_stream(self, prompt: str, model: str = "char_lstm", **options):
+        """The raw response stream (cancel it with `.cancel()`). Options: GenerateRequest fields."""
+        options = {k: v for k, v in options.items() if v is not None}
+        request = pb.GenerateRequest(model=model, prompt=prompt, **options)
+        return self.stub.Generate(request, timeout=self.timeout)
+
+    def generate(self, prompt: str, model: str = "char_lstm", **options) -> Iterator[str]:
+        """Yield text pieces as they arrive; the final response is kept in `self.last`."""
+        for response in self.generate_stream(prompt, model, **options):
+            if response.finish_reason:
+                self.last = response
+            if response.text:
+                yield response.text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="localhost:8001")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the served models")
+    c = sub.add_parser("classify", help="classify an image file")
+    c.add_argument("--image", type=Path, required=True)
+    c.add_argument("--model", default="lenet5")
+    c.add_argument("--top-k", type=int, default=3)
+    g = sub.add_parser("generate", help="stream generated text")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--model", default="char_lstm")
+    g.add_argument("--max-tokens", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[])
+    args = p.parse_args(argv)
+
+    with StepwiseClient(args.target, timeout=None if args.command == "generate" else 60) as client:
+        try:
+            if args.command == "list":
+                for m in client.list_models():
+                    print(f"{m.name}\tv{m.version}\t{m.kind}\t{m.execution_provider}")
+            elif args.command == "classify":
+                response = client.classify(args.image.read_bytes(), args.model, args.top_k)
+                for c in response.classes:
+                    print(f"{c.label}\t{c.probability:.4f}")
+            else:
+                sys.stdout.write(args.prompt)
+                for piece in client.generate(
+                        args.prompt, args.model, max_tokens=args.max_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed, stop=args.stop):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+                last = client.last
+                print(f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens}"
+                      f" completion_tokens={last.completion_tokens}]", file=sys.stderr)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Model runtimes built from a model directory alone: the graphs plus `model.json`.
+
+Nothing here knows gRPC: inputs are bytes, strings and numpy arrays; problems are
+`serving.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.errors import DeviceError, InvalidArgument, ModelLoadError
+from serving.preprocess import decode_image, image_to_tensor
+from serving.runtime import create_session
+from serving.sampling import Sampler, SamplingParams, StopMatcher
+
+MODEL_CARD = "model.json"
+
+
+class Model:
+    """What every served model has: a name, a version, a card and a provider."""
+
+    kind = ""
+
+    def __init__(self, directory: Path, card: dict):
+        self.directory = directory
+        self.card = card
+        self.name = card["name"]
+        self.version = str(card["version"])
+        self.provider = ""
+
+    def _session(self, graph: str, device: str):
+        session = create_session(self.directory / self.card["graphs"][graph], device)
+        self.provider = session.get_providers()[0]
+        return session
+
+    def metrics(self) -> dict:
+        path = self.directory / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+
+class Classifier(Model):
+    kind = "classifier"
+
+    def __init__(self, directory: Path, card: dict, device: str):
+        super().__init__(directory, card)
+        self.session = self._session("model", device)
+        self.labels: list[str] = card["labels"]
+        self.input = card["inputs"][0]
+        self.preprocess = card["preprocess"]
+
+    def tensor_from_image(self, data: bytes) -> np.ndarray:
+        return image_to_tensor(decode_image(data), self.preprocess)
+
+    def check_tensor(self, array: np.ndarray, field: str = "tensor") -> np.ndarray:
+        """Accept [C, H, W] or [1, C, H, W] float32 matching the model input."""
+        want = tuple(self.input["shape"][1:])
+        if array.shape not in (want, (1, *want)):
+            raise InvalidArgument(f"{field}.shape", f"got {list(array.shape)}; allowed "
+                                                    f"{list(want)} or {[1, *want]}")
+        if not np.all(np.isfinite(array)):
+            raise InvalidArgument(f"{field}.raw_data", "holds NaN or infinite values")
+        return array.reshape(want)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """x: [B, C, H, W] -> softmax probabilities [B, K]."""
+        (logits,) = self.session.run(["logits"], {self.input["name"]: x})
+        z = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class GenerationEvent:
+    text: str
+    finish_reason: str = ""  # set on the last event: "length", "stop" or "eos"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class LanguageModel(Model):
+    kind = "language_model"
+
+    def __init__(self, directory: Path, card: dict, device: str):
+        super().__init__(directory, card)
+        self.step = self._session("step", device)
+        self.prefill = self._session("prefill", device)
+        self.vocab: list[str] = card["vocab"]
+        self.index = {tok: i for i, tok in enumerate(self.vocab)}
+        self.eos = card["special_tokens"]["eos"]
+        self.bos = card["special_tokens"].get("bos", self.eos)
+        self.state = card["state"]  # [{input, output, dtype, shape}] fed back each step
+        self.steps_run = itertools.count()  # graph runs, for tests and metrics
+        self._alphabet = "".join(t for i, t in enumerate(self.vocab) if i != self.eos)
+
+    def encode(self, prompt: str, field: str = "prompt") -> list[int]:
+        unknown = sorted({ch for ch in prompt if ch not in self.index})
+        if unknown:
+            raise InvalidArgument(field, f"characters {''.join(unknown)!r} are not in the "
+                                         f"vocabulary of {self.name}; allowed: {self._alphabet!r}")
+        return [self.index[ch] for ch in prompt]
+
+    def _run(self, session, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        next(self.steps_run)
+        names = ["logits", *(s["output"] for s in self.state)]
+        logits, *new = session.run(names, {"tokens": tokens, **state})
+        return logits, {s["input"]: v for s, v in zip(self.state, new)}
+
+    def generate(self, prompt: str, max_tokens: int, params: SamplingParams,
+                 stop: list[str] = (), is_active: Callable[[], bool] = lambda: True,
+                 ) -> Iterator[GenerationEvent]:
+        """Yield one event per sampled token; the last carries finish_reason and counts.
+
+        The prompt is consumed in one prefill call; then one step graph run per token.
+        Stops at the next step once `is_active()` turns false (a cancelled stream).
+        """
+        ids = self.encode(prompt)
+        sampler = Sampler(params)
+        matcher = StopMatcher(list(stop))
+        state = {s["input"]: np.zeros([1 if d == -1 else d for d in s["shape"]], s["dtype"])
+                 for s in self.state}
+        tokens = np.asarray([[self.bos, *ids]], dtype=np.int64)  # [1, T]
+        logits, state = self._run(self.prefill, tokens, state)
+        finish, produced = "length", 0
+        while produced < max_tokens and is_active():
+            token = sampler(logits[0])
+            produced += 1
+            if token == self.eos:
+                finish = "eos"
+                break
+            text, stopped = matcher.push(self.vocab[token])
+            if stopped:
+                finish = "stop"
+                if text:
+                    yield GenerationEvent(text)
+                break
+            if text:
+                yield GenerationEvent(text)
+            if produced < max_tokens:
+                logits, state = self._run(self.step, np.asarray([[token]], np.int64), state)
+        tail = "" if finish == "stop" else matcher.flush()
+        yield GenerationEvent(tail, finish, len(ids), produced)
+
+
+KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel)}
+
+
+def load_model(directory: Path, device: str) -> Model:
+    try:
+        card = json.loads((directory / MODEL_CARD).read_text())
+        cls = KINDS[card["kind"]]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{directory}: unreadable {MODEL_CARD} ({exc!r})") from exc
+    try:
+        return cls(directory, card, device)
+    except DeviceError:
+        raise  # the operator demanded a device we cannot give: not a per-model problem
+    except Exception as exc:
+        raise ModelLoadError(f"{directory}: {type(exc).__name__}: {exc}") from exc

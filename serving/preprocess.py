@@ -1,0 +1,43 @@
+"""Images in any size and mode -> the tensor a classifier's metadata asks for."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from serving.errors import InvalidArgument
+
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+
+
+def decode_image(data: bytes, field: str = "image") -> Image.Image:
+    if not data:
+        raise InvalidArgument(field, "empty; send encoded PNG or JPEG bytes")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InvalidArgument(field, f"{len(data)} bytes; at most {MAX_IMAGE_BYTES} allowed")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_PIXELS:
+            raise InvalidArgument(field, f"{image.width}x{image.height} pixels; at most "
+                                         f"{MAX_PIXELS} allowed")
+        image.load()
+    except InvalidArgument:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidArgument(field, f"cannot decode image ({exc}); send PNG or JPEG bytes")
+    return image
+
+
+def image_to_tensor(image: Image.Image, spec: dict) -> np.ndarray:
+    """Convert, resize, scale and normalize: [C, H, W] float32, as the model card says."""
+    image = image.convert(spec["color_mode"])
+    image = image.resize((spec["width"], spec["height"]), RESAMPLE[spec["resample"]])
+    x = np.asarray(image, dtype=np.float32) * np.float32(spec["scale"])
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # [C, H, W]
+    mean = np.asarray(spec["mean"], np.float32)[:, None, None]
+    std = np.asarray(spec["std"], np.float32)[:, None, None]
+    return (x - mean) / std

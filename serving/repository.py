@@ -1,0 +1,65 @@
+"""The served model set, loaded from a Triton-style repository.
+
+`<root>/<name>/<version>/model.json` (+ graphs). The highest numeric version of
+each name is served. A model that fails to load is logged and skipped; the
+others serve.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from serving.errors import InvalidArgument, ModelLoadError, NotFound
+from serving.models import MODEL_CARD, Model, load_model
+
+log = logging.getLogger(__name__)
+
+
+def latest_versions(root: Path) -> dict[str, Path]:
+    """{model name: directory of its highest numeric version that has a model card}."""
+    found = {}
+    for model_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        if model_dir.name.startswith("."):
+            continue  # staging directories of an export in progress
+        versions = [v for v in model_dir.iterdir()
+                    if v.is_dir() and v.name.isdigit() and (v / MODEL_CARD).is_file()]
+        if versions:
+            found[model_dir.name] = max(versions, key=lambda v: int(v.name))
+    return found
+
+
+class ModelRegistry:
+    def __init__(self, models: dict[str, Model], failed: dict[str, str] | None = None):
+        self.models = models
+        self.failed = failed or {}
+
+    @classmethod
+    def load(cls, root: Path, device: str) -> ModelRegistry:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"model repository {root} does not exist; run `make models`")
+        models, failed = {}, {}
+        for name, directory in latest_versions(root).items():
+            try:
+                model = load_model(directory, device)
+            except ModelLoadError as exc:
+                log.error("skipping model %s: %s", name, exc)
+                failed[name] = str(exc)
+                continue
+            models[name] = model
+            log.info("loaded %s version %s (%s) on %s", name, model.version, model.kind,
+                     model.provider)
+        return cls(models, failed)
+
+    def get(self, name: str, kind: str, field: str = "model") -> Model:
+        names = ", ".join(sorted(n for n, m in self.models.items() if m.kind == kind))
+        if not name:
+            raise InvalidArgument(field, f"required; available: {names}")
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"{field}: no model named {name!r}; available {kind}s: {names}")
+        if model.kind != kind:
+            raise InvalidArgument(field, f"{name!r} is a {model.kind}; this RPC needs a {kind}: "
+                                         f"{names}")
+        return model

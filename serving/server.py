@@ -1,0 +1,56 @@
+"""Server assembly: `create_server(config) -> (server, port)`."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.repository import ModelRegistry
+from serving.service import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "stepwise.v1.Inference"
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path = Path("model_repository")
+    host: str = "127.0.0.1"
+    port: int = 8001  # 0 picks a free port
+    device: str = "auto"  # cpu, cuda or auto
+    max_workers: int = 16  # concurrent RPCs; each stream holds one until it ends
+    max_message_bytes: int = 32 * 1024 * 1024
+
+
+def create_server(config: ServerConfig, registry: ModelRegistry | None = None,
+                  ) -> tuple[grpc.Server, int]:
+    """Load the models (unless given), bind, and return the started-ready server."""
+    registry = registry or ModelRegistry.load(config.model_repository, config.device)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+        options=[("grpc.max_receive_message_length", config.max_message_bytes),
+                 ("grpc.max_send_message_length", config.max_message_bytes)],
+    )
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(registry), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    status = health_pb2.HealthCheckResponse.SERVING if registry.models else \
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, status)
+    server.registry = registry  # for operators' introspection and tests
+    return server, port

@@ -1,0 +1,155 @@
+"""The gRPC transport: protobuf <-> numpy and strings, errors -> status codes.
+
+All request validation lives here or in the core it calls; any ServingError
+becomes its status code with a message naming the field; anything unexpected
+becomes INTERNAL and is logged, and the server carries on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import grpc
+import numpy as np
+
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.errors import InvalidArgument, ServingError
+from serving.models import Classifier, LanguageModel
+from serving.repository import ModelRegistry
+from serving.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS_DEFAULT, MAX_TOKENS_LIMIT = 256, 4096
+TEMPERATURE_LIMIT = 10.0
+MAX_STOPS, MAX_STOP_CHARS = 8, 64
+CLASSIFY_TOP_K_DEFAULT = 5
+TENSOR_DTYPES = {"float32": np.float32}
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, ServingError):
+        context.abort(exc.code, str(exc))
+    log.exception("unexpected error")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+
+def unary(handler):
+    @functools.wraps(handler)
+    def wrapper(self, request, context):
+        try:
+            return handler(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            _abort(context, exc)
+
+    return wrapper
+
+
+def streaming(handler):
+    @functools.wraps(handler)
+    def wrapper(self, request, context):
+        try:
+            yield from handler(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            _abort(context, exc)
+
+    return wrapper
+
+
+def tensor_to_array(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
+    if tensor.dtype not in TENSOR_DTYPES:
+        raise InvalidArgument(f"{field}.dtype", f"got {tensor.dtype!r}; allowed: "
+                                                f"{', '.join(TENSOR_DTYPES)}")
+    dtype = np.dtype(TENSOR_DTYPES[tensor.dtype]).newbyteorder("<")
+    shape = list(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape", f"got {shape}; dimensions must be >= 0")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(tensor.raw_data) != expected:
+        raise InvalidArgument(f"{field}.raw_data", f"holds {len(tensor.raw_data)} bytes; shape "
+                                                   f"{shape} of {tensor.dtype} needs {expected}")
+    return np.frombuffer(tensor.raw_data, dtype=dtype).astype(np.float32).reshape(shape)
+
+
+def _tensor_specs(specs: list[dict]) -> list[pb.TensorSpec]:
+    return [pb.TensorSpec(name=s["name"], dtype=s["dtype"], shape=s["shape"]) for s in specs]
+
+
+def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, SamplingParams]:
+    """Validate the generation knobs; return (max_tokens, sampling parameters)."""
+    max_tokens = request.max_tokens if request.HasField("max_tokens") else MAX_TOKENS_DEFAULT
+    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise InvalidArgument("max_tokens", f"got {max_tokens}; allowed 1 to {MAX_TOKENS_LIMIT}")
+    temperature = request.temperature if request.HasField("temperature") else 1.0
+    if not 0 <= temperature <= TEMPERATURE_LIMIT:  # NaN fails too
+        raise InvalidArgument("temperature", f"got {temperature}; allowed 0 (greedy) to "
+                                             f"{TEMPERATURE_LIMIT}")
+    if not 0 <= request.top_k <= vocab_size:
+        raise InvalidArgument("top_k", f"got {request.top_k}; allowed 0 (off) to {vocab_size}")
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    if not 0 < top_p <= 1:
+        raise InvalidArgument("top_p", f"got {top_p}; allowed (0, 1]")
+    if len(request.stop) > MAX_STOPS:
+        raise InvalidArgument("stop", f"{len(request.stop)} strings; at most {MAX_STOPS}")
+    for i, s in enumerate(request.stop):
+        if not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise InvalidArgument(f"stop[{i}]", f"{len(s)} characters; allowed 1 to "
+                                                f"{MAX_STOP_CHARS}")
+    seed = request.seed if request.HasField("seed") else None
+    return max_tokens, SamplingParams(temperature, request.top_k, top_p, seed)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+
+    @unary
+    def ListModels(self, request, context):
+        models = []
+        for name, model in sorted(self.registry.models.items()):
+            metrics = {k: str(v) for k, v in model.metrics().items()
+                       if isinstance(v, (int, float, str))}
+            models.append(pb.ModelInfo(
+                name=name, version=model.version, kind=model.kind,
+                inputs=_tensor_specs(model.card["inputs"]),
+                outputs=_tensor_specs(model.card["outputs"]),
+                execution_provider=model.provider,
+                labels=getattr(model, "labels", []),
+                metadata={"arch": model.card.get("arch", ""), **metrics},
+            ))
+        return pb.ListModelsResponse(models=models)
+
+    @unary
+    def Classify(self, request, context):
+        model: Classifier = self.registry.get(request.model, Classifier.kind)
+        which = request.WhichOneof("input")
+        if which == "image":
+            x = model.tensor_from_image(request.image)
+        elif which == "tensor":
+            x = model.check_tensor(tensor_to_array(request.tensor))
+        else:
+            raise InvalidArgument("input", "set one of image (encoded PNG/JPEG) or tensor")
+        classes = len(model.labels)
+        top_k = request.top_k or min(CLASSIFY_TOP_K_DEFAULT, classes)
+        if not 1 <= top_k <= classes:
+            raise InvalidArgument("top_k", f"got {request.top_k}; allowed 0 (default "
+                                           f"{min(CLASSIFY_TOP_K_DEFAULT, classes)}) to {classes}")
+        probs = model.probabilities(x[None])[0]
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        return pb.ClassifyResponse(model=model.name, version=model.version, classes=[
+            pb.ClassProbability(index=int(i), label=model.labels[i], probability=float(probs[i]))
+            for i in order])
+
+    @streaming
+    def Generate(self, request, context):
+        model: LanguageModel = self.registry.get(request.model, LanguageModel.kind)
+        max_tokens, params = sampling_params(request, len(model.vocab))
+        events = model.generate(request.prompt, max_tokens, params, list(request.stop),
+                                is_active=context.is_active)
+        for event in events:
+            yield pb.GenerateResponse(text=event.text, finish_reason=event.finish_reason,
+                                      prompt_tokens=event.prompt_tokens,
+                                      completion_tokens=event.completion_tokens)

@@ -1,0 +1,162 @@
+"""Train a character language model with truncated backpropagation through time.
+
+B parallel streams walk the corpus in order; the hidden state is carried from one
+chunk of T characters to the next and detached, so gradients flow back at most T
+steps. Adam, a warm-up then cosine learning-rate schedule, gradient clipping, and
+validation on whole held-out plays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.char_lm import EOS, CharLMConfig, CharLSTM, build_vocab, encode
+from training.checkpoint import save_checkpoint
+from training.data.shakespeare import load_corpus
+from training.reports import write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=900, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="parallel streams")
+    p.add_argument("--bptt", type=int, default=128, help="characters per truncated chunk")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--eval-chars", type=int, default=60_000, help="validation chars per interim eval")
+    p.add_argument("--text-file", type=Path, help="train on this text instead (90/10 split)")
+
+
+def _stream(works: dict[str, str], vocab: list[str]) -> torch.Tensor:
+    ids: list[int] = []
+    for text in works.values():
+        ids += encode(text, vocab) + [0]  # each work ends with EOS
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _batchify(stream: torch.Tensor, batch: int) -> torch.Tensor:
+    n = stream.numel() // batch
+    return stream[: n * batch].view(batch, n)  # [B, N]: B contiguous streams
+
+
+@torch.no_grad()
+def evaluate(model: CharLSTM, stream: torch.Tensor, bptt: int, batch: int = 32) -> float:
+    """Mean cross-entropy in nats per character over the stream."""
+    model.eval()
+    data = _batchify(stream, min(batch, max(1, stream.numel() // (bptt + 1))))
+    state = model.init_state(data.size(0))
+    total, count = 0.0, 0
+    for i in range(0, data.size(1) - 1, bptt):
+        x = data[:, i : i + bptt]
+        y = data[:, i + 1 : i + 1 + bptt]
+        x = x[:, : y.size(1)]
+        logits, state = model(x, state)
+        total += nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    model.train()
+    return total / max(count, 1)
+
+
+def _lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _load_data(args) -> tuple[dict, dict, str]:
+    if args.dry_run:
+        text = "".join(f"KING.\nThe {w} is {w}, my lord {i}.\n\n"
+                       for i, w in enumerate(["crown", "sword", "night", "day"] * 40))
+        return {"dry": text}, {"dry_val": text[:800]}, "dry-run"
+    if args.text_file:
+        text = args.text_file.read_text(encoding="utf-8")
+        cut = int(len(text) * 0.9)
+        return {"train": text[:cut]}, {"val": text[cut:]}, str(args.text_file)
+    return load_corpus()
+
+
+def train(args) -> dict:
+    torch.manual_seed(args.seed)
+    if args.dry_run:
+        args.steps, args.batch_size, args.bptt = 6, 4, 16
+        args.hidden_size, args.embed_dim, args.eval_every, args.warmup = 32, 16, 3, 2
+    train_works, val_works, source = _load_data(args)
+    vocab = build_vocab([*train_works.values(), *val_works.values()])
+    log.info("corpus %s: %d train works (%d chars), validation %s (%d chars), vocab %d",
+             source, len(train_works), sum(map(len, train_works.values())),
+             ", ".join(val_works), sum(map(len, val_works.values())), len(vocab))
+    train_data = _batchify(_stream(train_works, vocab), args.batch_size)
+    val_stream = _stream(val_works, vocab)
+
+    config = CharLMConfig(vocab=vocab, embed_dim=args.embed_dim, hidden_size=args.hidden_size,
+                          num_layers=args.num_layers, dropout=args.dropout)
+    model = CharLSTM(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    state = model.init_state(args.batch_size)
+    pos, epoch, history = 0, 0, []
+    start = time.perf_counter()
+    bar = tqdm(range(args.steps), desc=args.arch, unit="step", disable=args.quiet)
+    for step in bar:
+        if pos + args.bptt + 1 > train_data.size(1):  # next epoch: restart streams
+            pos, epoch, state = 0, epoch + 1, model.init_state(args.batch_size)
+        x = train_data[:, pos : pos + args.bptt]  # [B, T]
+        y = train_data[:, pos + 1 : pos + 1 + args.bptt]
+        pos += args.bptt
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, args)
+        state = tuple(s.detach() for s in state)  # truncate BPTT at the chunk boundary
+        logits, state = model(x, state)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        optimizer.step()
+        record = {"step": step + 1, "train_loss": loss.item()}
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            record["val_loss"] = evaluate(model, val_stream[: args.eval_chars], args.bptt)
+        history.append(record)
+        bar.set_postfix(loss=f"{loss.item():.3f}", **(
+            {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+    train_seconds = time.perf_counter() - start
+    val_loss = evaluate(model, val_stream, args.bptt)
+    history[-1]["val_loss"] = val_loss
+    chars = args.steps * args.batch_size * args.bptt
+    metrics = {
+        "val_loss_nats_per_char": round(val_loss, 4),
+        "val_bits_per_char": round(val_loss / math.log(2), 4),
+        "train_loss": round(history[-1]["train_loss"], 4),
+        "corpus": source,
+        "validation_works": sorted(val_works),
+        "validation_chars": int(val_stream.numel()),
+        "train_chars_seen": chars,
+        "epochs": round(chars / train_data.numel(), 3),
+        "steps": args.steps,
+        "train_seconds": round(train_seconds, 1),
+        "train_chars_per_second": round(chars / train_seconds),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    log.info("%s: validation %.4f nats/char (%.4f bits/char) after %d steps, %.0f s",
+             args.arch, val_loss, metrics["val_bits_per_char"], args.steps, train_seconds)
+    save_checkpoint(args.out, args.arch, model, optimizer, args.steps, metrics)
+    write_metrics(args.out.with_suffix(".metrics.json"), metrics, history)
+    return metrics
+
+
+__all__ = ["EOS", "add_arguments", "evaluate", "train"]
