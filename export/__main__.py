@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from export.onnx_export import EXPORTERS, _stamp
-from export.repository import MODEL_CARD, METRICS, staged_version, write_json
+from export.onnx_export import EXPORTERS, stamp_model_card
+from export.repository import METRICS, MODEL_CARD, staged_version, write_json
 from export.verify import VerificationError
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.registry import get_arch
@@ -24,25 +24,29 @@ from training.registry import get_arch
 log = logging.getLogger("export")
 
 
-def export_checkpoint(checkpoint: Path, repository: Path, name: str | None = None,
-                      version: str = "1") -> Path:
+def export_checkpoint(
+    checkpoint: Path, repository: Path, name: str | None = None, version: str = "1"
+) -> Path:
     arch_name, model, ckpt = load_checkpoint(checkpoint)
     arch = get_arch(arch_name)
     name = name or arch_name
     with staged_version(repository, name, version) as staging:
         card = EXPORTERS[arch.task](model, staging)
-        card.update({
-            "name": name,
-            "version": version,
-            "arch": arch_name,
-            "config": ckpt["config"],
-            "training_step": ckpt["step"],
-            "exported_with": {"torch": torch.__version__},
-            "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"),
-        })
+        card.update(
+            {
+                "name": name,
+                "version": version,
+                "arch": arch_name,
+                "config": ckpt["config"],
+                "training_step": ckpt["step"],
+                "exported_with": {"torch": torch.__version__},
+                "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds"
+                ),
+            }
+        )
         for graph in card["graphs"].values():
-            _stamp(staging / graph, card)
+            stamp_model_card(staging / graph, card)
         write_json(staging / MODEL_CARD, card)
         write_json(staging / METRICS, ckpt["metrics"])
     target = Path(repository) / name / version

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from export import verify
+from training.char_lm import BOS_ID, EOS_ID
 
 OPSET = 17
 
@@ -33,19 +34,35 @@ class _LastStep(nn.Module):
         return logits[:, -1], h_next, c_next
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            dynamic_axes: dict) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic_axes: dict,
+) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
-def _stamp(path: Path, card: dict) -> None:
+def stamp_model_card(path: Path, card: dict) -> None:
     """Copy the model card into the graph's metadata_props, so the .onnx stands alone."""
     graph = onnx.load(str(path))
-    onnx.helper.set_model_props(graph, {"stepwise.model_card": json.dumps(card, sort_keys=True),
-                                        "stepwise.kind": card["kind"]})
+    onnx.helper.set_model_props(
+        graph,
+        {"stepwise.model_card": json.dumps(card, sort_keys=True), "stepwise.kind": card["kind"]},
+    )
     onnx.save(graph, str(path))
 
 
@@ -53,8 +70,14 @@ def export_classifier(model: nn.Module, out_dir: Path) -> dict:
     cfg = model.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     path = out_dir / "model.onnx"
-    _export(model, (torch.zeros(2, *shape),), path, ["input"], ["logits"],
-            {"input": {0: "batch"}, "logits": {0: "batch"}})
+    _export(
+        model,
+        (torch.zeros(2, *shape),),
+        path,
+        ["input"],
+        ["logits"],
+        {"input": {0: "batch"}, "logits": {0: "batch"}},
+    )
     checks = verify.verify_classifier(model, path, shape)
     card = {
         "kind": "classifier",
@@ -83,11 +106,22 @@ def export_char_lm(model: nn.Module, out_dir: Path) -> dict:
     inputs, outputs = ["tokens", "h", "c"], ["logits", "h_next", "c_next"]
     state_axes = {name: {1: "batch"} for name in ("h", "c", "h_next", "c_next")}
     zeros = torch.zeros(layers, 2, hidden)
-    _export(step, (torch.zeros(2, 1, dtype=torch.long), zeros, zeros), out_dir / "model.onnx",
-            inputs, outputs, {"tokens": {0: "batch"}, "logits": {0: "batch"}, **state_axes})
-    _export(step, (torch.zeros(2, 3, dtype=torch.long), zeros, zeros), out_dir / "prefill.onnx",
-            inputs, outputs,
-            {"tokens": {0: "batch", 1: "time"}, "logits": {0: "batch"}, **state_axes})
+    _export(
+        step,
+        (torch.zeros(2, 1, dtype=torch.long), zeros, zeros),
+        out_dir / "model.onnx",
+        inputs,
+        outputs,
+        {"tokens": {0: "batch"}, "logits": {0: "batch"}, **state_axes},
+    )
+    _export(
+        step,
+        (torch.zeros(2, 3, dtype=torch.long), zeros, zeros),
+        out_dir / "prefill.onnx",
+        inputs,
+        outputs,
+        {"tokens": {0: "batch", 1: "time"}, "logits": {0: "batch"}, **state_axes},
+    )
     checks = verify.verify_char_lm(model, out_dir / "model.onnx", out_dir / "prefill.onnx")
     state_shape = [layers, -1, hidden]
     card = {
@@ -109,8 +143,8 @@ def export_char_lm(model: nn.Module, out_dir: Path) -> dict:
             {"input": "c", "output": "c_next", "dtype": "float32", "shape": state_shape},
         ],
         "vocab": list(cfg.vocab),
-        # EOS ends a document; it also opens one (BOS), so a prompt is fed after it.
-        "special_tokens": {"eos": 0, "bos": 0},
+        # Generation starts from zero state, feeds BOS, then the prompt.
+        "special_tokens": {"eos": EOS_ID, "bos": BOS_ID},
         "verification": checks,
     }
     return card

@@ -59,17 +59,24 @@ def verify_char_lm(model, step_path: Path, prefill_path: Path, rollout_steps: in
     gen = torch.Generator().manual_seed(2)
     for batch, length in ((1, 5), (3, 17), (5, 1)):
         tokens = torch.randint(0, vocab, (batch, length), generator=gen)
-        h0, c0 = (0.5 * torch.randn(model.config.num_layers, batch, model.config.hidden_size,
-                                    generator=gen) for _ in range(2))
+        h0, c0 = (
+            0.5
+            * torch.randn(model.config.num_layers, batch, model.config.hidden_size, generator=gen)
+            for _ in range(2)
+        )
         with torch.no_grad():
             logits, (h, c) = model(tokens, (h0, c0))
         feeds = {"tokens": tokens.numpy(), "h": h0.numpy(), "c": c0.numpy()}
         got = prefill.run(["logits", "h_next", "c_next"], feeds)
-        for name, g, w in zip(("logits", "h_next", "c_next"), got, (logits[:, -1], h, c)):
+        for name, g, w in zip(
+            ("logits", "h_next", "c_next"), got, (logits[:, -1], h, c), strict=True
+        ):
             assert_close(f"prefill {name} at B={batch} T={length}", g, w)
         if length == 1:
             got = step.run(["logits", "h_next", "c_next"], feeds)
-            for name, g, w in zip(("logits", "h_next", "c_next"), got, (logits[:, -1], h, c)):
+            for name, g, w in zip(
+                ("logits", "h_next", "c_next"), got, (logits[:, -1], h, c), strict=True
+            ):
                 assert_close(f"step {name} at B={batch}", g, w)
     prompt = torch.randint(1, vocab, (2, 7), generator=gen)
     torch_tokens = _torch_rollout(model, prompt, rollout_steps)
@@ -92,8 +99,9 @@ def _torch_rollout(model, prompt: torch.Tensor, steps: int) -> np.ndarray:
 
 
 def _onnx_rollout(model, step, prefill, prompt: np.ndarray, steps: int) -> np.ndarray:
-    zeros = np.zeros((model.config.num_layers, prompt.shape[0], model.config.hidden_size),
-                     np.float32)
+    zeros = np.zeros(
+        (model.config.num_layers, prompt.shape[0], model.config.hidden_size), np.float32
+    )
     logits, h, c = prefill.run(None, {"tokens": prompt, "h": zeros, "c": zeros})
     out = []
     for _ in range(steps):

@@ -25,16 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--max-workers", type=int, default=16, help="concurrent RPCs")
     args = p.parse_args(argv)
-    config = ServerConfig(args.model_repository, args.host, args.port, args.device,
-                          args.max_workers)
+    config = ServerConfig(
+        args.model_repository, args.host, args.port, args.device, args.max_workers
+    )
     try:
         server, port = create_server(config)
     except (DeviceError, FileNotFoundError, OSError) as exc:
         log.error("%s", exc)
         return 1
     server.start()
-    log.info("serving %d model(s) on %s:%d: %s", len(server.registry.models), args.host, port,
-             ", ".join(sorted(server.registry.models)) or "none")
+    log.info(
+        "serving %d model(s) on %s:%d: %s",
+        len(server.registry.models),
+        args.host,
+        port,
+        ", ".join(sorted(server.registry.models)) or "none",
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,8 +1,8 @@
 """Python client and CLI for a stepwise server.
 
-    python -m serving.client list
-    python -m serving.client classify --image digit.png [--model lenet5] [--top-k 3]
-    python -m serving.client generate --prompt "ROMEO." --max-tokens 300 --seed 1
+python -m serving.client list
+python -m serving.client classify --image digit.png [--model lenet5] [--top-k 3]
+python -m serving.client generate --prompt "ROMEO." --max-tokens 300 --seed 1
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ class StepwiseClient:
         return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
 
     def classify(self, image: bytes, model: str = "lenet5", top_k: int = 0) -> pb.ClassifyResponse:
-        return self.stub.Classify(pb.ClassifyRequest(model=model, image=image, top_k=top_k),
-                                  timeout=self.timeout)
+        return self.stub.Classify(
+            pb.ClassifyRequest(model=model, image=image, top_k=top_k), timeout=self.timeout
+        )
 
     def generate_stream(self, prompt: str, model: str = "char_lstm", **options):
         """The raw response stream (cancel it with `.cancel()`). Options: GenerateRequest fields."""
@@ -56,8 +57,11 @@ class StepwiseClient:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m serving.client",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--target", default="localhost:8001")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the served models")
@@ -88,14 +92,23 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 sys.stdout.write(args.prompt)
                 for piece in client.generate(
-                        args.prompt, args.model, max_tokens=args.max_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed, stop=args.stop):
+                    args.prompt,
+                    args.model,
+                    max_tokens=args.max_tokens,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    seed=args.seed,
+                    stop=args.stop,
+                ):
                     sys.stdout.write(piece)
                     sys.stdout.flush()
                 last = client.last
-                print(f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens}"
-                      f" completion_tokens={last.completion_tokens}]", file=sys.stderr)
+                print(
+                    f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens}"
+                    f" completion_tokens={last.completion_tokens}]",
+                    file=sys.stderr,
+                )
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

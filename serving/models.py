@@ -16,7 +16,7 @@ import numpy as np
 
 from serving.errors import DeviceError, InvalidArgument, ModelLoadError
 from serving.preprocess import decode_image, image_to_tensor
-from serving.runtime import create_session
+from serving.runtime import SessionFactory
 from serving.sampling import Sampler, SamplingParams, StopMatcher
 
 MODEL_CARD = "model.json"
@@ -34,8 +34,8 @@ class Model:
         self.version = str(card["version"])
         self.provider = ""
 
-    def _session(self, graph: str, device: str):
-        session = create_session(self.directory / self.card["graphs"][graph], device)
+    def _session(self, graph: str, sessions: SessionFactory):
+        session = sessions(self.directory / self.card["graphs"][graph])
         self.provider = session.get_providers()[0]
         return session
 
@@ -47,9 +47,9 @@ class Model:
 class Classifier(Model):
     kind = "classifier"
 
-    def __init__(self, directory: Path, card: dict, device: str):
+    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card)
-        self.session = self._session("model", device)
+        self.session = self._session("model", sessions)
         self.labels: list[str] = card["labels"]
         self.input = card["inputs"][0]
         self.preprocess = card["preprocess"]
@@ -61,8 +61,9 @@ class Classifier(Model):
         """Accept [C, H, W] or [1, C, H, W] float32 matching the model input."""
         want = tuple(self.input["shape"][1:])
         if array.shape not in (want, (1, *want)):
-            raise InvalidArgument(f"{field}.shape", f"got {list(array.shape)}; allowed "
-                                                    f"{list(want)} or {[1, *want]}")
+            raise InvalidArgument(
+                f"{field}.shape", f"got {list(array.shape)}; allowed {list(want)} or {[1, *want]}"
+            )
         if not np.all(np.isfinite(array)):
             raise InvalidArgument(f"{field}.raw_data", "holds NaN or infinite values")
         return array.reshape(want)
@@ -86,10 +87,10 @@ class GenerationEvent:
 class LanguageModel(Model):
     kind = "language_model"
 
-    def __init__(self, directory: Path, card: dict, device: str):
+    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card)
-        self.step = self._session("step", device)
-        self.prefill = self._session("prefill", device)
+        self.step = self._session("step", sessions)
+        self.prefill = self._session("prefill", sessions)
         self.vocab: list[str] = card["vocab"]
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
         self.eos = card["special_tokens"]["eos"]
@@ -101,19 +102,27 @@ class LanguageModel(Model):
     def encode(self, prompt: str, field: str = "prompt") -> list[int]:
         unknown = sorted({ch for ch in prompt if ch not in self.index})
         if unknown:
-            raise InvalidArgument(field, f"characters {''.join(unknown)!r} are not in the "
-                                         f"vocabulary of {self.name}; allowed: {self._alphabet!r}")
+            raise InvalidArgument(
+                field,
+                f"characters {''.join(unknown)!r} are not in the "
+                f"vocabulary of {self.name}; allowed: {self._alphabet!r}",
+            )
         return [self.index[ch] for ch in prompt]
 
     def _run(self, session, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         next(self.steps_run)
         names = ["logits", *(s["output"] for s in self.state)]
         logits, *new = session.run(names, {"tokens": tokens, **state})
-        return logits, {s["input"]: v for s, v in zip(self.state, new)}
+        return logits, {s["input"]: v for s, v in zip(self.state, new, strict=True)}
 
-    def generate(self, prompt: str, max_tokens: int, params: SamplingParams,
-                 stop: list[str] = (), is_active: Callable[[], bool] = lambda: True,
-                 ) -> Iterator[GenerationEvent]:
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int,
+        params: SamplingParams,
+        stop: list[str] = (),
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Iterator[GenerationEvent]:
         """Yield one event per sampled token; the last carries finish_reason and counts.
 
         The prompt is consumed in one prefill call; then one step graph run per token.
@@ -122,8 +131,10 @@ class LanguageModel(Model):
         ids = self.encode(prompt)
         sampler = Sampler(params)
         matcher = StopMatcher(list(stop))
-        state = {s["input"]: np.zeros([1 if d == -1 else d for d in s["shape"]], s["dtype"])
-                 for s in self.state}
+        state = {
+            s["input"]: np.zeros([1 if d == -1 else d for d in s["shape"]], s["dtype"])
+            for s in self.state
+        }
         tokens = np.asarray([[self.bos, *ids]], dtype=np.int64)  # [1, T]
         logits, state = self._run(self.prefill, tokens, state)
         finish, produced = "length", 0
@@ -150,14 +161,17 @@ class LanguageModel(Model):
 KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel)}
 
 
-def load_model(directory: Path, device: str) -> Model:
+def load_model(directory: Path, sessions: SessionFactory | str) -> Model:
+    """Build the runtime for one model version directory; `sessions` may be a device name."""
+    if isinstance(sessions, str):
+        sessions = SessionFactory(sessions)
     try:
         card = json.loads((directory / MODEL_CARD).read_text())
         cls = KINDS[card["kind"]]
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"{directory}: unreadable {MODEL_CARD} ({exc!r})") from exc
     try:
-        return cls(directory, card, device)
+        return cls(directory, card, sessions)
     except DeviceError:
         raise  # the operator demanded a device we cannot give: not a per-model problem
     except Exception as exc:

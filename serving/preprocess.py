@@ -22,13 +22,16 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > MAX_PIXELS:
-            raise InvalidArgument(field, f"{image.width}x{image.height} pixels; at most "
-                                         f"{MAX_PIXELS} allowed")
+            raise InvalidArgument(
+                field, f"{image.width}x{image.height} pixels; at most {MAX_PIXELS} allowed"
+            )
         image.load()
     except InvalidArgument:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidArgument(field, f"cannot decode image ({exc}); send PNG or JPEG bytes")
+        raise InvalidArgument(
+            field, f"cannot decode image ({exc}); send PNG or JPEG bytes"
+        ) from None
     return image
 
 

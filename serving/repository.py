@@ -12,6 +12,7 @@ from pathlib import Path
 
 from serving.errors import InvalidArgument, ModelLoadError, NotFound
 from serving.models import MODEL_CARD, Model, load_model
+from serving.runtime import SessionFactory
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,11 @@ def latest_versions(root: Path) -> dict[str, Path]:
     for model_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
         if model_dir.name.startswith("."):
             continue  # staging directories of an export in progress
-        versions = [v for v in model_dir.iterdir()
-                    if v.is_dir() and v.name.isdigit() and (v / MODEL_CARD).is_file()]
+        versions = [
+            v
+            for v in model_dir.iterdir()
+            if v.is_dir() and v.name.isdigit() and (v / MODEL_CARD).is_file()
+        ]
         if versions:
             found[model_dir.name] = max(versions, key=lambda v: int(v.name))
     return found
@@ -39,17 +43,18 @@ class ModelRegistry:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"model repository {root} does not exist; run `make models`")
-        models, failed = {}, {}
+        models, failed, sessions = {}, {}, SessionFactory(device)
         for name, directory in latest_versions(root).items():
             try:
-                model = load_model(directory, device)
+                model = load_model(directory, sessions)
             except ModelLoadError as exc:
                 log.error("skipping model %s: %s", name, exc)
                 failed[name] = str(exc)
                 continue
             models[name] = model
-            log.info("loaded %s version %s (%s) on %s", name, model.version, model.kind,
-                     model.provider)
+            log.info(
+                "loaded %s version %s (%s) on %s", name, model.version, model.kind, model.provider
+            )
         return cls(models, failed)
 
     def get(self, name: str, kind: str, field: str = "model") -> Model:
@@ -60,6 +65,7 @@ class ModelRegistry:
         if model is None:
             raise NotFound(f"{field}: no model named {name!r}; available {kind}s: {names}")
         if model.kind != kind:
-            raise InvalidArgument(field, f"{name!r} is a {model.kind}; this RPC needs a {kind}: "
-                                         f"{names}")
+            raise InvalidArgument(
+                field, f"{name!r} is a {model.kind}; this RPC needs a {kind}: {names}"
+            )
         return model

@@ -32,7 +32,8 @@ def requested_providers(device: str, available: list[str] | None = None) -> list
         if CUDA not in available:
             raise DeviceError(
                 f"--device cuda: this onnxruntime build has no {CUDA} "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu")
+                f"(available: {', '.join(available)}); install onnxruntime-gpu"
+            )
         return [CUDA, CPU]
     return [CUDA, CPU] if CUDA in available else [CPU]
 
@@ -43,17 +44,31 @@ def check_providers(device: str, path: Path, in_use: list[str]) -> str:
     if device == "cuda" and primary != CUDA:
         raise DeviceError(
             f"--device cuda: ONNX Runtime could not create {CUDA} for {path} and fell back to "
-            f"{primary}; check the CUDA and cuDNN libraries, or use --device auto/cpu")
-    if device == "auto":
-        log.info("%s runs on %s (device auto)", path, primary)
+            f"{primary}; check the CUDA and cuDNN libraries, or use --device auto/cpu"
+        )
     return primary
 
 
-def create_session(path: Path, device: str, intra_op_threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.log_severity_level = 3  # errors only: a CUDA fallback is reported by us
-    session = ort.InferenceSession(str(path), sess_options=options,
-                                   providers=requested_providers(device))
-    check_providers(device, path, session.get_providers())
-    return session
+class SessionFactory:
+    """Creates every session of one server on the device the operator chose.
+
+    With `auto`, the first session that cannot get CUDA settles the question: the
+    rest go straight to the CPU instead of failing to load CUDA once per graph.
+    """
+
+    def __init__(self, device: str, intra_op_threads: int = 0):
+        requested_providers(device)  # validate early
+        self.device = device
+        self.intra_op_threads = intra_op_threads
+
+    def __call__(self, path: Path) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.log_severity_level = 3  # errors only: a CUDA fallback is reported by us
+        providers = requested_providers(self.device)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        primary = check_providers(self.device, path, session.get_providers())
+        if self.device == "auto" and CUDA in providers and primary != CUDA:
+            log.warning("device auto: CUDA is unavailable, every model runs on the CPU")
+            self.device = "cpu"
+        return session

@@ -54,8 +54,9 @@ class Sampler:
         if self.params.temperature == 0:
             return int(np.argmax(logits))
         cdf = np.cumsum(self.probabilities(logits))
-        return int(min(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"),
-                       cdf.size - 1))
+        return int(
+            min(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"), cdf.size - 1)
+        )
 
 
 class StopMatcher:
@@ -75,10 +76,12 @@ class StopMatcher:
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
             return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s))
-                    if self.pending.endswith(s[:k])), default=0)
+        hold = max(
+            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
+            default=0,
+        )
         out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
+        self.pending = self.pending[len(out) :]
         return out, False
 
     def flush(self) -> str:

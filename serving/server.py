@@ -31,25 +31,33 @@ class ServerConfig:
     max_message_bytes: int = 32 * 1024 * 1024
 
 
-def create_server(config: ServerConfig, registry: ModelRegistry | None = None,
-                  ) -> tuple[grpc.Server, int]:
+def create_server(
+    config: ServerConfig,
+    registry: ModelRegistry | None = None,
+) -> tuple[grpc.Server, int]:
     """Load the models (unless given), bind, and return the started-ready server."""
     registry = registry or ModelRegistry.load(config.model_repository, config.device)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        options=[("grpc.max_receive_message_length", config.max_message_bytes),
-                 ("grpc.max_send_message_length", config.max_message_bytes)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+        ],
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(registry), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     if port == 0:
         raise OSError(f"cannot bind {config.host}:{config.port}")
-    status = health_pb2.HealthCheckResponse.SERVING if registry.models else \
-        health_pb2.HealthCheckResponse.NOT_SERVING
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if registry.models
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, status)
     server.registry = registry  # for operators' introspection and tests

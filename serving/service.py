@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 MAX_TOKENS_DEFAULT, MAX_TOKENS_LIMIT = 256, 4096
 TEMPERATURE_LIMIT = 10.0
 MAX_STOPS, MAX_STOP_CHARS = 8, 64
+MAX_PROMPT_CHARS = 16_384
 CLASSIFY_TOP_K_DEFAULT = 5
 TENSOR_DTYPES = {"float32": np.float32}
 
@@ -61,16 +62,19 @@ def streaming(handler):
 
 def tensor_to_array(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
     if tensor.dtype not in TENSOR_DTYPES:
-        raise InvalidArgument(f"{field}.dtype", f"got {tensor.dtype!r}; allowed: "
-                                                f"{', '.join(TENSOR_DTYPES)}")
+        raise InvalidArgument(
+            f"{field}.dtype", f"got {tensor.dtype!r}; allowed: {', '.join(TENSOR_DTYPES)}"
+        )
     dtype = np.dtype(TENSOR_DTYPES[tensor.dtype]).newbyteorder("<")
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape", f"got {shape}; dimensions must be >= 0")
     expected = math.prod(shape) * dtype.itemsize
     if len(tensor.raw_data) != expected:
-        raise InvalidArgument(f"{field}.raw_data", f"holds {len(tensor.raw_data)} bytes; shape "
-                                                   f"{shape} of {tensor.dtype} needs {expected}")
+        raise InvalidArgument(
+            f"{field}.raw_data",
+            f"holds {len(tensor.raw_data)} bytes; shape {shape} of {tensor.dtype} needs {expected}",
+        )
     return np.frombuffer(tensor.raw_data, dtype=dtype).astype(np.float32).reshape(shape)
 
 
@@ -80,13 +84,18 @@ def _tensor_specs(specs: list[dict]) -> list[pb.TensorSpec]:
 
 def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, SamplingParams]:
     """Validate the generation knobs; return (max_tokens, sampling parameters)."""
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(
+            "prompt", f"{len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}"
+        )
     max_tokens = request.max_tokens if request.HasField("max_tokens") else MAX_TOKENS_DEFAULT
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise InvalidArgument("max_tokens", f"got {max_tokens}; allowed 1 to {MAX_TOKENS_LIMIT}")
     temperature = request.temperature if request.HasField("temperature") else 1.0
     if not 0 <= temperature <= TEMPERATURE_LIMIT:  # NaN fails too
-        raise InvalidArgument("temperature", f"got {temperature}; allowed 0 (greedy) to "
-                                             f"{TEMPERATURE_LIMIT}")
+        raise InvalidArgument(
+            "temperature", f"got {temperature}; allowed 0 (greedy) to {TEMPERATURE_LIMIT}"
+        )
     if not 0 <= request.top_k <= vocab_size:
         raise InvalidArgument("top_k", f"got {request.top_k}; allowed 0 (off) to {vocab_size}")
     top_p = request.top_p if request.HasField("top_p") else 1.0
@@ -96,8 +105,9 @@ def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, 
         raise InvalidArgument("stop", f"{len(request.stop)} strings; at most {MAX_STOPS}")
     for i, s in enumerate(request.stop):
         if not 1 <= len(s) <= MAX_STOP_CHARS:
-            raise InvalidArgument(f"stop[{i}]", f"{len(s)} characters; allowed 1 to "
-                                                f"{MAX_STOP_CHARS}")
+            raise InvalidArgument(
+                f"stop[{i}]", f"{len(s)} characters; allowed 1 to {MAX_STOP_CHARS}"
+            )
     seed = request.seed if request.HasField("seed") else None
     return max_tokens, SamplingParams(temperature, request.top_k, top_p, seed)
 
@@ -110,16 +120,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def ListModels(self, request, context):
         models = []
         for name, model in sorted(self.registry.models.items()):
-            metrics = {k: str(v) for k, v in model.metrics().items()
-                       if isinstance(v, (int, float, str))}
-            models.append(pb.ModelInfo(
-                name=name, version=model.version, kind=model.kind,
-                inputs=_tensor_specs(model.card["inputs"]),
-                outputs=_tensor_specs(model.card["outputs"]),
-                execution_provider=model.provider,
-                labels=getattr(model, "labels", []),
-                metadata={"arch": model.card.get("arch", ""), **metrics},
-            ))
+            metrics = {
+                k: str(v) for k, v in model.metrics().items() if isinstance(v, (int, float, str))
+            }
+            models.append(
+                pb.ModelInfo(
+                    name=name,
+                    version=model.version,
+                    kind=model.kind,
+                    inputs=_tensor_specs(model.card["inputs"]),
+                    outputs=_tensor_specs(model.card["outputs"]),
+                    execution_provider=model.provider,
+                    labels=getattr(model, "labels", []),
+                    metadata={"arch": model.card.get("arch", ""), **metrics},
+                )
+            )
         return pb.ListModelsResponse(models=models)
 
     @unary
@@ -135,21 +150,35 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         classes = len(model.labels)
         top_k = request.top_k or min(CLASSIFY_TOP_K_DEFAULT, classes)
         if not 1 <= top_k <= classes:
-            raise InvalidArgument("top_k", f"got {request.top_k}; allowed 0 (default "
-                                           f"{min(CLASSIFY_TOP_K_DEFAULT, classes)}) to {classes}")
+            raise InvalidArgument(
+                "top_k",
+                f"got {request.top_k}; allowed 0 (default "
+                f"{min(CLASSIFY_TOP_K_DEFAULT, classes)}) to {classes}",
+            )
         probs = model.probabilities(x[None])[0]
         order = np.argsort(-probs, kind="stable")[:top_k]
-        return pb.ClassifyResponse(model=model.name, version=model.version, classes=[
-            pb.ClassProbability(index=int(i), label=model.labels[i], probability=float(probs[i]))
-            for i in order])
+        return pb.ClassifyResponse(
+            model=model.name,
+            version=model.version,
+            classes=[
+                pb.ClassProbability(
+                    index=int(i), label=model.labels[i], probability=float(probs[i])
+                )
+                for i in order
+            ],
+        )
 
     @streaming
     def Generate(self, request, context):
         model: LanguageModel = self.registry.get(request.model, LanguageModel.kind)
         max_tokens, params = sampling_params(request, len(model.vocab))
-        events = model.generate(request.prompt, max_tokens, params, list(request.stop),
-                                is_active=context.is_active)
+        events = model.generate(
+            request.prompt, max_tokens, params, list(request.stop), is_active=context.is_active
+        )
         for event in events:
-            yield pb.GenerateResponse(text=event.text, finish_reason=event.finish_reason,
-                                      prompt_tokens=event.prompt_tokens,
-                                      completion_tokens=event.completion_tokens)
+            yield pb.GenerateResponse(
+                text=event.text,
+                finish_reason=event.finish_reason,
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+            )

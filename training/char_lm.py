@@ -14,7 +14,9 @@ from torch import nn
 State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [L, B, H]
 
 
-EOS = "<eos>"  # vocabulary entry 0: ends a document, and starts generation
+EOS = "<eos>"  # vocabulary entry 0
+EOS_ID = 0  # ends a document
+BOS_ID = EOS_ID  # also opens a context: zero state, then BOS, then text
 
 
 @dataclass

@@ -35,16 +35,20 @@ class LeNet5(nn.Module):
             raise ValueError(f"LeNet-5 takes 32x32 inputs, not {config.image_size}")
         self.config = config
         self.features = nn.Sequential(
-            nn.Conv2d(config.in_channels, 6, 5), nn.ReLU(),  # C1: [B, 6, 28, 28]
-            nn.MaxPool2d(2),                                 # S2: [B, 6, 14, 14]
-            nn.Conv2d(6, 16, 5), nn.ReLU(),                  # C3: [B, 16, 10, 10]
-            nn.MaxPool2d(2),                                 # S4: [B, 16, 5, 5]
-            nn.Conv2d(16, 120, 5), nn.ReLU(),                # C5: [B, 120, 1, 1]
+            nn.Conv2d(config.in_channels, 6, 5),
+            nn.ReLU(),  # C1: [B, 6, 28, 28]
+            nn.MaxPool2d(2),  # S2: [B, 6, 14, 14]
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),  # C3: [B, 16, 10, 10]
+            nn.MaxPool2d(2),  # S4: [B, 16, 5, 5]
+            nn.Conv2d(16, 120, 5),
+            nn.ReLU(),  # C5: [B, 120, 1, 1]
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(120, 84), nn.ReLU(),                   # F6: [B, 84]
-            nn.Linear(84, config.num_classes),               # [B, num_classes]
+            nn.Linear(120, 84),
+            nn.ReLU(),  # F6: [B, 84]
+            nn.Linear(84, config.num_classes),  # [B, num_classes]
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

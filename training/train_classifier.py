@@ -59,11 +59,13 @@ def train(args) -> dict:
     arch = get_arch(args.arch)
     model = arch.model_cls(arch.config_cls(mean=round(mean, 6), std=round(std, 6)))
     norm = lambda a: (torch.from_numpy(a) - model.config.mean) / model.config.std  # noqa: E731
-    xt, yt, xv, yv = norm(x_train), torch.from_numpy(y_train), norm(x_test), torch.from_numpy(y_test)
+    xt, xv = norm(x_train), norm(x_test)
+    yt, yv = torch.from_numpy(y_train), torch.from_numpy(y_test)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = (len(xt) + args.batch_size - 1) // args.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
+        optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch
+    )
     history, step = [], 0
     start = time.perf_counter()
     background = float(norm(np.zeros(1, np.float32))[0])
@@ -95,8 +97,13 @@ def train(args) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "confusion_matrix": confusion.tolist(),
     }
-    log.info("%s: test accuracy %.4f on %d held-out digits, %.0f s",
-             args.arch, acc, len(yv), train_seconds)
+    log.info(
+        "%s: test accuracy %.4f on %d held-out digits, %.0f s",
+        args.arch,
+        acc,
+        len(yv),
+        train_seconds,
+    )
     save_checkpoint(args.out, args.arch, model, optimizer, step, metrics)
     write_metrics(args.out.with_suffix(".metrics.json"), metrics, history)
     return metrics

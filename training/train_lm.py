@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.char_lm import EOS, CharLMConfig, CharLSTM, build_vocab, encode
+from training.char_lm import BOS_ID, EOS_ID, CharLMConfig, CharLSTM, build_vocab, encode
 from training.checkpoint import save_checkpoint
 from training.data.shakespeare import load_corpus
 from training.reports import write_metrics
@@ -37,15 +37,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument(
+        "--reset-prob",
+        type=float,
+        default=0.125,
+        help="chance per stream and chunk of restarting from zero state + BOS",
+    )
     p.add_argument("--eval-every", type=int, default=150)
-    p.add_argument("--eval-chars", type=int, default=60_000, help="validation chars per interim eval")
+    p.add_argument(
+        "--eval-chars",
+        type=int,
+        default=60_000,
+        help="validation characters per interim evaluation",
+    )
     p.add_argument("--text-file", type=Path, help="train on this text instead (90/10 split)")
 
 
 def _stream(works: dict[str, str], vocab: list[str]) -> torch.Tensor:
     ids: list[int] = []
     for text in works.values():
-        ids += encode(text, vocab) + [0]  # each work ends with EOS
+        ids += encode(text, vocab) + [EOS_ID]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -67,10 +78,26 @@ def evaluate(model: CharLSTM, stream: torch.Tensor, bptt: int, batch: int = 32) 
         x = x[:, : y.size(1)]
         logits, state = model(x, state)
         total += nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+        ).item()
         count += y.numel()
     model.train()
     return total / max(count, 1)
+
+
+def _restart_some(x: torch.Tensor, state, prob: float, gen: torch.Generator):
+    """Restart a random subset of streams as serving starts generation: zero state, BOS first.
+
+    Without this the model only ever sees carried-over state and is lost at the
+    zero state a generation request starts from.
+    """
+    if prob <= 0:
+        return x, state
+    restart = torch.rand(x.size(0), generator=gen) < prob  # [B]
+    keep = (~restart).to(state[0].dtype)[None, :, None]  # [1, B, 1]
+    x = x.clone()
+    x[restart, 0] = BOS_ID
+    return x, tuple(s * keep for s in state)
 
 
 def _lr_at(step: int, args) -> float:
@@ -82,8 +109,10 @@ def _lr_at(step: int, args) -> float:
 
 def _load_data(args) -> tuple[dict, dict, str]:
     if args.dry_run:
-        text = "".join(f"KING.\nThe {w} is {w}, my lord {i}.\n\n"
-                       for i, w in enumerate(["crown", "sword", "night", "day"] * 40))
+        text = "".join(
+            f"KING.\nThe {w} is {w}, my lord {i}.\n\n"
+            for i, w in enumerate(["crown", "sword", "night", "day"] * 40)
+        )
         return {"dry": text}, {"dry_val": text[:800]}, "dry-run"
     if args.text_file:
         text = args.text_file.read_text(encoding="utf-8")
@@ -94,19 +123,31 @@ def _load_data(args) -> tuple[dict, dict, str]:
 
 def train(args) -> dict:
     torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
     if args.dry_run:
         args.steps, args.batch_size, args.bptt = 6, 4, 16
         args.hidden_size, args.embed_dim, args.eval_every, args.warmup = 32, 16, 3, 2
     train_works, val_works, source = _load_data(args)
     vocab = build_vocab([*train_works.values(), *val_works.values()])
-    log.info("corpus %s: %d train works (%d chars), validation %s (%d chars), vocab %d",
-             source, len(train_works), sum(map(len, train_works.values())),
-             ", ".join(val_works), sum(map(len, val_works.values())), len(vocab))
+    log.info(
+        "corpus %s: %d train works (%d chars), validation %s (%d chars), vocab %d",
+        source,
+        len(train_works),
+        sum(map(len, train_works.values())),
+        ", ".join(val_works),
+        sum(map(len, val_works.values())),
+        len(vocab),
+    )
     train_data = _batchify(_stream(train_works, vocab), args.batch_size)
     val_stream = _stream(val_works, vocab)
 
-    config = CharLMConfig(vocab=vocab, embed_dim=args.embed_dim, hidden_size=args.hidden_size,
-                          num_layers=args.num_layers, dropout=args.dropout)
+    config = CharLMConfig(
+        vocab=vocab,
+        embed_dim=args.embed_dim,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        dropout=args.dropout,
+    )
     model = CharLSTM(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     state = model.init_state(args.batch_size)
@@ -122,6 +163,7 @@ def train(args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, args)
         state = tuple(s.detach() for s in state)  # truncate BPTT at the chunk boundary
+        x, state = _restart_some(x, state, args.reset_prob, gen)
         logits, state = model(x, state)
         loss = nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -132,8 +174,10 @@ def train(args) -> dict:
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             record["val_loss"] = evaluate(model, val_stream[: args.eval_chars], args.bptt)
         history.append(record)
-        bar.set_postfix(loss=f"{loss.item():.3f}", **(
-            {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}",
+            **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}),
+        )
     train_seconds = time.perf_counter() - start
     val_loss = evaluate(model, val_stream, args.bptt)
     history[-1]["val_loss"] = val_loss
@@ -152,11 +196,17 @@ def train(args) -> dict:
         "train_chars_per_second": round(chars / train_seconds),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    log.info("%s: validation %.4f nats/char (%.4f bits/char) after %d steps, %.0f s",
-             args.arch, val_loss, metrics["val_bits_per_char"], args.steps, train_seconds)
+    log.info(
+        "%s: validation %.4f nats/char (%.4f bits/char) after %d steps, %.0f s",
+        args.arch,
+        val_loss,
+        metrics["val_bits_per_char"],
+        args.steps,
+        train_seconds,
+    )
     save_checkpoint(args.out, args.arch, model, optimizer, args.steps, metrics)
     write_metrics(args.out.with_suffix(".metrics.json"), metrics, history)
     return metrics
 
 
-__all__ = ["EOS", "add_arguments", "evaluate", "train"]
+__all__ = ["add_arguments", "evaluate", "train"]

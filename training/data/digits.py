@@ -36,7 +36,8 @@ def load_digits_split(size: int = 32):
     digits = load_digits()
     idx = np.arange(len(digits.target))
     train_idx, test_idx = train_test_split(
-        idx, test_size=TEST_FRACTION, stratify=digits.target, random_state=SPLIT_SEED)
+        idx, test_size=TEST_FRACTION, stratify=digits.target, random_state=SPLIT_SEED
+    )
     images = np.stack([image_to_array(digit_to_image(p), size) for p in digits.data])
     y = digits.target.astype(np.int64)
     return images[train_idx], y[train_idx], images[test_idx], y[test_idx], digits.data[test_idx]

