@@ -145,13 +145,11 @@ class LanguageModel(Model):
                 finish = "eos"
                 break
             text, stopped = matcher.push(self.vocab[token])
-            if stopped:
-                finish = "stop"
-                if text:
-                    yield GenerationEvent(text)
-                break
             if text:
                 yield GenerationEvent(text)
+            if stopped:
+                finish = "stop"
+                break
             if produced < max_tokens:
                 logits, state = self._run(self.step, np.asarray([[token]], np.int64), state)
         tail = "" if finish == "stop" else matcher.flush()

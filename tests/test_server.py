@@ -169,7 +169,7 @@ def test_generate_errors_name_the_field_and_allowed_values(client, fields, code,
     err = _error(lambda: client.stub.Generate(request))
     assert err.code() == code
     assert err.details().startswith(field + ":") and allowed in err.details(), err.details()
-    if field == "prompt":
+    if "☃" in request.prompt:  # the message names the offending characters
         assert "☃" in err.details() and "§" in err.details()
     assert_serves(client)
 
@@ -260,3 +260,19 @@ def test_reflection_lists_and_describes_the_service(channel):
     pool = DescriptorPool(db)
     method = pool.FindServiceByName("stepwise.v1.Inference").FindMethodByName("Generate")
     assert method.server_streaming and method.output_type.name == "GenerateResponse"
+
+
+def test_unexpected_failure_is_internal_and_harms_no_other_request(client, server, monkeypatch):
+    model = server[0].registry.models["lenet5"]
+
+    def broken(x):
+        raise RuntimeError("simulated runtime failure")
+
+    monkeypatch.setattr(model, "probabilities", broken)
+    tensor = pb.Tensor(dtype="float32", shape=[1, 32, 32], raw_data=bytes(4 * 32 * 32))
+    err = _error(lambda: client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor)))
+    assert err.code() == grpc.StatusCode.INTERNAL and "RuntimeError" in err.details()
+    text, last = _generate(client, prompt="KING.\n", max_tokens=5, temperature=0)
+    assert len(text) == 5 and last.finish_reason == "length"
+    monkeypatch.undo()
+    assert client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor)).classes

@@ -118,3 +118,12 @@ def test_auto_settles_on_cpu_after_the_first_cuda_failure(repository):
     session = sessions(repository / "lenet5" / "1" / "model.onnx")
     assert session.get_providers() == [CPU]
     assert sessions.device == "cpu"  # later graphs do not retry CUDA
+
+
+def test_generation_stops_once_the_caller_is_gone(repository):
+    lm = load_model(repository / "char_lstm" / "1", "cpu")
+    checks = iter([True, True, True])  # active for three steps, then gone
+    events = list(
+        lm.generate("KING", 500, SamplingParams(seed=0), is_active=lambda: next(checks, False))
+    )
+    assert sum(e.completion_tokens for e in events) == 3 and next(lm.steps_run) == 4

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.char_lm import EOS, CharLMConfig, CharLSTM, build_vocab, encode
+from training.char_lm import BOS_ID, EOS, CharLMConfig, CharLSTM, build_vocab, encode
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.data import shakespeare
 from training.data.digits import load_digits_split
@@ -143,3 +143,22 @@ def test_unknown_architecture_is_a_one_line_error():
     )
     assert proc.returncode != 0
     assert "unknown architecture 'lenet6'" in proc.stderr and "lenet5" in proc.stderr
+
+
+def test_some_streams_restart_as_generation_starts():
+    from training.train_lm import _restart_some
+
+    x = torch.arange(1, 4 * 5 + 1).view(4, 5)  # [B, T]
+    state = (torch.ones(2, 4, 3), torch.ones(2, 4, 3))
+    gen = torch.Generator().manual_seed(0)
+    x_all, (h, c) = _restart_some(x, state, 1.0, gen)
+    assert x_all[:, 0].tolist() == [BOS_ID] * 4 and torch.equal(x_all[:, 1:], x[:, 1:])
+    assert h.abs().sum() == 0 and c.abs().sum() == 0
+    assert x[0, 0] == 1  # the corpus itself is untouched
+    x_none, state_none = _restart_some(x, state, 0.0, gen)
+    assert torch.equal(x_none, x) and torch.equal(state_none[0], state[0])
+    x16, state16 = torch.ones(16, 5, dtype=torch.long), (torch.ones(2, 16, 3),) * 2
+    x_some, (h, _) = _restart_some(x16, state16, 0.5, torch.Generator().manual_seed(0))
+    restarted = (x_some[:, 0] == BOS_ID).tolist()
+    assert 3 < sum(restarted) < 13
+    assert [bool(h[:, i].abs().sum() == 0) for i in range(16)] == restarted

@@ -27,14 +27,14 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=900, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64, help="parallel streams")
-    p.add_argument("--bptt", type=int, default=128, help="characters per truncated chunk")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=128, help="parallel streams")
+    p.add_argument("--bptt", type=int, default=64, help="characters per truncated chunk")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--lr", type=float, default=8e-3)
     p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument(
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.125,
         help="chance per stream and chunk of restarting from zero state + BOS",
     )
-    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--eval-every", type=int, default=200)
     p.add_argument(
         "--eval-chars",
         type=int,
