@@ -138,3 +138,14 @@ def test_device_cuda_fails_loudly_without_a_gpu(repository):
     )
     assert proc.returncode == 1
     assert "--device cuda" in proc.stderr and "CUDAExecutionProvider" in proc.stderr
+
+
+def test_serving_never_imports_torch_or_training():
+    code = (
+        "import sys, serving.__main__, serving.client, serving.server\n"
+        "roots = {m.split('.')[0] for m in sys.modules}\n"
+        "bad = sorted(roots & {'torch', 'training', 'export'})\n"
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
