@@ -8,28 +8,14 @@ scaled tanh, max-pooling in place of trainable sub-sampling.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import torch
 from torch import nn
 
-
-@dataclass
-class LeNetConfig:
-    num_classes: int = 10
-    in_channels: int = 1
-    image_size: int = 32
-    labels: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])
-    # Preprocessing that serving must repeat: pixels/255, then (x - mean) / std.
-    mean: float = 0.0
-    std: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from training.cnn_config import ClassifierConfig, initialize
 
 
 class LeNet5(nn.Module):
-    def __init__(self, config: LeNetConfig):
+    def __init__(self, config: ClassifierConfig):
         super().__init__()
         if config.image_size != 32:
             raise ValueError(f"LeNet-5 takes 32x32 inputs, not {config.image_size}")
@@ -50,6 +36,7 @@ class LeNet5(nn.Module):
             nn.ReLU(),  # F6: [B, 84]
             nn.Linear(84, config.num_classes),  # [B, num_classes]
         )
+        initialize(self, config.init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, C, 32, 32] -> logits: [B, num_classes]

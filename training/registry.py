@@ -15,11 +15,27 @@ class Arch:
 
 
 def _registry() -> dict[str, Arch]:
+    from training.alexnet import AlexNet
     from training.char_lm import CharLMConfig, CharLSTM
-    from training.lenet import LeNet5, LeNetConfig
+    from training.cnn_config import ClassifierConfig as CNN
+    from training.densenet import DenseNet
+    from training.googlenet import GoogLeNet
+    from training.lenet import LeNet5
+    from training.resnet import ResNet18, ResNet34, ResNet50
+    from training.vgg import VGG11, VGG13, VGG16, VGG19
 
     archs = [
-        Arch("lenet5", "classifier", LeNetConfig, LeNet5),
+        Arch("lenet5", "classifier", CNN, LeNet5),
+        Arch("alexnet", "classifier", CNN, AlexNet),
+        Arch("vgg11", "classifier", CNN, VGG11),
+        Arch("vgg13", "classifier", CNN, VGG13),
+        Arch("vgg16", "classifier", CNN, VGG16),
+        Arch("vgg19", "classifier", CNN, VGG19),
+        Arch("googlenet", "classifier", CNN, GoogLeNet),
+        Arch("resnet18", "classifier", CNN, ResNet18),
+        Arch("resnet34", "classifier", CNN, ResNet34),
+        Arch("resnet50", "classifier", CNN, ResNet50),
+        Arch("densenet", "classifier", CNN, DenseNet),
         Arch("char_lstm", "language_model", CharLMConfig, CharLSTM),
     ]
     return {a.name: a for a in archs}

@@ -1,4 +1,11 @@
-"""Train an image classifier on the digits: Adam, mini-batches, shift augmentation."""
+"""Train an image classifier of the zoo on the digits.
+
+Mini-batch training with a choice of optimizer (SGD with momentum, AdaGrad, RMSprop,
+Adam), learning-rate schedule (one-cycle, step decay, reduce-on-plateau), L2 weight
+decay, He or Xavier initialization, dropout, and random shifts as augmentation.
+A stratified tenth of the training split is held out for validation (and the
+plateau schedule); the test split is touched once, at the end.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +19,61 @@ from torch import nn
 from tqdm import tqdm
 
 from training.checkpoint import save_checkpoint
-from training.data.digits import load_digits_split
+from training.cnn_config import INITS
+from training.data.digits import load_digits_split, validation_split
 from training.registry import get_arch
 from training.reports import write_metrics
 
 log = logging.getLogger(__name__)
 
+OPTIMIZERS = ("adam", "sgd", "adagrad", "rmsprop")
+SCHEDULES = ("onecycle", "step", "plateau", "none")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--lr", type=float, default=2e-3, help="(peak) learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
+    p.add_argument("--step-size", type=int, default=10, help="step decay: epochs per step")
+    p.add_argument("--gamma", type=float, default=0.1, help="step/plateau decay factor")
+    p.add_argument("--patience", type=int, default=3, help="plateau: epochs without progress")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty")
+    p.add_argument("--init", choices=INITS, default="kaiming")
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
+    p.add_argument("--dropout", type=float, default=0.5)
     p.add_argument("--max-shift", type=int, default=2, help="random translation, pixels")
 
 
+def make_optimizer(name: str, params, args) -> torch.optim.Optimizer:
+    wd = args.weight_decay
+    if name == "sgd":
+        return torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=wd)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, args.lr, weight_decay=wd)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, args.lr, weight_decay=wd)
+    return torch.optim.Adam(params, args.lr, weight_decay=wd)
+
+
+def make_schedule(name: str, optimizer, args, steps_per_epoch: int):
+    """Return (scheduler or None, whether it steps per batch)."""
+    if name == "onecycle":
+        total = args.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=total), True
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, args.step_size, args.gamma), False
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, "min", factor=args.gamma, patience=args.patience
+        ), False
+    return None, False
+
+
 def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to max_shift pixels, filling with background (0)."""
+    """Translate each image by up to max_shift pixels, filling with zeros."""
     if max_shift == 0:
         return x
     padded = nn.functional.pad(x, [max_shift] * 4)
@@ -40,70 +85,98 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return out
 
 
+def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Training loss, auxiliary heads (GoogLeNet) included with their weights."""
+    if hasattr(model, "forward_train"):
+        outputs = model.forward_train(x)
+    else:
+        outputs = [(model(x), 1.0)]
+    return sum(w * nn.functional.cross_entropy(logits, y) for logits, w in outputs)
+
+
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, np.ndarray]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, np.ndarray]:
+    """(mean loss, accuracy, predictions) in inference mode."""
     model.eval()
-    pred = torch.cat([model(chunk).argmax(1) for chunk in x.split(512)])
+    logits = torch.cat([model(chunk) for chunk in x.split(256)])
     model.train()
-    return (pred == y).float().mean().item(), pred.numpy()
+    pred = logits.argmax(1)
+    loss = nn.functional.cross_entropy(logits, y).item()
+    return loss, (pred == y).float().mean().item(), pred.numpy()
 
 
 def train(args) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x_train, y_train, x_test, y_test, _ = load_digits_split()
+    x_train, y_train, x_val, y_val = validation_split(x_train, y_train)
     if args.dry_run:
-        args.epochs = 1
-        x_train, y_train = x_train[:128], y_train[:128]
+        args.epochs, args.width = 1, min(args.width, 0.125)
+        x_train, y_train = x_train[:64], y_train[:64]
     mean, std = float(x_train.mean()), float(x_train.std())
     arch = get_arch(args.arch)
-    model = arch.model_cls(arch.config_cls(mean=round(mean, 6), std=round(std, 6)))
-    norm = lambda a: (torch.from_numpy(a) - model.config.mean) / model.config.std  # noqa: E731
-    xt, xv = norm(x_train), norm(x_test)
-    yt, yv = torch.from_numpy(y_train), torch.from_numpy(y_test)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    config = arch.config_cls(
+        mean=round(mean, 6), std=round(std, 6), width=args.width, dropout=args.dropout,
+        init=args.init,
+    )  # fmt: skip
+    model = arch.model_cls(config)
+
+    def norm(a: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(a) - config.mean) / config.std
+
+    xt, xv, xs = norm(x_train), norm(x_val), norm(x_test)
+    yt, yv, ys = (torch.from_numpy(a) for a in (y_train, y_val, y_test))
+    background = float(norm(np.zeros(1, np.float32))[0])
+    optimizer = make_optimizer(args.optimizer, model.parameters(), args)
     steps_per_epoch = (len(xt) + args.batch_size - 1) // args.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch
-    )
+    schedule, per_batch = make_schedule(args.schedule, optimizer, args, steps_per_epoch)
     history, step = [], 0
     start = time.perf_counter()
-    background = float(norm(np.zeros(1, np.float32))[0])
-    for epoch in tqdm(range(args.epochs), desc=args.arch, unit="epoch", disable=args.quiet):
+    bar = tqdm(range(args.epochs), desc=args.arch, unit="epoch", disable=args.quiet)
+    for epoch in bar:
         perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
         for i in range(0, len(xt), args.batch_size):
             idx = perm[i : i + args.batch_size]
             xb = _shift(xt[idx] - background, args.max_shift, gen) + background
-            loss = nn.functional.cross_entropy(model(xb), yt[idx])
+            loss = _losses(model, xb, yt[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sched.step()
+            if per_batch:
+                schedule.step()
             total += loss.item() * len(idx)
             step += 1
-        acc, _ = accuracy(model, xv, yv)
-        history.append({"epoch": epoch + 1, "train_loss": total / len(xt), "test_accuracy": acc})
+        val_loss, val_acc, _ = evaluate(model, xv, yv)
+        if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            schedule.step(val_loss)
+        elif schedule is not None and not per_batch:
+            schedule.step()
+        history.append({
+            "epoch": epoch + 1, "train_loss": total / len(xt), "val_loss": val_loss,
+            "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
+        })  # fmt: skip
+        bar.set_postfix(loss=f"{total / len(xt):.3f}", val_acc=f"{val_acc:.3f}")
     train_seconds = time.perf_counter() - start
-    acc, pred = accuracy(model, xv, yv)
-    confusion = np.zeros((10, 10), dtype=int)
+    _, acc, pred = evaluate(model, xs, ys)
+    confusion = np.zeros((config.num_classes,) * 2, dtype=int)
     np.add.at(confusion, (y_test, pred), 1)
     metrics = {
         "test_accuracy": round(acc, 4),
-        "test_examples": len(yv),
+        "val_accuracy": round(history[-1]["val_accuracy"], 4),
+        "test_examples": len(ys),
         "train_examples": len(yt),
         "epochs": args.epochs,
+        "optimizer": args.optimizer,
+        "schedule": args.schedule,
+        "init": args.init,
+        "width": args.width,
         "train_seconds": round(train_seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "confusion_matrix": confusion.tolist(),
     }
-    log.info(
-        "%s: test accuracy %.4f on %d held-out digits, %.0f s",
-        args.arch,
-        acc,
-        len(yv),
-        train_seconds,
-    )
+    log.info("%s: test accuracy %.4f on %d held-out digits, %.0f s",
+             args.arch, acc, len(ys), train_seconds)  # fmt: skip
     save_checkpoint(args.out, args.arch, model, optimizer, step, metrics)
     write_metrics(args.out.with_suffix(".metrics.json"), metrics, history)
     return metrics

@@ -41,3 +41,13 @@ def load_digits_split(size: int = 32):
     images = np.stack([image_to_array(digit_to_image(p), size) for p in digits.data])
     y = digits.target.astype(np.int64)
     return images[train_idx], y[train_idx], images[test_idx], y[test_idx], digits.data[test_idx]
+
+
+def validation_split(x: np.ndarray, y: np.ndarray, fraction: float = 0.1):
+    """Split a stratified, seeded validation set off the training split."""
+    from sklearn.model_selection import train_test_split
+
+    x_train, x_val, y_train, y_val = train_test_split(
+        x, y, test_size=fraction, stratify=y, random_state=SPLIT_SEED
+    )
+    return x_train, y_train, x_val, y_val

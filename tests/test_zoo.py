@@ -1,0 +1,153 @@
+"""Every registered architecture: builds at both input kinds, trains a few steps,
+exports to a verified graph, and is served."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.__main__ import export_checkpoint
+from serving.models import load_model
+from training.__main__ import main as train_main
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.cnn_config import ClassifierConfig, initialize
+from training.registry import build_model, get_arch, names
+from training.train_classifier import make_optimizer, make_schedule
+
+CLASSIFIERS = [n for n in names() if get_arch(n).task == "classifier"]
+SCENE_CLASSIFIERS = [n for n in CLASSIFIERS if n != "lenet5"]  # LeNet-5 is 32x32 only
+
+
+def test_the_zoo_is_registered():
+    assert set(CLASSIFIERS) >= {
+        "lenet5", "alexnet", "vgg11", "vgg13", "vgg16", "vgg19", "googlenet",
+        "resnet18", "resnet34", "resnet50", "densenet",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCENE_CLASSIFIERS)
+def test_builds_for_digits_and_scenes(name):
+    for channels, size in ((1, 32), (3, 64)):
+        model = build_model(name, in_channels=channels, image_size=size, width=0.125).eval()
+        with torch.no_grad():
+            assert model(torch.randn(3, channels, size, size)).shape == (3, 10)
+
+
+def test_vgg_depths_follow_the_table():
+    convs = {
+        n: sum(isinstance(m, torch.nn.Conv2d) for m in build_model(n, width=0.125).modules())
+        for n in ("vgg11", "vgg13", "vgg16", "vgg19")
+    }
+    assert convs == {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}  # + 3 FC = 11..19
+
+
+def test_resnet_blocks():
+    from training.resnet import BasicBlock, Bottleneck
+
+    def blocks(name, kind):
+        return sum(isinstance(m, kind) for m in build_model(name, width=0.125).modules())
+
+    assert blocks("resnet18", BasicBlock) == 8 and blocks("resnet34", BasicBlock) == 16
+    assert blocks("resnet50", Bottleneck) == 16 and blocks("resnet50", BasicBlock) == 0
+
+
+def test_googlenet_auxiliary_heads_train_but_are_not_exported(tmp_path):
+    model = build_model("googlenet", width=0.125)
+    outputs = model.forward_train(torch.randn(2, 1, 32, 32))
+    assert [w for _, w in outputs] == [1.0, 0.3, 0.3]
+    assert all(o.shape == (2, 10) for o, _ in outputs)
+    save_checkpoint(tmp_path / "g.pt", "googlenet", model, None, 1, {})
+    version = export_checkpoint(tmp_path / "g.pt", tmp_path / "repo")
+    graph = onnx.load(str(version / "model.onnx")).graph
+    assert graph.initializer and not [t.name for t in graph.initializer if "aux" in t.name]
+    assert [o.name for o in graph.output] == ["logits"]
+
+
+@pytest.mark.parametrize("scheme,gain", [("kaiming", 2.0), ("xavier", None)])
+def test_initialization_schemes(scheme, gain):
+    layer = torch.nn.Linear(400, 100)
+    initialize(layer, scheme)
+    want = np.sqrt(gain / 400) if gain else np.sqrt(2 / 500)  # He: 2/fan_in; Glorot: 2/(in+out)
+    assert abs(layer.weight.std().item() - want) / want < 0.05
+    with pytest.raises(ValueError, match="kaiming, xavier"):
+        initialize(layer, "orthogonal")
+
+
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        ("sgd", torch.optim.SGD),
+        ("adagrad", torch.optim.Adagrad),
+        ("rmsprop", torch.optim.RMSprop),
+        ("adam", torch.optim.Adam),
+    ],
+)
+def test_optimizers(name, cls):
+    class Args:
+        lr, momentum, weight_decay = 0.1, 0.9, 1e-4
+
+    opt = make_optimizer(name, torch.nn.Linear(2, 2).parameters(), Args)
+    assert isinstance(opt, cls) and opt.param_groups[0]["weight_decay"] == 1e-4
+
+
+def test_step_and_plateau_schedules_decay():
+    class Args:
+        lr, epochs, step_size, gamma, patience = 1.0, 10, 2, 0.1, 1
+
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    step, per_batch = make_schedule("step", opt, Args, 5)
+    assert not per_batch
+    lrs = []
+    for _ in range(4):
+        opt.step()
+        step.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    np.testing.assert_allclose(lrs, [1.0, 0.1, 0.1, 0.01])
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    plateau, _ = make_schedule("plateau", opt, Args, 5)
+    for loss in (1.0, 0.5, 0.5, 0.5):  # no progress for two epochs > patience 1
+        plateau.step(loss)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> dict:
+    """`python -m training <name> --dry-run` for every registered name, in one process."""
+    root = tmp_path_factory.mktemp("dry")
+    out = {}
+    for name in names():
+        path = root / f"{name}.pt"
+        assert train_main([name, "--dry-run", "--quiet", "--out", str(path)]) == 0
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("name", names())
+def test_dry_run_then_export_and_serve(name, dry_runs, tmp_path):
+    arch, _, ckpt = load_checkpoint(dry_runs[name])
+    assert arch == name and ckpt["step"] > 0
+    assert dry_runs[name].with_suffix(".metrics.json").is_file()
+    version = export_checkpoint(dry_runs[name], tmp_path)  # verification included
+    card = json.loads((version / "model.json").read_text())
+    assert card["arch"] == name
+    served = load_model(version, "cpu")
+    if served.kind == "classifier":
+        probs = served.probabilities(np.zeros((2, *card["inputs"][0]["shape"][1:]), np.float32))
+        assert probs.shape == (2, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", SCENE_CLASSIFIERS)
+def test_scene_sized_export_is_verified(name, tmp_path):
+    config = ClassifierConfig(in_channels=3, image_size=64, width=0.125)
+    model = get_arch(name).model_cls(config)
+    with torch.no_grad():  # BatchNorm statistics as training leaves them, not the 0/1 defaults
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64))
+    save_checkpoint(tmp_path / "m.pt", name, model, None, 1, {})
+    card = json.loads((export_checkpoint(tmp_path / "m.pt", tmp_path) / "model.json").read_text())
+    assert card["inputs"][0]["shape"] == [-1, 3, 64, 64]
+    assert card["preprocess"]["color_mode"] == "RGB"
