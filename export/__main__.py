@@ -62,10 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="model name in the repository (default: the architecture)")
     p.add_argument("--version", default="1")
     args = p.parse_args(argv)
+    if not args.version.isdigit():
+        p.error(f"--version must be a positive integer (serving loads numeric versions), "
+                f"not {args.version!r}")  # fmt: skip
     try:
         export_checkpoint(args.checkpoint, args.repository, args.name, args.version)
-    except (CheckpointError, VerificationError, KeyError) as exc:
+    except (CheckpointError, VerificationError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for any failure
+        print(f"export failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
 

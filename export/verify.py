@@ -13,6 +13,7 @@ import onnxruntime as ort
 import torch
 
 ATOL = 1e-4
+LM_OUTPUTS = ("logits", "h_next", "c_next")
 
 
 class VerificationError(RuntimeError):
@@ -67,17 +68,11 @@ def verify_char_lm(model, step_path: Path, prefill_path: Path, rollout_steps: in
         with torch.no_grad():
             logits, (h, c) = model(tokens, (h0, c0))
         feeds = {"tokens": tokens.numpy(), "h": h0.numpy(), "c": c0.numpy()}
-        got = prefill.run(["logits", "h_next", "c_next"], feeds)
-        for name, g, w in zip(
-            ("logits", "h_next", "c_next"), got, (logits[:, -1], h, c), strict=True
-        ):
-            assert_close(f"prefill {name} at B={batch} T={length}", g, w)
-        if length == 1:
-            got = step.run(["logits", "h_next", "c_next"], feeds)
-            for name, g, w in zip(
-                ("logits", "h_next", "c_next"), got, (logits[:, -1], h, c), strict=True
-            ):
-                assert_close(f"step {name} at B={batch}", g, w)
+        want = dict(zip(LM_OUTPUTS, (logits[:, -1], h, c), strict=True))
+        graphs = {"prefill": prefill, "step": step} if length == 1 else {"prefill": prefill}
+        for graph, session in graphs.items():
+            for name, got in zip(LM_OUTPUTS, session.run(list(LM_OUTPUTS), feeds), strict=True):
+                assert_close(f"{graph} {name} at B={batch} T={length}", got, want[name])
     prompt = torch.randint(1, vocab, (2, 7), generator=gen)
     torch_tokens = _torch_rollout(model, prompt, rollout_steps)
     onnx_tokens = _onnx_rollout(model, step, prefill, prompt.numpy(), rollout_steps)

@@ -24,13 +24,17 @@ def proto_files() -> list[Path]:
 
 def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
     """Write the stubs into out_dir; return the files written."""
-    from grpc_tools import protoc  # dev dependency, only needed here
+    import grpc_tools  # dev dependency, only needed here
+    from grpc_tools import protoc
 
+    well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
+    ours = "|".join(sorted({p.relative_to(PROTO_ROOT).parts[0] for p in proto_files()}))
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         args = [
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
+            f"-I{well_known}",
             f"--python_out={tmp}",
             f"--pyi_out={tmp}",
             f"--grpc_python_out={tmp}",
@@ -41,8 +45,8 @@ def generate(out_dir: Path = DEFAULT_OUT) -> list[Path]:
         written = []
         for src in sorted(Path(tmp).rglob("*.py*")):
             rel = src.relative_to(tmp)
-            text = re.sub(
-                r"^from (\S+) import (\S+_pb2)",
+            text = re.sub(  # only our own packages move; google.protobuf stays put
+                rf"^from ((?:{ours})(?:\.\S+)?) import (\S+_pb2)",
                 lambda m: f"from {PACKAGE_PREFIX}.{m.group(1)} import {m.group(2)}",
                 src.read_text(),
                 flags=re.MULTILINE,

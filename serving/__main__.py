@@ -23,14 +23,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--max-workers", type=int, default=16, help="concurrent RPCs")
+    p.add_argument("--max-workers", type=int, default=16, help="threads serving RPCs")
+    p.add_argument("--max-streams", type=int, default=12, help="concurrent Generate streams")
     args = p.parse_args(argv)
     config = ServerConfig(
-        args.model_repository, args.host, args.port, args.device, args.max_workers
+        args.model_repository,
+        args.host,
+        args.port,
+        args.device,
+        args.max_workers,
+        args.max_streams,
     )
     try:
         server, port = create_server(config)
-    except (DeviceError, FileNotFoundError, OSError) as exc:
+    except (DeviceError, FileNotFoundError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     server.start()
@@ -45,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.info("shutting down: letting in-flight RPCs finish (5 s grace)")
+    log.info("shutting down: NOT_SERVING, letting in-flight RPCs finish (5 s grace)")
+    server.health.enter_graceful_shutdown()
     server.stop(grace=5).wait()
     return 0
 

@@ -23,6 +23,7 @@ class StepwiseClient:
         self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.timeout = timeout
+        self.last: pb.GenerateResponse | None = None  # the final message of generate()
 
     def close(self) -> None:
         self.channel.close()
@@ -56,6 +57,13 @@ class StepwiseClient:
                 yield response.text
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed must be in [0, 2**64), not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m serving.client",
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_seed, help="0 to 2**64-1; unset: the server draws one")
     g.add_argument("--stop", action="append", default=[])
     args = p.parse_args(argv)
 
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 last = client.last
                 print(
                     f"\n[finish_reason={last.finish_reason} prompt_tokens={last.prompt_tokens}"
-                    f" completion_tokens={last.completion_tokens}]",
+                    f" completion_tokens={last.completion_tokens} seed={last.seed}]",
                     file=sys.stderr,
                 )
         except grpc.RpcError as exc:

@@ -25,8 +25,8 @@ class NotFound(ServingError):
     code = grpc.StatusCode.NOT_FOUND
 
 
-class FailedPrecondition(ServingError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+class ResourceExhausted(ServingError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class ModelLoadError(Exception):

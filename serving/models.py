@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from serving.runtime import SessionFactory
 from serving.sampling import Sampler, SamplingParams, StopMatcher
 
 MODEL_CARD = "model.json"
+log = logging.getLogger(__name__)
 
 
 class Model:
@@ -31,17 +33,23 @@ class Model:
         self.directory = directory
         self.card = card
         self.name = card["name"]
-        self.version = str(card["version"])
+        self.version = directory.name  # the repository layout decides, as in Triton
         self.provider = ""
+        self.metrics = _read_metrics(directory / "metrics.json")
 
     def _session(self, graph: str, sessions: SessionFactory):
         session = sessions(self.directory / self.card["graphs"][graph])
         self.provider = session.get_providers()[0]
         return session
 
-    def metrics(self) -> dict:
-        path = self.directory / "metrics.json"
+
+def _read_metrics(path: Path) -> dict:
+    """Training figures shown by ListModels; read once, and optional."""
+    try:
         return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
 
 
 class Classifier(Model):
@@ -82,6 +90,7 @@ class GenerationEvent:
     finish_reason: str = ""  # set on the last event: "length", "stop" or "eos"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    seed: int = 0
 
 
 class LanguageModel(Model):
@@ -153,7 +162,7 @@ class LanguageModel(Model):
             if produced < max_tokens:
                 logits, state = self._run(self.step, np.asarray([[token]], np.int64), state)
         tail = "" if finish == "stop" else matcher.flush()
-        yield GenerationEvent(tail, finish, len(ids), produced)
+        yield GenerationEvent(tail, finish, len(ids), produced, sampler.seed)
 
 
 KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel)}

@@ -27,7 +27,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0 picks a free port
     device: str = "auto"  # cpu, cuda or auto
-    max_workers: int = 16  # concurrent RPCs; each stream holds one until it ends
+    max_workers: int = 16  # threads serving RPCs; each stream holds one until it ends
+    max_streams: int = 12  # concurrent Generate streams; keep it below max_workers
     max_message_bytes: int = 32 * 1024 * 1024
 
 
@@ -36,23 +37,30 @@ def create_server(
     registry: ModelRegistry | None = None,
 ) -> tuple[grpc.Server, int]:
     """Load the models (unless given), bind, and return the started-ready server."""
+    if not 0 < config.max_streams < config.max_workers:
+        raise ValueError(
+            f"max_streams ({config.max_streams}) must be at least 1 and below max_workers "
+            f"({config.max_workers}), so unary calls and health checks always find a thread"
+        )
     registry = registry or ModelRegistry.load(config.model_repository, config.device)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port fails, not shares
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(registry), server)
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(registry, config.max_streams), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    if port == 0:
-        raise OSError(f"cannot bind {config.host}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as exc:  # grpcio raises this when the address is taken or invalid
+        raise OSError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
     status = (
         health_pb2.HealthCheckResponse.SERVING
         if registry.models
@@ -61,4 +69,5 @@ def create_server(
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, status)
     server.registry = registry  # for operators' introspection and tests
+    server.health = health_servicer
     return server, port

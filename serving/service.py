@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 
 import grpc
 import numpy as np
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.errors import InvalidArgument, ServingError
+from serving.errors import InvalidArgument, ResourceExhausted, ServingError
 from serving.models import Classifier, LanguageModel
 from serving.repository import ModelRegistry
 from serving.sampling import SamplingParams
@@ -113,15 +114,19 @@ def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, 
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, max_streams: int = 12):
         self.registry = registry
+        # Each stream holds a worker thread until it ends; past this many, new streams
+        # are refused at once so unary calls and health checks always find a thread.
+        self.max_streams = max_streams
+        self.stream_slots = threading.BoundedSemaphore(max_streams)
 
     @unary
     def ListModels(self, request, context):
         models = []
         for name, model in sorted(self.registry.models.items()):
             metrics = {
-                k: str(v) for k, v in model.metrics().items() if isinstance(v, (int, float, str))
+                k: str(v) for k, v in model.metrics.items() if isinstance(v, (int, float, str))
             }
             models.append(
                 pb.ModelInfo(
@@ -175,10 +180,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         events = model.generate(
             request.prompt, max_tokens, params, list(request.stop), is_active=context.is_active
         )
-        for event in events:
-            yield pb.GenerateResponse(
-                text=event.text,
-                finish_reason=event.finish_reason,
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
+        if not self.stream_slots.acquire(blocking=False):
+            raise ResourceExhausted(
+                f"all {self.max_streams} generation streams are busy; retry later"
             )
+        try:
+            for event in events:
+                yield pb.GenerateResponse(
+                    text=event.text,
+                    finish_reason=event.finish_reason,
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    seed=event.seed,
+                )
+        finally:
+            self.stream_slots.release()

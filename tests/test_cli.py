@@ -22,45 +22,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(repository):
+def start_server(repository) -> tuple[subprocess.Popen, str]:
+    """`python -m serving` on a free loopback port, returned once health says SERVING."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving",
-            "--model-repository",
-            str(repository),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--device",
-            "cpu",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+        [sys.executable, "-m", "serving", "--model-repository", str(repository), "--host",
+         "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for _ in range(150):
             try:
+                request = health_pb2.HealthCheckRequest()
                 if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    health.Check(request, timeout=1).status
                     == health_pb2.HealthCheckResponse.SERVING
                 ):
-                    break
+                    return proc, f"127.0.0.1:{port}"
             except grpc.RpcError:
                 time.sleep(0.2)
-        else:
-            proc.kill()
-            pytest.fail("server did not become healthy:\n" + proc.communicate()[0])
-    yield proc, f"127.0.0.1:{port}"
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    proc.kill()
+    pytest.fail("server did not become healthy:\n" + proc.communicate()[0])
+
+
+@pytest.fixture(scope="module")
+def served(repository):
+    proc, target = start_server(repository)
+    yield proc, target
+    proc.kill()
+    proc.wait()
 
 
 def client(target: str, *args: str) -> subprocess.CompletedProcess:
@@ -107,13 +98,13 @@ def test_client_cli_reports_errors(served):
     assert proc.stderr.startswith("error: INVALID_ARGUMENT: top_p:")
 
 
-def test_server_stops_cleanly_on_sigterm(served):
-    proc, _ = served
+def test_server_stops_cleanly_on_sigterm(repository):
+    proc, _ = start_server(repository)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     log = proc.stdout.read()
     assert "loaded lenet5 version 1 (classifier) on CPUExecutionProvider" in log
-    assert "shutting down" in log
+    assert "shutting down: NOT_SERVING" in log
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")

@@ -102,3 +102,25 @@ def test_cli_missing_checkpoint_is_one_line_and_nonzero(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("export failed: checkpoint not found")
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_cli_rejects_a_version_serving_would_never_load(tmp_path, checkpoints):
+    proc = subprocess.run(
+        [sys.executable, "-m", "export", str(checkpoints["lenet5"]), "--repository",
+         str(tmp_path), "--version", "v2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--version must be a positive integer" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_checkpoint_that_does_not_rebuild_is_a_clear_error(tmp_path, checkpoints):
+    import torch
+
+    from training.checkpoint import CheckpointError, load_checkpoint
+
+    ckpt = torch.load(checkpoints["lenet5"], weights_only=True)
+    ckpt["config"]["no_such_field"] = 1
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match="does not rebuild"):
+        load_checkpoint(tmp_path / "odd.pt")

@@ -10,6 +10,14 @@ from protos.generate import DEFAULT_OUT, generate
 def test_generated_stubs_are_not_stale(tmp_path):
     fresh = {p.relative_to(tmp_path): p.read_text() for p in generate(tmp_path)}
     assert fresh, "no stubs generated"
+    committed_files = {
+        p.relative_to(DEFAULT_OUT)
+        for p in DEFAULT_OUT.rglob("*")
+        if p.suffix in (".py", ".pyi") and p.name != "__init__.py"
+    }
+    assert committed_files == {rel for rel in fresh if rel.name != "__init__.py"}, (
+        "stubs without a .proto, or missing: run `make protos` and remove leftovers"
+    )
     for rel, text in fresh.items():
         committed = DEFAULT_OUT / rel
         assert committed.is_file(), f"{committed} missing: run `make protos`"

@@ -136,6 +136,23 @@ BAD_CLASSIFY = [
         grpc.StatusCode.INVALID_ARGUMENT,
         "top_k",
     ),
+    (
+        dict(
+            model="lenet5",
+            tensor=pb.Tensor(
+                dtype="float32",
+                shape=[1, 32, 32],
+                raw_data=np.full((1, 32, 32), np.nan, "<f4").tobytes(),
+            ),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor.raw_data",
+    ),
+    (
+        dict(model="lenet5", tensor=pb.Tensor(dtype="float32", shape=[-1, 32, 32])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tensor.shape",
+    ),
 ]
 
 
@@ -156,6 +173,10 @@ BAD_GENERATE = [
     (dict(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p", "(0, 1]"),
     (dict(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p", "(0, 1]"),
     (dict(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k", "0 (off)"),
+    (dict(top_k=1000), grpc.StatusCode.INVALID_ARGUMENT, "top_k", "0 (off)"),
+    (dict(temperature=10.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature", "to 10"),
+    (dict(model="lenet5"), grpc.StatusCode.INVALID_ARGUMENT, "model", "language_model"),
+    (dict(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model", "required"),
     (dict(prompt="KING ☃ §"), grpc.StatusCode.INVALID_ARGUMENT, "prompt", "allowed: "),
     (dict(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]", "1 to 64"),
     (dict(stop=["a"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "stop", "at most 8"),
@@ -187,6 +208,14 @@ def test_same_seed_same_text(client):
     assert a == b and a != c
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 6, 150)
     assert len(a) == 150
+
+
+def test_unseeded_generation_reports_its_seed_and_repeats_with_it(client):
+    a, last = _generate(client, prompt="KING.\n", max_tokens=80)
+    b, again = _generate(client, prompt="KING.\n", max_tokens=80, seed=last.seed)
+    assert a == b and again.seed == last.seed
+    _, other = _generate(client, prompt="KING.\n", max_tokens=80)
+    assert other.seed != last.seed
 
 
 def test_greedy_generation_learned_the_play(client):
@@ -276,3 +305,39 @@ def test_unexpected_failure_is_internal_and_harms_no_other_request(client, serve
     assert len(text) == 5 and last.finish_reason == "length"
     monkeypatch.undo()
     assert client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor)).classes
+
+
+def test_too_many_streams_are_refused_and_health_still_answers(repository):
+    from serving.client import StepwiseClient
+    from serving.server import ServerConfig, create_server
+
+    server, port = create_server(
+        ServerConfig(repository, port=0, device="cpu", max_workers=4, max_streams=2)
+    )
+    model = server.registry.models["char_lstm"]
+    run = model._run
+    model._run = lambda *args: (time.sleep(0.005), run(*args))[1]
+    server.start()
+    try:
+        with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as c:
+            streams = [c.generate_stream("KING.\n", max_tokens=4000, seed=i) for i in range(2)]
+            assert all(next(s).text for s in streams)  # both running
+            err = _error(lambda: c.generate_stream("KING.\n", max_tokens=5))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2" in err.details()
+            health = health_pb2_grpc.HealthStub(c.channel)
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            assert len(c.list_models()) == 2
+            streams[0].cancel()
+            time.sleep(0.3)  # the slot is released when the server sees the cancellation
+            assert "".join(c.generate("KING.\n", max_tokens=5, seed=1))
+            streams[1].cancel()
+    finally:
+        server.stop(None)
+
+
+def test_a_busy_port_is_an_error_not_a_shared_socket(repository, server):
+    from serving.server import ServerConfig, create_server
+
+    with pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
+        create_server(ServerConfig(repository, port=server[1], device="cpu"))

@@ -70,10 +70,38 @@ def test_rgb_and_alpha_images_become_grayscale():
     assert x.shape == (1, 32, 32) and np.allclose(x, 1.0)
 
 
-@pytest.mark.parametrize("data,needle", [(b"", "empty"), (b"GIF89a" + bytes(10), "decode")])
+def _encoded(fmt: str, corrupt_at: int | None = None, keep: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(buf, fmt)
+    data = bytearray(buf.getvalue())
+    if corrupt_at is not None:
+        data[corrupt_at] ^= 0xFF
+    return bytes(data[:keep])
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        (b"", "empty"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(40), "cannot decode"),
+        (_encoded("PNG", corrupt_at=40), "cannot decode"),  # a damaged chunk
+        (_encoded("JPEG", keep=100), "cannot decode"),  # truncated
+        (_encoded("GIF"), "cannot decode"),  # decodable, but not an accepted format
+        (_encoded("TIFF"), "cannot decode"),
+    ],
+)
 def test_undecodable_images(data, needle):
-    with pytest.raises(InvalidArgument, match=f"image: .*{needle}"):
+    with pytest.raises(InvalidArgument, match=f"^image: .*{needle}"):
         decode_image(data)
+
+
+def test_jpeg_and_cmyk_are_accepted():
+    buf = io.BytesIO()
+    Image.new("CMYK", (40, 30), (0, 0, 0, 0)).save(buf, "JPEG")
+    spec = {"color_mode": "RGB", "height": 8, "width": 8, "resample": "bilinear",
+            "scale": 1 / 255, "mean": [0.0] * 3, "std": [1.0] * 3}  # fmt: skip
+    x = image_to_tensor(decode_image(buf.getvalue()), spec)
+    assert x.shape == (3, 8, 8) and x.min() > 0.9  # CMYK all-zero ink is white
 
 
 def test_broken_model_is_skipped_and_others_load(repository, tmp_path):
@@ -98,6 +126,10 @@ def test_latest_numeric_version_is_served(repository, tmp_path):
     shutil.copytree(repository / "lenet5" / "1", root / "lenet5" / "10")
     (root / "lenet5" / "11").mkdir()  # no model card: ignored
     assert latest_versions(root)["lenet5"].name == "10"
+    (root / "lenet5" / "10" / "metrics.json").write_text("{not json")
+    model = ModelRegistry.load(root, "cpu").models["lenet5"]
+    assert model.version == "10"  # the directory decides, not the card's copy
+    assert model.metrics == {}  # unreadable figures are dropped, the model still serves
 
 
 def test_eos_ends_generation(tmp_path):

@@ -60,8 +60,11 @@ def load_checkpoint(path: Path) -> tuple[str, nn.Module, dict]:
     missing = {"arch", "config", "state_dict", "step", "metrics"} - set(ckpt)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
-    arch = get_arch(ckpt["arch"])
-    model = arch.model_cls(arch.config_cls(**ckpt["config"]))
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        arch = get_arch(ckpt["arch"])
+        model = arch.model_cls(arch.config_cls(**ckpt["config"]))
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path} does not rebuild: {exc}") from exc
     model.eval()
     return ckpt["arch"], model, ckpt
