@@ -29,9 +29,9 @@ class _LastStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, h, c):
-        logits, (h_next, c_next) = self.model(tokens, (h, c))  # logits: [B, T, V]
-        return logits[:, -1], h_next, c_next
+    def forward(self, tokens, *state):
+        logits, state = self.model(tokens, state)  # logits: [B, T, V]
+        return logits[:, -1], *state
 
 
 def _export(
@@ -102,45 +102,35 @@ def export_classifier(model: nn.Module, out_dir: Path) -> dict:
 def export_char_lm(model: nn.Module, out_dir: Path) -> dict:
     cfg = model.config
     layers, hidden = cfg.num_layers, cfg.hidden_size
-    step = _LastStep(model).eval()
-    inputs, outputs = ["tokens", "h", "c"], ["logits", "h_next", "c_next"]
-    state_axes = {name: {1: "batch"} for name in ("h", "c", "h_next", "c_next")}
-    zeros = torch.zeros(layers, 2, hidden)
-    _export(
-        step,
-        (torch.zeros(2, 1, dtype=torch.long), zeros, zeros),
-        out_dir / "model.onnx",
-        inputs,
-        outputs,
-        {"tokens": {0: "batch"}, "logits": {0: "batch"}, **state_axes},
-    )
-    _export(
-        step,
-        (torch.zeros(2, 3, dtype=torch.long), zeros, zeros),
-        out_dir / "prefill.onnx",
-        inputs,
-        outputs,
-        {"tokens": {0: "batch", 1: "time"}, "logits": {0: "batch"}, **state_axes},
-    )
+    states = list(model.state_names)  # ["h", "c"] for an LSTM, ["h"] otherwise
+    nexts = [f"{name}_next" for name in states]
+    step = _LastStep(model.for_export()).eval()
+    inputs, outputs = ["tokens", *states], ["logits", *nexts]
+    state_axes = {name: {1: "batch"} for name in states + nexts}
+    zeros = tuple(torch.zeros(layers, 2, hidden) for _ in states)
+    for graph, length, token_axes in (
+        ("model.onnx", 1, {0: "batch"}),
+        ("prefill.onnx", 3, {0: "batch", 1: "time"}),
+    ):
+        axes = {"tokens": token_axes, "logits": {0: "batch"}, **state_axes}
+        tokens = torch.zeros(2, length, dtype=torch.long)
+        _export(step, (tokens, *zeros), out_dir / graph, inputs, outputs, axes)
     checks = verify.verify_char_lm(model, out_dir / "model.onnx", out_dir / "prefill.onnx")
     state_shape = [layers, -1, hidden]
+    state_specs = [{"name": n, "dtype": "float32", "shape": state_shape} for n in states]
     card = {
         "kind": "language_model",
+        "cell": cfg.cell,
         "graphs": {"step": "model.onnx", "prefill": "prefill.onnx"},
-        "inputs": [
-            {"name": "tokens", "dtype": "int64", "shape": [-1, 1]},
-            {"name": "h", "dtype": "float32", "shape": state_shape},
-            {"name": "c", "dtype": "float32", "shape": state_shape},
-        ],
+        "inputs": [{"name": "tokens", "dtype": "int64", "shape": [-1, 1]}, *state_specs],
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": [-1, cfg.vocab_size]},
-            {"name": "h_next", "dtype": "float32", "shape": state_shape},
-            {"name": "c_next", "dtype": "float32", "shape": state_shape},
+            *({**spec, "name": f"{spec['name']}_next"} for spec in state_specs),
         ],
         # Each state input is fed back from its output at the next step; zeros to start.
         "state": [
-            {"input": "h", "output": "h_next", "dtype": "float32", "shape": state_shape},
-            {"input": "c", "output": "c_next", "dtype": "float32", "shape": state_shape},
+            {"input": n, "output": o, "dtype": "float32", "shape": state_shape}
+            for n, o in zip(states, nexts, strict=True)
         ],
         "vocab": list(cfg.vocab),
         # Generation starts from zero state, feeds BOS, then the prompt.

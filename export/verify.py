@@ -13,7 +13,6 @@ import onnxruntime as ort
 import torch
 
 ATOL = 1e-4
-LM_OUTPUTS = ("logits", "h_next", "c_next")
 
 
 class VerificationError(RuntimeError):
@@ -56,24 +55,27 @@ def verify_char_lm(model, step_path: Path, prefill_path: Path, rollout_steps: in
     check_graph(step_path)
     check_graph(prefill_path)
     step, prefill = cpu_session(step_path), cpu_session(prefill_path)
-    vocab = model.config.vocab_size
+    states = list(model.state_names)
+    outputs = ["logits", *(f"{n}_next" for n in states)]
+    cfg = model.config
     gen = torch.Generator().manual_seed(2)
     for batch, length in ((1, 5), (3, 17), (5, 1)):
-        tokens = torch.randint(0, vocab, (batch, length), generator=gen)
-        h0, c0 = (
-            0.5
-            * torch.randn(model.config.num_layers, batch, model.config.hidden_size, generator=gen)
-            for _ in range(2)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, length), generator=gen)
+        state0 = tuple(
+            0.5 * torch.randn(cfg.num_layers, batch, cfg.hidden_size, generator=gen) for _ in states
         )
         with torch.no_grad():
-            logits, (h, c) = model(tokens, (h0, c0))
-        feeds = {"tokens": tokens.numpy(), "h": h0.numpy(), "c": c0.numpy()}
-        want = dict(zip(LM_OUTPUTS, (logits[:, -1], h, c), strict=True))
+            logits, state = model(tokens, state0)
+        feeds = {
+            "tokens": tokens.numpy(),
+            **{n: s.numpy() for n, s in zip(states, state0, strict=True)},
+        }
+        want = dict(zip(outputs, (logits[:, -1], *state), strict=True))
         graphs = {"prefill": prefill, "step": step} if length == 1 else {"prefill": prefill}
         for graph, session in graphs.items():
-            for name, got in zip(LM_OUTPUTS, session.run(list(LM_OUTPUTS), feeds), strict=True):
+            for name, got in zip(outputs, session.run(outputs, feeds), strict=True):
                 assert_close(f"{graph} {name} at B={batch} T={length}", got, want[name])
-    prompt = torch.randint(1, vocab, (2, 7), generator=gen)
+    prompt = torch.randint(1, cfg.vocab_size, (2, 7), generator=gen)
     torch_tokens = _torch_rollout(model, prompt, rollout_steps)
     onnx_tokens = _onnx_rollout(model, step, prefill, prompt.numpy(), rollout_steps)
     if not np.array_equal(torch_tokens, onnx_tokens):
@@ -94,13 +96,13 @@ def _torch_rollout(model, prompt: torch.Tensor, steps: int) -> np.ndarray:
 
 
 def _onnx_rollout(model, step, prefill, prompt: np.ndarray, steps: int) -> np.ndarray:
-    zeros = np.zeros(
-        (model.config.num_layers, prompt.shape[0], model.config.hidden_size), np.float32
-    )
-    logits, h, c = prefill.run(None, {"tokens": prompt, "h": zeros, "c": zeros})
+    states = list(model.state_names)
+    zeros = np.zeros((model.config.num_layers, prompt.shape[0], model.config.hidden_size),
+                     np.float32)  # fmt: skip
+    logits, *state = prefill.run(None, {"tokens": prompt, **dict.fromkeys(states, zeros)})
     out = []
     for _ in range(steps):
         token = logits.argmax(-1)[:, None].astype(np.int64)  # [B, 1]
         out.append(token)
-        logits, h, c = step.run(None, {"tokens": token, "h": h, "c": c})
+        logits, *state = step.run(None, {"tokens": token, **dict(zip(states, state, strict=True))})
     return np.concatenate(out, 1)

@@ -12,6 +12,7 @@ import torch
 
 from export.__main__ import export_checkpoint
 from serving.models import load_model
+from serving.sampling import SamplingParams
 from training.__main__ import main as train_main
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cnn_config import ClassifierConfig, initialize
@@ -138,6 +139,11 @@ def test_dry_run_then_export_and_serve(name, dry_runs, tmp_path):
     if served.kind == "classifier":
         probs = served.probabilities(np.zeros((2, *card["inputs"][0]["shape"][1:]), np.float32))
         assert probs.shape == (2, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    else:
+        assert [s["input"] for s in served.state] == list(get_arch(name).model_cls(
+            get_arch(name).config_cls(**ckpt["config"])).state_names)  # fmt: skip
+        events = list(served.generate("The", 12, SamplingParams(temperature=0)))
+        assert events[-1].completion_tokens >= 1 and events[-1].finish_reason
 
 
 @pytest.mark.parametrize("name", SCENE_CLASSIFIERS)
@@ -151,3 +157,39 @@ def test_scene_sized_export_is_verified(name, tmp_path):
     card = json.loads((export_checkpoint(tmp_path / "m.pt", tmp_path) / "model.json").read_text())
     assert card["inputs"][0]["shape"] == [-1, 3, 64, 64]
     assert card["preprocess"]["color_mode"] == "RGB"
+
+
+def test_vanilla_rnn_is_the_notes_equation():
+    from training.rnn_cells import ElmanRNN
+
+    torch.manual_seed(0)
+    rnn = ElmanRNN(3, 5, num_layers=1)
+    x, h = torch.randn(2, 4, 3), torch.randn(1, 2, 5)
+    w_xh, b, w_hh = rnn.w_xh[0].weight, rnn.w_xh[0].bias, rnn.w_hh[0].weight
+    expected, state = [], h[0]
+    for t in range(4):  # h_t = tanh(W_hh h_{t-1} + W_xh x_t + b)
+        state = torch.tanh(state @ w_hh.T + x[:, t] @ w_xh.T + b)
+        expected.append(state)
+    y, h_last = rnn(x, h)
+    torch.testing.assert_close(y, torch.stack(expected, 1))
+    torch.testing.assert_close(h_last[0], state)
+    assert not any(isinstance(m, torch.nn.RNNBase) for m in rnn.modules())  # not nn.RNN
+    y2, _ = rnn.to_nn_rnn()(x, h)
+    torch.testing.assert_close(y2, y)
+
+
+@pytest.mark.parametrize("cell,states", [("lstm", ("h", "c")), ("gru", ("h",)), ("rnn", ("h",))])
+def test_language_model_cells_carry_their_state(cell, states):
+    from training.char_lm import CharLM, CharLMConfig, build_vocab
+
+    model = CharLM(CharLMConfig(vocab=build_vocab(["abc"]), cell=cell, hidden_size=8,
+                                embed_dim=4, num_layers=2)).eval()  # fmt: skip
+    assert model.state_names == states and len(model.init_state(3)) == len(states)
+    tokens = torch.tensor([[1, 2, 3, 1]])
+    with torch.no_grad():
+        whole, _ = model(tokens, model.init_state(1))
+        state, parts = model.init_state(1), []
+        for t in range(4):
+            logits, state = model(tokens[:, t : t + 1], state)
+            parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, 1), whole)

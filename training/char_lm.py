@@ -1,7 +1,9 @@
-"""Character-level recurrent language model: embedding -> stacked LSTM -> linear head.
+"""Character-level recurrent language models: embedding -> stacked RNN -> linear head.
 
-State is explicit: `forward(tokens, state) -> (logits, state)` and `init_state(batch)`.
-That signature is what export turns into the step graph.
+The recurrent layers are an LSTM, a GRU, or the notes' vanilla RNN. State is a
+tuple passed explicitly: `forward(tokens, state) -> (logits, state)` and
+`init_state(batch)`; `state_names` says what each entry is (`h`, `c`). That
+signature is what export turns into the step graph.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-State = tuple[torch.Tensor, torch.Tensor]  # (h, c), each [L, B, H]
+from training.rnn_cells import ElmanRNN
+
+State = tuple[torch.Tensor, ...]  # (h, c) for an LSTM, (h,) otherwise; each [L, B, H]
+CELLS = ("lstm", "gru", "rnn")
 
 
 EOS = "<eos>"  # vocabulary entry 0
@@ -22,6 +27,7 @@ BOS_ID = EOS_ID  # also opens a context: zero state, then BOS, then text
 @dataclass
 class CharLMConfig:
     vocab: list[str]  # vocab[0] is EOS; every other entry is one character
+    cell: str = "lstm"  # lstm, gru or rnn (vanilla)
     embed_dim: int = 64
     hidden_size: int = 256
     num_layers: int = 2
@@ -44,26 +50,44 @@ def encode(text: str, vocab: list[str]) -> list[int]:
     return [index[ch] for ch in text]
 
 
-class CharLSTM(nn.Module):
+class CharLM(nn.Module):
     def __init__(self, config: CharLMConfig):
         super().__init__()
+        if config.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, not {config.cell!r}")
         self.config = config
+        self.state_names = ("h", "c") if config.cell == "lstm" else ("h",)
         self.embed = nn.Embedding(config.vocab_size, config.embed_dim)
-        self.rnn = nn.LSTM(
-            config.embed_dim,
-            config.hidden_size,
-            num_layers=config.num_layers,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-            batch_first=True,
-        )
+        dropout = config.dropout if config.num_layers > 1 else 0.0
+        args = (config.embed_dim, config.hidden_size, config.num_layers)
+        if config.cell == "rnn":
+            self.rnn = ElmanRNN(*args, dropout=dropout)
+        else:
+            cls = nn.LSTM if config.cell == "lstm" else nn.GRU
+            self.rnn = cls(*args, dropout=dropout, batch_first=True)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
         shape = (self.config.num_layers, batch, self.config.hidden_size)
-        return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+        return tuple(torch.zeros(shape, device=device) for _ in self.state_names)
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        # tokens: [B, T] int64 -> logits: [B, T, V]
+        # tokens: [B, T] int64 -> logits: [B, T, V]; state entries: [L, B, H]
         x = self.embed(tokens)  # [B, T, E]
-        y, (h, c) = self.rnn(x, state)  # y: [B, T, H]; h, c: [L, B, H]
-        return self.head(y), (h, c)
+        if self.config.cell == "lstm":
+            y, (h, c) = self.rnn(x, state)  # y: [B, T, H]
+            return self.head(y), (h, c)
+        y, h = self.rnn(x, state[0])
+        return self.head(y), (h,)
+
+    def for_export(self) -> CharLM:
+        """This model with the vanilla RNN lowered to nn.RNN (same weights, same function)."""
+        if self.config.cell != "rnn":
+            return self
+        clone = CharLM(self.config)
+        clone.load_state_dict(self.state_dict())
+        clone.rnn = self.rnn.to_nn_rnn()
+        return clone.eval()
+
+
+CharLSTM = CharLM  # the name the skeleton registered; every cell is a CharLM

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -12,11 +12,12 @@ class Arch:
     task: str  # "classifier" or "language_model": picks the trainer and the exporter
     config_cls: type
     model_cls: type
+    defaults: dict = field(default_factory=dict)  # config fields this name fixes
 
 
 def _registry() -> dict[str, Arch]:
     from training.alexnet import AlexNet
-    from training.char_lm import CharLMConfig, CharLSTM
+    from training.char_lm import CharLM, CharLMConfig
     from training.cnn_config import ClassifierConfig as CNN
     from training.densenet import DenseNet
     from training.googlenet import GoogLeNet
@@ -36,7 +37,9 @@ def _registry() -> dict[str, Arch]:
         Arch("resnet34", "classifier", CNN, ResNet34),
         Arch("resnet50", "classifier", CNN, ResNet50),
         Arch("densenet", "classifier", CNN, DenseNet),
-        Arch("char_lstm", "language_model", CharLMConfig, CharLSTM),
+        Arch("char_lstm", "language_model", CharLMConfig, CharLM, {"cell": "lstm"}),
+        Arch("char_gru", "language_model", CharLMConfig, CharLM, {"cell": "gru"}),
+        Arch("char_rnn", "language_model", CharLMConfig, CharLM, {"cell": "rnn"}),
     ]
     return {a.name: a for a in archs}
 
@@ -54,4 +57,4 @@ def get_arch(name: str) -> Arch:
 
 def build_model(name: str, **config: Any):
     arch = get_arch(name)
-    return arch.model_cls(arch.config_cls(**config))
+    return arch.model_cls(arch.config_cls(**{**arch.defaults, **config}))

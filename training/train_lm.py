@@ -18,9 +18,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.char_lm import BOS_ID, EOS_ID, CharLMConfig, CharLSTM, build_vocab, encode
+from training.char_lm import BOS_ID, EOS_ID, CharLM, CharLMConfig, build_vocab, encode
 from training.checkpoint import save_checkpoint
 from training.data.shakespeare import load_corpus
+from training.registry import get_arch
 from training.reports import write_metrics
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _batchify(stream: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: CharLSTM, stream: torch.Tensor, bptt: int, batch: int = 32) -> float:
+def evaluate(model: CharLM, stream: torch.Tensor, bptt: int, batch: int = 32) -> float:
     """Mean cross-entropy in nats per character over the stream."""
     model.eval()
     data = _batchify(stream, min(batch, max(1, stream.numel() // (bptt + 1))))
@@ -142,13 +143,14 @@ def train(args) -> dict:
     val_stream = _stream(val_works, vocab)
 
     config = CharLMConfig(
+        **get_arch(args.arch).defaults,
         vocab=vocab,
         embed_dim=args.embed_dim,
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
         dropout=args.dropout,
     )
-    model = CharLSTM(config)
+    model = CharLM(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     state = model.init_state(args.batch_size)
     pos, epoch, history = 0, 0, []
