@@ -193,3 +193,12 @@ def test_language_model_cells_carry_their_state(cell, states):
             logits, state = model(tokens[:, t : t + 1], state)
             parts.append(logits)
     torch.testing.assert_close(torch.cat(parts, 1), whole)
+
+
+def test_seq_digits_reads_one_row_per_step():
+    model = build_model("seq_digits", width=0.125).eval()
+    assert model.rnn.input_size == 32  # one 32-pixel row per time step
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 31] = 1.0  # only the last row differs: a many-to-one model must see it
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(torch.zeros(1, 1, 32, 32)))

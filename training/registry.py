@@ -23,6 +23,7 @@ def _registry() -> dict[str, Arch]:
     from training.googlenet import GoogLeNet
     from training.lenet import LeNet5
     from training.resnet import ResNet18, ResNet34, ResNet50
+    from training.seq_digits import SeqDigits
     from training.vgg import VGG11, VGG13, VGG16, VGG19
 
     archs = [
@@ -37,6 +38,7 @@ def _registry() -> dict[str, Arch]:
         Arch("resnet34", "classifier", CNN, ResNet34),
         Arch("resnet50", "classifier", CNN, ResNet50),
         Arch("densenet", "classifier", CNN, DenseNet),
+        Arch("seq_digits", "classifier", CNN, SeqDigits),
         Arch("char_lstm", "language_model", CharLMConfig, CharLM, {"cell": "lstm"}),
         Arch("char_gru", "language_model", CharLMConfig, CharLM, {"cell": "gru"}),
         Arch("char_rnn", "language_model", CharLMConfig, CharLM, {"cell": "rnn"}),
