@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from export import verify
+from training.captioner import END_ID as CAPTION_END_ID
+from training.captioner import START_ID as CAPTION_START_ID
 from training.char_lm import BOS_ID, EOS_ID
 
 OPSET = 17
@@ -99,7 +101,8 @@ def export_classifier(model: nn.Module, out_dir: Path) -> dict:
     return card
 
 
-def export_char_lm(model: nn.Module, out_dir: Path) -> dict:
+def _export_decoder(model: nn.Module, out_dir: Path, with_prefill: bool) -> dict:
+    """Step graph `model.onnx` (+ `prefill.onnx`) of a recurrent decoder; its card entries."""
     cfg = model.config
     layers, hidden = cfg.num_layers, cfg.hidden_size
     states = list(model.state_names)  # ["h", "c"] for an LSTM, ["h"] otherwise
@@ -108,36 +111,79 @@ def export_char_lm(model: nn.Module, out_dir: Path) -> dict:
     inputs, outputs = ["tokens", *states], ["logits", *nexts]
     state_axes = {name: {1: "batch"} for name in states + nexts}
     zeros = tuple(torch.zeros(layers, 2, hidden) for _ in states)
-    for graph, length, token_axes in (
-        ("model.onnx", 1, {0: "batch"}),
-        ("prefill.onnx", 3, {0: "batch", 1: "time"}),
-    ):
+    graphs = {"step": ("model.onnx", 1, {0: "batch"})}
+    if with_prefill:
+        graphs["prefill"] = ("prefill.onnx", 3, {0: "batch", 1: "time"})
+    for graph, length, token_axes in graphs.values():
         axes = {"tokens": token_axes, "logits": {0: "batch"}, **state_axes}
         tokens = torch.zeros(2, length, dtype=torch.long)
         _export(step, (tokens, *zeros), out_dir / graph, inputs, outputs, axes)
-    checks = verify.verify_char_lm(model, out_dir / "model.onnx", out_dir / "prefill.onnx")
     state_shape = [layers, -1, hidden]
     state_specs = [{"name": n, "dtype": "float32", "shape": state_shape} for n in states]
-    card = {
-        "kind": "language_model",
-        "cell": cfg.cell,
-        "graphs": {"step": "model.onnx", "prefill": "prefill.onnx"},
+    return {
+        "graphs": {name: spec[0] for name, spec in graphs.items()},
         "inputs": [{"name": "tokens", "dtype": "int64", "shape": [-1, 1]}, *state_specs],
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": [-1, cfg.vocab_size]},
             *({**spec, "name": f"{spec['name']}_next"} for spec in state_specs),
         ],
-        # Each state input is fed back from its output at the next step; zeros to start.
+        # Each state input is fed back from its output at the next step.
         "state": [
             {"input": n, "output": o, "dtype": "float32", "shape": state_shape}
             for n, o in zip(states, nexts, strict=True)
         ],
         "vocab": list(cfg.vocab),
-        # Generation starts from zero state, feeds BOS, then the prompt.
-        "special_tokens": {"eos": EOS_ID, "bos": BOS_ID},
-        "verification": checks,
     }
+
+
+def export_char_lm(model: nn.Module, out_dir: Path) -> dict:
+    card = {"kind": "language_model", "cell": model.config.cell}
+    card.update(_export_decoder(model, out_dir, with_prefill=True))
+    card["verification"] = verify.verify_char_lm(
+        model, out_dir / "model.onnx", out_dir / "prefill.onnx"
+    )
+    # Generation starts from zero state, feeds BOS, then the prompt.
+    card["special_tokens"] = {"eos": EOS_ID, "bos": BOS_ID}
     return card
 
 
-EXPORTERS = {"classifier": export_classifier, "language_model": export_char_lm}
+class _Encoder(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        return self.model.encode(image)
+
+
+def export_captioner(model: nn.Module, out_dir: Path) -> dict:
+    """Two graphs: `encoder.onnx` (image -> the decoder's initial h, c) and the
+    decoder's step graph `model.onnx`."""
+    cfg = model.config
+    card = {"kind": "captioner"}
+    card.update(_export_decoder(model.decoder, out_dir, with_prefill=False))
+    shape = [cfg.in_channels, cfg.image_size, cfg.image_size]
+    axes = {"image": {0: "batch"}, "h": {1: "batch"}, "c": {1: "batch"}}
+    _export(_Encoder(model).eval(), (torch.zeros(2, *shape),), out_dir / "encoder.onnx",
+            ["image"], ["h", "c"], axes)  # fmt: skip
+    card["graphs"]["encoder"] = "encoder.onnx"
+    card["encoder"] = {
+        "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, *shape]}],
+        "outputs": [dict(spec) for spec in card["inputs"][1:]],  # h, c: the initial state
+    }
+    card["preprocess"] = {
+        "color_mode": "RGB", "height": cfg.image_size, "width": cfg.image_size,
+        "resample": "bilinear", "scale": 1 / 255, "mean": list(cfg.mean), "std": list(cfg.std),
+    }  # fmt: skip
+    card["special_tokens"] = {"eos": CAPTION_END_ID, "bos": CAPTION_START_ID}
+    card["max_length"] = cfg.max_length
+    card["verification"] = verify.verify_captioner(model, out_dir / "encoder.onnx",
+                                                   out_dir / "model.onnx")  # fmt: skip
+    return card
+
+
+EXPORTERS = {
+    "classifier": export_classifier,
+    "language_model": export_char_lm,
+    "captioner": export_captioner,
+}

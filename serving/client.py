@@ -48,6 +48,12 @@ class StepwiseClient:
         request = pb.GenerateRequest(model=model, prompt=prompt, **options)
         return self.stub.Generate(request, timeout=self.timeout)
 
+    def caption_stream(self, image: bytes, model: str = "captioner", **options):
+        """The raw response stream. Options: CaptionRequest fields."""
+        options = {k: v for k, v in options.items() if v is not None}
+        request = pb.CaptionRequest(model=model, image=image, **options)
+        return self.stub.Caption(request, timeout=self.timeout)
+
     def generate(self, prompt: str, model: str = "char_lstm", **options) -> Iterator[str]:
         """Yield text pieces as they arrive; the final response is kept in `self.last`."""
         for response in self.generate_stream(prompt, model, **options):
@@ -77,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--image", type=Path, required=True)
     c.add_argument("--model", default="lenet5")
     c.add_argument("--top-k", type=int, default=3)
+    cap = sub.add_parser("caption", help="stream a caption for an image file")
+    cap.add_argument("--image", type=Path, required=True)
+    cap.add_argument("--model", default="captioner")
+    cap.add_argument("--max-length", type=int)
+    cap.add_argument("--temperature", type=float)
+    cap.add_argument("--seed", type=_seed)
     g = sub.add_parser("generate", help="stream generated text")
     g.add_argument("--prompt", default="")
     g.add_argument("--model", default="char_lstm")
@@ -93,6 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "list":
                 for m in client.list_models():
                     print(f"{m.name}\tv{m.version}\t{m.kind}\t{m.execution_provider}")
+            elif args.command == "caption":
+                stream = client.caption_stream(
+                    args.image.read_bytes(), args.model, max_length=args.max_length,
+                    temperature=args.temperature, seed=args.seed,
+                )  # fmt: skip
+                for response in stream:
+                    if response.text:
+                        sys.stdout.write(response.text + " ")
+                        sys.stdout.flush()
+                summary = (f"[finish_reason={response.finish_reason} "
+                           f"words={response.completion_tokens} seed={response.seed}]")  # fmt: skip
+                print("\n" + summary, file=sys.stderr)
             elif args.command == "classify":
                 response = client.classify(args.image.read_bytes(), args.model, args.top_k)
                 for c in response.classes:

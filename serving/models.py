@@ -93,19 +93,54 @@ class GenerationEvent:
     seed: int = 0
 
 
-class LanguageModel(Model):
-    kind = "language_model"
+class StepDecoder(Model):
+    """A model run one token at a time through a step graph with explicit state."""
 
     def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card)
         self.step = self._session("step", sessions)
-        self.prefill = self._session("prefill", sessions)
         self.vocab: list[str] = card["vocab"]
-        self.index = {tok: i for i, tok in enumerate(self.vocab)}
         self.eos = card["special_tokens"]["eos"]
         self.bos = card["special_tokens"].get("bos", self.eos)
         self.state = card["state"]  # [{input, output, dtype, shape}] fed back each step
         self.steps_run = itertools.count()  # graph runs, for tests and metrics
+
+    def _run(self, session, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        next(self.steps_run)
+        names = ["logits", *(s["output"] for s in self.state)]
+        logits, *new = session.run(names, {"tokens": tokens, **state})
+        return logits, {s["input"]: v for s, v in zip(self.state, new, strict=True)}
+
+    def _decode(
+        self,
+        logits: np.ndarray,
+        state: dict,
+        sampler: Sampler,
+        max_tokens: int,
+        is_active: Callable[[], bool],
+    ) -> Iterator[int]:
+        """Sample up to max_tokens tokens, EOS included, running the step graph between.
+
+        Stops before sampling once `is_active()` turns false (a cancelled stream).
+        """
+        for produced in range(1, max_tokens + 1):
+            if not is_active():
+                return
+            token = sampler(logits[0])
+            yield token
+            if token == self.eos:
+                return
+            if produced < max_tokens:
+                logits, state = self._run(self.step, np.asarray([[token]], np.int64), state)
+
+
+class LanguageModel(StepDecoder):
+    kind = "language_model"
+
+    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
+        super().__init__(directory, card, sessions)
+        self.prefill = self._session("prefill", sessions)
+        self.index = {tok: i for i, tok in enumerate(self.vocab)}
         self._alphabet = "".join(t for i, t in enumerate(self.vocab) if i != self.eos)
 
     def encode(self, prompt: str, field: str = "prompt") -> list[int]:
@@ -118,12 +153,6 @@ class LanguageModel(Model):
             )
         return [self.index[ch] for ch in prompt]
 
-    def _run(self, session, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
-        next(self.steps_run)
-        names = ["logits", *(s["output"] for s in self.state)]
-        logits, *new = session.run(names, {"tokens": tokens, **state})
-        return logits, {s["input"]: v for s, v in zip(self.state, new, strict=True)}
-
     def generate(
         self,
         prompt: str,
@@ -134,8 +163,8 @@ class LanguageModel(Model):
     ) -> Iterator[GenerationEvent]:
         """Yield one event per sampled token; the last carries finish_reason and counts.
 
-        The prompt is consumed in one prefill call; then one step graph run per token.
-        Stops at the next step once `is_active()` turns false (a cancelled stream).
+        The prompt is consumed in one prefill call (from zero state, after BOS); then
+        one step graph run per token.
         """
         ids = self.encode(prompt)
         sampler = Sampler(params)
@@ -147,8 +176,7 @@ class LanguageModel(Model):
         tokens = np.asarray([[self.bos, *ids]], dtype=np.int64)  # [1, T]
         logits, state = self._run(self.prefill, tokens, state)
         finish, produced = "length", 0
-        while produced < max_tokens and is_active():
-            token = sampler(logits[0])
+        for token in self._decode(logits, state, sampler, max_tokens, is_active):
             produced += 1
             if token == self.eos:
                 finish = "eos"
@@ -159,13 +187,59 @@ class LanguageModel(Model):
             if stopped:
                 finish = "stop"
                 break
-            if produced < max_tokens:
-                logits, state = self._run(self.step, np.asarray([[token]], np.int64), state)
         tail = "" if finish == "stop" else matcher.flush()
         yield GenerationEvent(tail, finish, len(ids), produced, sampler.seed)
 
 
-KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel)}
+@dataclass
+class CaptionEvent:
+    text: str  # the next word
+    finish_reason: str = ""  # set on the last event: "eos" or "length"
+    caption: str = ""  # set on the last event: every word
+    completion_tokens: int = 0
+    seed: int = 0
+
+
+class Captioner(StepDecoder):
+    """CNN encoder -> the decoder's initial state; the decoder's step graph -> words."""
+
+    kind = "captioner"
+
+    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
+        super().__init__(directory, card, sessions)
+        self.encoder = self._session("encoder", sessions)
+        self.preprocess = card["preprocess"]
+        self.max_length = card["max_length"]
+        self.image_input = card["encoder"]["inputs"][0]["name"]
+
+    def initial_state(self, data: bytes) -> dict:
+        x = image_to_tensor(decode_image(data), self.preprocess)[None]  # [1, C, H, W]
+        names = [s["input"] for s in self.state]
+        return dict(zip(names, self.encoder.run(names, {self.image_input: x}), strict=True))
+
+    def caption(
+        self,
+        data: bytes,
+        max_length: int,
+        params: SamplingParams,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Iterator[CaptionEvent]:
+        """Yield one event per word; the last carries finish_reason and the caption."""
+        state = self.initial_state(data)
+        sampler = Sampler(params)
+        logits, state = self._run(self.step, np.asarray([[self.bos]], np.int64), state)
+        words, finish, produced = [], "length", 0
+        for token in self._decode(logits, state, sampler, max_length, is_active):
+            produced += 1
+            if token == self.eos:
+                finish = "eos"
+                break
+            words.append(self.vocab[token])
+            yield CaptionEvent(self.vocab[token])
+        yield CaptionEvent("", finish, " ".join(words), produced, sampler.seed)
+
+
+KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel, Captioner)}
 
 
 def load_model(directory: Path, sessions: SessionFactory | str) -> Model:

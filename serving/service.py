@@ -18,7 +18,7 @@ import numpy as np
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.errors import InvalidArgument, ResourceExhausted, ServingError
-from serving.models import Classifier, LanguageModel
+from serving.models import Captioner, Classifier, LanguageModel
 from serving.repository import ModelRegistry
 from serving.sampling import SamplingParams
 
@@ -28,6 +28,7 @@ MAX_TOKENS_DEFAULT, MAX_TOKENS_LIMIT = 256, 4096
 TEMPERATURE_LIMIT = 10.0
 MAX_STOPS, MAX_STOP_CHARS = 8, 64
 MAX_PROMPT_CHARS = 16_384
+MAX_CAPTION_WORDS = 64
 CLASSIFY_TOP_K_DEFAULT = 5
 TENSOR_DTYPES = {"float32": np.float32}
 
@@ -83,6 +84,24 @@ def _tensor_specs(specs: list[dict]) -> list[pb.TensorSpec]:
     return [pb.TensorSpec(name=s["name"], dtype=s["dtype"], shape=s["shape"]) for s in specs]
 
 
+def _temperature(request, default: float) -> float:
+    temperature = request.temperature if request.HasField("temperature") else default
+    if not 0 <= temperature <= TEMPERATURE_LIMIT:  # NaN fails too
+        raise InvalidArgument(
+            "temperature", f"got {temperature}; allowed 0 (greedy) to {TEMPERATURE_LIMIT}"
+        )
+    return temperature
+
+
+def caption_params(request: pb.CaptionRequest, model_max: int) -> tuple[int, SamplingParams]:
+    """Validate the captioning knobs; greedy unless a temperature is given."""
+    max_length = request.max_length if request.HasField("max_length") else model_max
+    if not 1 <= max_length <= MAX_CAPTION_WORDS:
+        raise InvalidArgument("max_length", f"got {max_length}; allowed 1 to {MAX_CAPTION_WORDS}")
+    seed = request.seed if request.HasField("seed") else None
+    return max_length, SamplingParams(_temperature(request, default=0.0), seed=seed)
+
+
 def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, SamplingParams]:
     """Validate the generation knobs; return (max_tokens, sampling parameters)."""
     if len(request.prompt) > MAX_PROMPT_CHARS:
@@ -92,11 +111,7 @@ def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, 
     max_tokens = request.max_tokens if request.HasField("max_tokens") else MAX_TOKENS_DEFAULT
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise InvalidArgument("max_tokens", f"got {max_tokens}; allowed 1 to {MAX_TOKENS_LIMIT}")
-    temperature = request.temperature if request.HasField("temperature") else 1.0
-    if not 0 <= temperature <= TEMPERATURE_LIMIT:  # NaN fails too
-        raise InvalidArgument(
-            "temperature", f"got {temperature}; allowed 0 (greedy) to {TEMPERATURE_LIMIT}"
-        )
+    temperature = _temperature(request, default=1.0)
     if not 0 <= request.top_k <= vocab_size:
         raise InvalidArgument("top_k", f"got {request.top_k}; allowed 0 (off) to {vocab_size}")
     top_p = request.top_p if request.HasField("top_p") else 1.0
@@ -180,18 +195,34 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         events = model.generate(
             request.prompt, max_tokens, params, list(request.stop), is_active=context.is_active
         )
-        if not self.stream_slots.acquire(blocking=False):
-            raise ResourceExhausted(
-                f"all {self.max_streams} generation streams are busy; retry later"
+        for event in self._in_a_stream_slot(events):
+            yield pb.GenerateResponse(
+                text=event.text,
+                finish_reason=event.finish_reason,
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                seed=event.seed,
             )
+
+    @streaming
+    def Caption(self, request, context):
+        model: Captioner = self.registry.get(request.model, Captioner.kind)
+        max_length, params = caption_params(request, model.max_length)
+        events = model.caption(request.image, max_length, params, is_active=context.is_active)
+        for event in self._in_a_stream_slot(events):
+            yield pb.CaptionResponse(
+                text=event.text,
+                finish_reason=event.finish_reason,
+                caption=event.caption,
+                completion_tokens=event.completion_tokens,
+                seed=event.seed,
+            )
+
+    def _in_a_stream_slot(self, events):
+        """Run a stream's events holding one of max_streams slots, or refuse it at once."""
+        if not self.stream_slots.acquire(blocking=False):
+            raise ResourceExhausted(f"all {self.max_streams} streams are busy; retry later")
         try:
-            for event in events:
-                yield pb.GenerateResponse(
-                    text=event.text,
-                    finish_reason=event.finish_reason,
-                    prompt_tokens=event.prompt_tokens,
-                    completion_tokens=event.completion_tokens,
-                    seed=event.seed,
-                )
+            yield from events
         finally:
             self.stream_slots.release()

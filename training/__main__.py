@@ -7,9 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
-from training import registry, train_classifier, train_lm
+from training import registry, train_captioner, train_classifier, train_lm
 
-TRAINERS = {"classifier": train_classifier, "language_model": train_lm}
+TRAINERS = {
+    "classifier": train_classifier,
+    "language_model": train_lm,
+    "captioner": train_captioner,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

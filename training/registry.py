@@ -9,7 +9,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Arch:
     name: str
-    task: str  # "classifier" or "language_model": picks the trainer and the exporter
+    task: str  # classifier, language_model or captioner: picks the trainer and the exporter
     config_cls: type
     model_cls: type
     defaults: dict = field(default_factory=dict)  # config fields this name fixes
@@ -17,6 +17,7 @@ class Arch:
 
 def _registry() -> dict[str, Arch]:
     from training.alexnet import AlexNet
+    from training.captioner import Captioner, CaptionerConfig
     from training.char_lm import CharLM, CharLMConfig
     from training.cnn_config import ClassifierConfig as CNN
     from training.densenet import DenseNet
@@ -42,6 +43,7 @@ def _registry() -> dict[str, Arch]:
         Arch("char_lstm", "language_model", CharLMConfig, CharLM, {"cell": "lstm"}),
         Arch("char_gru", "language_model", CharLMConfig, CharLM, {"cell": "gru"}),
         Arch("char_rnn", "language_model", CharLMConfig, CharLM, {"cell": "rnn"}),
+        Arch("captioner", "captioner", CaptionerConfig, Captioner),
     ]
     return {a.name: a for a in archs}
 

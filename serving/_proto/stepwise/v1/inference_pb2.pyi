@@ -128,3 +128,31 @@ class GenerateResponse(_message.Message):
     completion_tokens: int
     seed: int
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class CaptionRequest(_message.Message):
+    __slots__ = ("model", "image", "max_length", "temperature", "seed")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    image: bytes
+    max_length: int
+    temperature: float
+    seed: int
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class CaptionResponse(_message.Message):
+    __slots__ = ("text", "finish_reason", "caption", "completion_tokens", "seed")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    finish_reason: str
+    caption: str
+    completion_tokens: int
+    seed: int
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., caption: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...

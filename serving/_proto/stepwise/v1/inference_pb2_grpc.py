@@ -49,6 +49,11 @@ class InferenceStub:
                 request_serializer=stepwise_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=stepwise_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Caption = channel.unary_stream(
+                '/stepwise.v1.Inference/Caption',
+                request_serializer=stepwise_dot_v1_dot_inference__pb2.CaptionRequest.SerializeToString,
+                response_deserializer=stepwise_dot_v1_dot_inference__pb2.CaptionResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -76,6 +81,15 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Caption(self, request, context):
+        """Caption an image (encoded bytes, any size and mode) one word at a time; every
+        word is sent as soon as it is sampled. The last message carries finish_reason
+        and the whole caption.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +107,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=stepwise_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=stepwise_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Caption': grpc.unary_stream_rpc_method_handler(
+                    servicer.Caption,
+                    request_deserializer=stepwise_dot_v1_dot_inference__pb2.CaptionRequest.FromString,
+                    response_serializer=stepwise_dot_v1_dot_inference__pb2.CaptionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +195,33 @@ class Inference:
             '/stepwise.v1.Inference/Generate',
             stepwise_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             stepwise_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Caption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stepwise.v1.Inference/Caption',
+            stepwise_dot_v1_dot_inference__pb2.CaptionRequest.SerializeToString,
+            stepwise_dot_v1_dot_inference__pb2.CaptionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,122 @@
+"""The captioner end to end: train tiny, export two graphs, stream captions over gRPC."""
+
+from __future__ import annotations
+
+import io
+
+import grpc
+import pytest
+import torch
+
+from export.__main__ import export_checkpoint
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving.client import StepwiseClient
+from serving.server import ServerConfig, create_server
+from training import train_captioner
+from training.__main__ import parse_args
+from training.checkpoint import load_checkpoint
+from training.data.scenes import make_scenes
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def captioner(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captioner")
+    args = parse_args(["captioner", "--out", str(root / "captioner.pt"), "--train-scenes", "600",
+                       "--eval-scenes", "50", "--epochs", "3", "--width", "0.25",
+                       "--hidden-size", "64", "--embed-dim", "16", "--quiet"])  # fmt: skip
+    metrics = train_captioner.train(args)
+    version = export_checkpoint(args.out, root / "repo")
+    server, port = create_server(ServerConfig(root / "repo", port=0, device="cpu"))
+    server.start()
+    with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as client:
+        yield client, args.out, version, metrics
+    server.stop(None)
+
+
+def _caption(client, image: bytes, **options) -> tuple[list[str], pb.CaptionResponse]:
+    responses = list(client.caption_stream(image, **options))
+    assert all(not r.finish_reason for r in responses[:-1])
+    return [r.text for r in responses[:-1]], responses[-1]
+
+
+def test_metrics_and_model_card(captioner):
+    _, _, version, metrics = captioner
+    assert {"bleu4", "object_recall", "exact_match"} <= set(metrics)
+    assert 0 <= metrics["bleu4"] <= 1 and 0 <= metrics["object_recall"] <= 1
+    assert sorted(p.name for p in version.glob("*.onnx")) == ["encoder.onnx", "model.onnx"]
+
+
+def test_served_greedy_caption_equals_pytorch(captioner):
+    client, checkpoint, _, _ = captioner
+    _, model, _ = load_checkpoint(checkpoint)
+    scenes = make_scenes(5, seed=123)
+    x = train_captioner.images_to_tensor([im for im, _, _ in scenes], model.config)
+    want = model.greedy(x)
+    vocab = model.config.vocab
+    for (image, _, _), ids in zip(scenes, want, strict=True):
+        words, last = _caption(client, png(image))
+        expected = [vocab[t] for t in ids.tolist()]
+        expected = expected[: expected.index("<end>")] if "<end>" in expected else expected
+        assert words == expected and last.caption == " ".join(expected)
+        assert last.finish_reason in ("eos", "length")
+        assert last.completion_tokens == len(words) + (last.finish_reason == "eos")
+
+
+def test_words_stream_one_per_message_and_length_limits(captioner):
+    client = captioner[0]
+    image = png(make_scenes(1, seed=5)[0][0])
+    words, last = _caption(client, image, max_length=2)
+    assert len(words) <= 2 and all(w and " " not in w for w in words)
+    if len(words) == 2:
+        assert last.finish_reason == "length"
+
+
+def test_seeded_sampling_repeats(captioner):
+    client = captioner[0]
+    image = png(make_scenes(1, seed=6)[0][0].resize((100, 100)))  # any size is resized
+    a = _caption(client, image, temperature=1.5, seed=3)
+    b = _caption(client, image, temperature=1.5, seed=3)
+    assert a[0] == b[0] and a[1].seed == b[1].seed == 3
+
+
+@pytest.mark.parametrize("fields,code,field", [
+    (dict(model="nope", image=b"x"), grpc.StatusCode.NOT_FOUND, "model"),
+    (dict(model="captioner", image=b"junk"), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+    (dict(model="captioner", image=b"x", max_length=0), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_length"),
+    (dict(model="captioner", image=b"x", max_length=65), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_length"),
+    (dict(model="captioner", image=b"x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT,
+     "temperature"),
+])  # fmt: skip
+def test_caption_errors_name_the_field(captioner, fields, code, field):
+    client = captioner[0]
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.stub.Caption(pb.CaptionRequest(**fields)))
+    assert info.value.code() == code and info.value.details().startswith(field + ":")
+    assert [m.kind for m in client.list_models()] == ["captioner"]
+
+
+def test_other_rpcs_refuse_a_captioner(captioner):
+    client = captioner[0]
+    with pytest.raises(grpc.RpcError) as info:
+        list(client.generate_stream("a", model="captioner"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is a captioner" in info.value.details()
+
+
+def test_teacher_forcing_targets_shift_by_one():
+    from training.captioner import build_word_vocab
+
+    vocab = build_word_vocab(["a red circle"])
+    inputs, targets = train_captioner._teacher_forcing_batch(["a red circle"], vocab, 6)
+    words = [vocab[i] for i in inputs[0, :4].tolist()]
+    assert words == ["<start>", "a", "red", "circle"]
+    assert [vocab[i] for i in targets[0, :4].tolist()] == ["a", "red", "circle", "<end>"]
+    assert targets[0, 4:].tolist() == [-100, -100] and torch.all(inputs[0, 4:] == 0)
