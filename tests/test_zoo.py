@@ -3,6 +3,7 @@ exports to a verified graph, and is served."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -16,6 +17,7 @@ from serving.sampling import SamplingParams
 from training.__main__ import main as train_main
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cnn_config import ClassifierConfig, initialize
+from training.data.scenes import make_scenes
 from training.registry import build_model, get_arch, names
 from training.train_classifier import make_optimizer, make_schedule
 
@@ -142,7 +144,12 @@ def test_dry_run_then_export_and_serve(name, dry_runs, tmp_path):
     else:
         assert [s["input"] for s in served.state] == list(get_arch(name).model_cls(
             get_arch(name).config_cls(**ckpt["config"])).state_names)  # fmt: skip
-        events = list(served.generate("The", 12, SamplingParams(temperature=0)))
+        if served.kind == "captioner":
+            image = io.BytesIO()
+            make_scenes(1, seed=0)[0][0].save(image, "PNG")
+            events = list(served.caption(image.getvalue(), 5, SamplingParams(temperature=0)))
+        else:
+            events = list(served.generate("The", 12, SamplingParams(temperature=0)))
         assert events[-1].completion_tokens >= 1 and events[-1].finish_reason
 
 
