@@ -9,12 +9,25 @@ HOST ?= 0.0.0.0
 PORT ?= 8001
 DEVICE ?= auto
 
-COMMON_SRC := training/__main__.py training/checkpoint.py training/registry.py training/reports.py
-EXPORT_SRC := $(wildcard export/*.py)
-LENET_SRC := $(COMMON_SRC) training/lenet.py training/train_classifier.py training/data/digits.py
-CHAR_LM_SRC := $(COMMON_SRC) training/char_lm.py training/train_lm.py training/data/shakespeare.py
+# The default models and their default (quick) budgets; `make quality` (issue 3) trains longer.
+MODELS := lenet5 resnet18 seq_digits char_lstm char_gru char_rnn captioner
+FLAGS_resnet18 := --width 0.25 --epochs 10
+FLAGS_char_lstm := --steps 800
+FLAGS_char_gru := --steps 500
+FLAGS_char_rnn := --steps 500
+FLAGS_captioner := --train-scenes 10000 --epochs 10
 
-.PHONY: setup models run test evaluate lint protos clean
+COMMON_SRC := training/__main__.py training/checkpoint.py training/registry.py \
+	training/reports.py training/cnn_config.py training/char_lm.py training/rnn_cells.py
+EXPORT_SRC := $(wildcard export/*.py)
+CNN_SRC := $(COMMON_SRC) training/lenet.py training/alexnet.py training/vgg.py \
+	training/googlenet.py training/resnet.py training/densenet.py training/seq_digits.py \
+	training/train_classifier.py training/data/digits.py
+LM_SRC := $(COMMON_SRC) training/train_lm.py training/data/shakespeare.py
+CAPTION_SRC := $(COMMON_SRC) training/captioner.py training/caption_metrics.py \
+	training/train_captioner.py training/data/scenes.py
+
+.PHONY: setup models run test evaluate model-card lint protos clean
 
 setup: $(STAMP)
 
@@ -25,13 +38,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Each model is rebuilt only when its checkpoint or its sources are newer.
-models: setup $(REPO)/lenet5/1/model.json $(REPO)/char_lstm/1/model.json
+models: setup $(foreach m,$(MODELS),$(REPO)/$(m)/1/model.json)
 
-$(CKPT)/lenet5.pt: $(LENET_SRC) | $(STAMP)
-	$(PY) -m training lenet5 --out $@
+$(CKPT)/lenet5.pt $(CKPT)/resnet18.pt $(CKPT)/seq_digits.pt: $(CNN_SRC)
+$(CKPT)/char_lstm.pt $(CKPT)/char_gru.pt $(CKPT)/char_rnn.pt: $(LM_SRC)
+$(CKPT)/captioner.pt: $(CAPTION_SRC)
 
-$(CKPT)/char_lstm.pt: $(CHAR_LM_SRC) | $(STAMP)
-	$(PY) -m training char_lstm --out $@
+$(CKPT)/%.pt: | $(STAMP)
+	$(PY) -m training $* --out $@ $(FLAGS_$*)
 
 $(REPO)/%/1/model.json: $(CKPT)/%.pt $(EXPORT_SRC)
 	$(PY) -m export $< --repository $(REPO)
@@ -45,6 +59,9 @@ test: setup
 
 evaluate: models
 	$(PY) tools/evaluate_served.py --model-repository $(REPO)
+
+model-card: models
+	$(PY) tools/model_card.py --model-repository $(REPO)
 
 lint: setup
 	$(PY) -m ruff check .
