@@ -28,6 +28,7 @@ from training.captioner import (
 )
 from training.checkpoint import save_checkpoint
 from training.data.scenes import make_scenes
+from training.loop import batches_per_epoch, shuffled_batches, update
 from training.reports import write_metrics
 
 log = logging.getLogger(__name__)
@@ -97,25 +98,19 @@ def train(args) -> dict:
     inputs, targets = _teacher_forcing_batch([c for _, c, _ in train_scenes], vocab,
                                              config.max_length)  # fmt: skip
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    steps = args.epochs * ((len(x) + args.batch_size - 1) // args.batch_size)
+    steps = args.epochs * batches_per_epoch(len(x), args.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps)
     history, step = [], 0
     start = time.perf_counter()
     bar = tqdm(range(args.epochs), desc=args.arch, unit="epoch", disable=args.quiet)
     for epoch in bar:
-        perm = torch.randperm(len(x), generator=gen)
         total = 0.0
-        for i in range(0, len(x), args.batch_size):
-            idx = perm[i : i + args.batch_size]
+        for idx in shuffled_batches(len(x), args.batch_size, gen):
             logits = model(x[idx], inputs[idx])  # [B, T, V]
             flat_targets = targets[idx].reshape(-1)  # -100 marks padding
             loss = nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), flat_targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()
+            total += update(optimizer, loss, model, args.clip) * len(idx)
             schedule.step()
-            total += loss.item() * len(idx)
             step += 1
         history.append({"epoch": epoch + 1, "train_loss": total / len(x)})
         bar.set_postfix(loss=f"{total / len(x):.3f}")

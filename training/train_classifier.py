@@ -21,6 +21,7 @@ from tqdm import tqdm
 from training.checkpoint import save_checkpoint
 from training.cnn_config import INITS
 from training.data.digits import load_digits_split, validation_split
+from training.loop import batches_per_epoch, shuffled_batches, update
 from training.registry import get_arch
 from training.reports import write_metrics
 
@@ -128,24 +129,18 @@ def train(args) -> dict:
     yt, yv, ys = (torch.from_numpy(a) for a in (y_train, y_val, y_test))
     background = float(norm(np.zeros(1, np.float32))[0])
     optimizer = make_optimizer(args.optimizer, model.parameters(), args)
-    steps_per_epoch = (len(xt) + args.batch_size - 1) // args.batch_size
+    steps_per_epoch = batches_per_epoch(len(xt), args.batch_size)
     schedule, per_batch = make_schedule(args.schedule, optimizer, args, steps_per_epoch)
     history, step = [], 0
     start = time.perf_counter()
     bar = tqdm(range(args.epochs), desc=args.arch, unit="epoch", disable=args.quiet)
     for epoch in bar:
-        perm = torch.randperm(len(xt), generator=gen)
         total = 0.0
-        for i in range(0, len(xt), args.batch_size):
-            idx = perm[i : i + args.batch_size]
+        for idx in shuffled_batches(len(xt), args.batch_size, gen):
             xb = _shift(xt[idx] - background, args.max_shift, gen) + background
-            loss = _losses(model, xb, yt[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            total += update(optimizer, _losses(model, xb, yt[idx]), model) * len(idx)
             if per_batch:
                 schedule.step()
-            total += loss.item() * len(idx)
             step += 1
         val_loss, val_acc, _ = evaluate(model, xv, yv)
         if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):

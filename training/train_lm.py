@@ -21,6 +21,7 @@ from tqdm import tqdm
 from training.char_lm import BOS_ID, EOS_ID, CharLM, CharLMConfig, build_vocab, encode
 from training.checkpoint import save_checkpoint
 from training.data.shakespeare import load_corpus
+from training.loop import update
 from training.registry import get_arch
 from training.reports import write_metrics
 
@@ -168,11 +169,7 @@ def train(args) -> dict:
         x, state = _restart_some(x, state, args.reset_prob, gen)
         logits, state = model(x, state)
         loss = nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        record = {"step": step + 1, "train_loss": loss.item()}
+        record = {"step": step + 1, "train_loss": update(optimizer, loss, model, args.clip)}
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             record["val_loss"] = evaluate(model, val_stream[: args.eval_chars], args.bptt)
         history.append(record)
