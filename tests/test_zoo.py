@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -61,8 +63,8 @@ def test_resnet_blocks():
 def test_googlenet_auxiliary_heads_train_but_are_not_exported(tmp_path):
     model = build_model("googlenet", width=0.125)
     outputs = model.forward_train(torch.randn(2, 1, 32, 32))
-    assert [w for _, w in outputs] == [1.0, 0.3, 0.3]
-    assert all(o.shape == (2, 10) for o, _ in outputs)
+    assert model.loss_weights == (1.0, 0.3, 0.3)
+    assert len(outputs) == 3 and all(o.shape == (2, 10) for o in outputs)
     save_checkpoint(tmp_path / "g.pt", "googlenet", model, None, 1, {})
     version = export_checkpoint(tmp_path / "g.pt", tmp_path / "repo")
     graph = onnx.load(str(version / "model.onnx")).graph
@@ -209,3 +211,18 @@ def test_seq_digits_reads_one_row_per_step():
     x[0, 0, 31] = 1.0  # only the last row differs: a many-to-one model must see it
     with torch.no_grad():
         assert not torch.allclose(model(x), model(torch.zeros(1, 1, 32, 32)))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "googlenet"])
+def test_data_parallel_training_with_torchrun_keeps_replicas_identical(name, tmp_path):
+    out = tmp_path / f"{name}.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "training", name, "--dry-run", "--quiet", "--out", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())["metrics"]
+    assert metrics["world_size"] == 2
+    assert metrics["replicas_identical"] is True  # each rank saw other data: gradients synced
+    assert load_checkpoint(out)[0] == name

@@ -94,8 +94,10 @@ class GoogLeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self._trunk(x))  # [B, K]; no auxiliary heads
 
-    def forward_train(self, x: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        """(logits, loss weight) pairs: the main head, then the two auxiliary ones."""
+    loss_weights = (1.0, AUX_WEIGHT, AUX_WEIGHT)  # of forward_train's heads
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits of the main head, then of the two auxiliary ones."""
         taps: list[torch.Tensor] = []
         main = self.head(self._trunk(x, taps))
-        return [(main, 1.0), (self.aux1(taps[0]), AUX_WEIGHT), (self.aux2(taps[1]), AUX_WEIGHT)]
+        return main, self.aux1(taps[0]), self.aux2(taps[1])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training import distributed
 from training.checkpoint import save_checkpoint
 from training.cnn_config import INITS
 from training.data.digits import load_digits_split, validation_split
@@ -86,13 +87,25 @@ def _shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tenso
     return out
 
 
-def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Training loss, auxiliary heads (GoogLeNet) included with their weights."""
-    if hasattr(model, "forward_train"):
-        outputs = model.forward_train(x)
-    else:
-        outputs = [(model(x), 1.0)]
-    return sum(w * nn.functional.cross_entropy(logits, y) for logits, w in outputs)
+class TrainView(nn.Module):
+    """The model as training sees it: every head's logits (GoogLeNet's auxiliary ones
+    too). A module of its own so DistributedDataParallel can wrap this forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.loss_weights = getattr(model, "loss_weights", (1.0,))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if hasattr(self.model, "forward_train"):
+            return self.model.forward_train(x)
+        return (self.model(x),)
+
+
+def _loss(view: nn.Module, weights, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy summed over the heads."""
+    heads = view(x)
+    return sum(w * nn.functional.cross_entropy(z, y) for z, w in zip(heads, weights, strict=True))
 
 
 @torch.no_grad()
@@ -107,6 +120,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 
 def train(args) -> dict:
+    rank, world = distributed.setup()
+    try:
+        return _train(args, rank, world)
+    finally:
+        distributed.teardown()
+
+
+def _train(args, rank: int, world: int) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     x_train, y_train, x_test, y_test, _ = load_digits_split()
@@ -131,14 +152,18 @@ def train(args) -> dict:
     optimizer = make_optimizer(args.optimizer, model.parameters(), args)
     steps_per_epoch = batches_per_epoch(len(xt), args.batch_size)
     schedule, per_batch = make_schedule(args.schedule, optimizer, args, steps_per_epoch)
+    view = TrainView(model)
+    trainer = distributed.wrap(view, world)
     history, step = [], 0
     start = time.perf_counter()
-    bar = tqdm(range(args.epochs), desc=args.arch, unit="epoch", disable=args.quiet)
+    bar = tqdm(range(args.epochs), desc=args.arch, unit="epoch", disable=args.quiet or rank > 0)
     for epoch in bar:
         total = 0.0
-        for idx in shuffled_batches(len(xt), args.batch_size, gen):
-            xb = _shift(xt[idx] - background, args.max_shift, gen) + background
-            total += update(optimizer, _losses(model, xb, yt[idx]), model) * len(idx)
+        for batch in shuffled_batches(len(xt), args.batch_size, gen):
+            xb = _shift(xt[batch] - background, args.max_shift, gen) + background
+            mine = distributed.shard(torch.arange(len(batch)), rank, world)  # this process' part
+            loss = _loss(trainer, view.loss_weights, xb[mine], yt[batch][mine])
+            total += update(optimizer, loss, model) * len(batch)
             if per_batch:
                 schedule.step()
             step += 1
@@ -169,7 +194,11 @@ def train(args) -> dict:
         "train_seconds": round(train_seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "confusion_matrix": confusion.tolist(),
+        "world_size": world,
+        "replicas_identical": distributed.replicas_identical(model),
     }
+    if rank > 0:
+        return metrics
     log.info("%s: test accuracy %.4f on %d held-out digits, %.0f s",
              args.arch, acc, len(ys), train_seconds)  # fmt: skip
     save_checkpoint(args.out, args.arch, model, optimizer, step, metrics)
