@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from export.__main__ import export_checkpoint
 from serving.models import load_model
@@ -136,6 +137,16 @@ def test_dry_run_then_export_and_serve(name, dry_runs, tmp_path):
     arch, _, ckpt = load_checkpoint(dry_runs[name])
     assert arch == name and ckpt["step"] > 0
     assert dry_runs[name].with_suffix(".metrics.json").is_file()
+    task = get_arch(name).task
+    reports = {"classifier": ["curves", "confusion"], "language_model": ["curves"],
+               "captioner": ["curves", "samples"]}[task]  # fmt: skip
+    for report in reports:
+        with Image.open(dry_runs[name].with_suffix(f".{report}.png")) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+    if task == "language_model":
+        samples = dry_runs[name].with_suffix(".samples.txt").read_text()
+        assert samples.strip() and samples.count("----") == 2
+        assert len(ckpt["metrics"]["samples"]) == 3
     version = export_checkpoint(dry_runs[name], tmp_path)  # verification included
     card = json.loads((version / "model.json").read_text())
     assert card["arch"] == name

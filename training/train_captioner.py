@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training import reports
 from training.caption_metrics import corpus_bleu, object_recall
 from training.captioner import (
     END_ID,
@@ -132,4 +133,8 @@ def train(args) -> dict:
              len(eval_scenes), train_seconds)  # fmt: skip
     save_checkpoint(args.out, args.arch, model, optimizer, step, metrics)
     write_metrics(args.out.with_suffix(".metrics.json"), metrics, history)
+    reports.plot_curves(args.out, history, "epoch", f"{args.arch} on scenes")
+    shown = eval_scenes[: len(quality["samples"])]
+    reports.plot_captions(args.out, [im for im, _, _ in shown], [c for _, c, _ in shown],
+                          quality["samples"])  # fmt: skip
     return metrics

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training import distributed
+from training import distributed, reports
 from training.checkpoint import save_checkpoint
 from training.cnn_config import INITS
 from training.data.digits import load_digits_split, validation_split
@@ -203,4 +203,6 @@ def _train(args, rank: int, world: int) -> dict:
              args.arch, acc, len(ys), train_seconds)  # fmt: skip
     save_checkpoint(args.out, args.arch, model, optimizer, step, metrics)
     write_metrics(args.out.with_suffix(".metrics.json"), metrics, history)
+    reports.plot_curves(args.out, history, "epoch", f"{args.arch} on digits")
+    reports.plot_confusion(args.out, metrics["confusion_matrix"], config.labels)
     return metrics

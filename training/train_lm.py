@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training import reports
 from training.char_lm import BOS_ID, EOS_ID, CharLM, CharLMConfig, build_vocab, encode
 from training.checkpoint import save_checkpoint
 from training.data.shakespeare import load_corpus
@@ -85,6 +86,23 @@ def evaluate(model: CharLM, stream: torch.Tensor, bptt: int, batch: int = 32) ->
         count += y.numel()
     model.train()
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def sample(model: CharLM, length: int, temperature: float, seed: int) -> str:
+    """Text sampled as serving samples it: zero state, BOS, then one character a step."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    token, state, out = torch.tensor([[BOS_ID]]), model.init_state(1), []
+    for _ in range(length):
+        logits, state = model(token, state)
+        probs = torch.softmax(logits[0, -1] / temperature, -1)
+        token = torch.multinomial(probs, 1, generator=gen)[None]  # [1, 1]
+        if token.item() == EOS_ID:
+            break
+        out.append(model.config.vocab[token.item()])
+    model.train()
+    return "".join(out)
 
 
 def _restart_some(x: torch.Tensor, state, prob: float, gen: torch.Generator):
@@ -203,8 +221,11 @@ def train(args) -> dict:
         args.steps,
         train_seconds,
     )
+    metrics["samples"] = [sample(model, 300, 0.8, seed) for seed in range(3)]
     save_checkpoint(args.out, args.arch, model, optimizer, args.steps, metrics)
     write_metrics(args.out.with_suffix(".metrics.json"), metrics, history)
+    reports.plot_curves(args.out, history, "step", f"{args.arch}: {source}")
+    reports.write_samples(args.out, metrics["samples"])
     return metrics
 
 
