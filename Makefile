@@ -18,7 +18,8 @@ FLAGS_char_rnn := --steps 500
 FLAGS_captioner := --train-scenes 10000 --epochs 10
 
 COMMON_SRC := training/__main__.py training/checkpoint.py training/registry.py \
-	training/reports.py training/loop.py training/cnn_config.py training/char_lm.py \
+	training/reports.py training/loop.py training/flags.py training/cnn_config.py \
+	training/char_lm.py \
 	training/rnn_cells.py
 EXPORT_SRC := $(wildcard export/*.py)
 CNN_SRC := $(COMMON_SRC) training/lenet.py training/alexnet.py training/vgg.py \

@@ -149,3 +149,20 @@ def test_some_streams_restart_as_generation_starts():
     restarted = (x_some[:, 0] == BOS_ID).tolist()
     assert 3 < sum(restarted) < 13
     assert [bool(h[:, i].abs().sum() == 0) for i in range(16)] == restarted
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["lenet5", "--epochs", "0"], "argument --epochs: must be a positive integer, not 0"),
+    (["resnet18", "--width", "-1"], "argument --width: must be a number > 0, not -1"),
+    (["char_lstm", "--dropout", "1.5"], "argument --dropout: must be in [0, 1), not 1.5"),
+    (["char_gru", "--bptt", "x"], "argument --bptt: must be a positive integer, not 'x'"),
+    (["captioner", "--lr", "0"], "argument --lr: must be a number > 0, not 0"),
+    (["lenet5", "--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
+])  # fmt: skip
+def test_nonsensical_flags_are_one_line_errors(argv, message, capsys):
+    from training.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]

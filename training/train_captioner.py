@@ -29,6 +29,7 @@ from training.captioner import (
 )
 from training.checkpoint import save_checkpoint
 from training.data.scenes import make_scenes
+from training.flags import non_negative_float, positive_float, positive_int
 from training.loop import batches_per_epoch, shuffled_batches, update
 from training.reports import write_metrics
 
@@ -37,15 +38,15 @@ TRAIN_SEED, EVAL_SEED = 1, 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-scenes", type=int, default=8000)
-    p.add_argument("--eval-scenes", type=int, default=1000, help="fresh held-out scenes")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--width", type=float, default=0.5, help="encoder channel multiplier")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--train-scenes", type=positive_int, default=8000)
+    p.add_argument("--eval-scenes", type=positive_int, default=1000, help="fresh held-out scenes")
+    p.add_argument("--epochs", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--clip", type=non_negative_float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--width", type=positive_float, default=0.5, help="encoder channel multiplier")
+    p.add_argument("--hidden-size", type=positive_int, default=256)
+    p.add_argument("--embed-dim", type=positive_int, default=64)
 
 
 def images_to_tensor(images, config: CaptionerConfig) -> torch.Tensor:

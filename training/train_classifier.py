@@ -22,6 +22,13 @@ from training import distributed, reports
 from training.checkpoint import save_checkpoint
 from training.cnn_config import INITS
 from training.data.digits import load_digits_split, validation_split
+from training.flags import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from training.loop import batches_per_epoch, shuffled_batches, update
 from training.registry import get_arch
 from training.reports import write_metrics
@@ -33,20 +40,24 @@ SCHEDULES = ("onecycle", "step", "plateau", "none")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size")
+    p.add_argument("--epochs", type=positive_int, default=40)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="mini-batch size")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--lr", type=float, default=2e-3, help="(peak) learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="(peak) learning rate")
+    p.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum")
     p.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
-    p.add_argument("--step-size", type=int, default=10, help="step decay: epochs per step")
-    p.add_argument("--gamma", type=float, default=0.1, help="step/plateau decay factor")
-    p.add_argument("--patience", type=int, default=3, help="plateau: epochs without progress")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty")
+    p.add_argument("--step-size", type=positive_int, default=10, help="step decay: epochs per step")
+    p.add_argument("--gamma", type=positive_float, default=0.1, help="step/plateau decay factor")
+    p.add_argument(
+        "--patience", type=non_negative_int, default=3, help="plateau: epochs without progress"
+    )
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 penalty")
     p.add_argument("--init", choices=INITS, default="kaiming")
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--max-shift", type=int, default=2, help="random translation, pixels")
+    p.add_argument("--width", type=positive_float, default=1.0, help="channel multiplier")
+    p.add_argument("--dropout", type=fraction, default=0.5)
+    p.add_argument(
+        "--max-shift", type=non_negative_int, default=2, help="random translation, pixels"
+    )
 
 
 def make_optimizer(name: str, params, args) -> torch.optim.Optimizer:

@@ -22,6 +22,14 @@ from training import reports
 from training.char_lm import BOS_ID, EOS_ID, CharLM, CharLMConfig, build_vocab, encode
 from training.checkpoint import save_checkpoint
 from training.data.shakespeare import load_corpus
+from training.flags import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from training.loop import update
 from training.registry import get_arch
 from training.reports import write_metrics
@@ -30,26 +38,26 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128, help="parallel streams")
-    p.add_argument("--bptt", type=int, default=64, help="characters per truncated chunk")
-    p.add_argument("--hidden-size", type=int, default=256)
-    p.add_argument("--num-layers", type=int, default=2)
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=8e-3)
-    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--steps", type=positive_int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="parallel streams")
+    p.add_argument("--bptt", type=positive_int, default=64, help="characters per truncated chunk")
+    p.add_argument("--hidden-size", type=positive_int, default=256)
+    p.add_argument("--num-layers", type=positive_int, default=2)
+    p.add_argument("--embed-dim", type=positive_int, default=64)
+    p.add_argument("--dropout", type=fraction, default=0.0)
+    p.add_argument("--lr", type=positive_float, default=8e-3)
+    p.add_argument("--warmup", type=non_negative_int, default=30, help="linear warm-up steps")
+    p.add_argument("--clip", type=non_negative_float, default=1.0, help="gradient-norm clipping")
     p.add_argument(
         "--reset-prob",
-        type=float,
+        type=probability,
         default=0.125,
         help="chance per stream and chunk of restarting from zero state + BOS",
     )
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-every", type=positive_int, default=200)
     p.add_argument(
         "--eval-chars",
-        type=int,
+        type=positive_int,
         default=60_000,
         help="validation characters per interim evaluation",
     )
