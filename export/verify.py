@@ -50,20 +50,22 @@ def verify_classifier(model: torch.nn.Module, path: Path, shape: tuple[int, ...]
     return {"checked_batches": [1, 3, 7], "atol": ATOL}
 
 
-def verify_char_lm(model, step_path: Path, prefill_path: Path, rollout_steps: int = 200) -> dict:
-    """Step and prefill graphs match PyTorch at unseen shapes; greedy rollouts agree."""
-    check_graph(step_path)
-    check_graph(prefill_path)
-    step, prefill = cpu_session(step_path), cpu_session(prefill_path)
+def _random_state(model, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    cfg = model.config
+    return tuple(0.5 * torch.randn(cfg.num_layers, batch, cfg.hidden_size, generator=gen)
+                 for _ in model.state_names)  # fmt: skip
+
+
+def check_step_parity(model, graphs: dict, shapes, gen: torch.Generator) -> None:
+    """Every output of every graph within ATOL of PyTorch, from random tokens and state.
+
+    graphs: {"step": session, "prefill": session}; the step graph is checked at T = 1.
+    """
     states = list(model.state_names)
     outputs = ["logits", *(f"{n}_next" for n in states)]
-    cfg = model.config
-    gen = torch.Generator().manual_seed(2)
-    for batch, length in ((1, 5), (3, 17), (5, 1)):
-        tokens = torch.randint(0, cfg.vocab_size, (batch, length), generator=gen)
-        state0 = tuple(
-            0.5 * torch.randn(cfg.num_layers, batch, cfg.hidden_size, generator=gen) for _ in states
-        )
+    for batch, length in shapes:
+        tokens = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
+        state0 = _random_state(model, batch, gen)
         with torch.no_grad():
             logits, state = model(tokens, state0)
         feeds = {
@@ -71,17 +73,31 @@ def verify_char_lm(model, step_path: Path, prefill_path: Path, rollout_steps: in
             **{n: s.numpy() for n, s in zip(states, state0, strict=True)},
         }
         want = dict(zip(outputs, (logits[:, -1], *state), strict=True))
-        graphs = {"prefill": prefill, "step": step} if length == 1 else {"prefill": prefill}
         for graph, session in graphs.items():
+            if graph == "step" and length != 1:
+                continue
             for name, got in zip(outputs, session.run(outputs, feeds), strict=True):
                 assert_close(f"{graph} {name} at B={batch} T={length}", got, want[name])
-    prompt = torch.randint(1, cfg.vocab_size, (2, 7), generator=gen)
+
+
+def verify_char_lm(model, step_path: Path, prefill_path: Path, rollout_steps: int = 200) -> dict:
+    """Step and prefill graphs match PyTorch at unseen shapes; greedy rollouts agree."""
+    check_graph(step_path)
+    check_graph(prefill_path)
+    step, prefill = cpu_session(step_path), cpu_session(prefill_path)
+    gen = torch.Generator().manual_seed(2)
+    shapes = ((1, 5), (3, 17), (5, 1))
+    check_step_parity(model, {"prefill": prefill, "step": step}, shapes, gen)
+    prompt = torch.randint(1, model.config.vocab_size, (2, 7), generator=gen)
     torch_tokens = _torch_rollout(model, prompt, rollout_steps)
-    onnx_tokens = _onnx_rollout(model, step, prefill, prompt.numpy(), rollout_steps)
+    zeros = np.zeros((model.config.num_layers, 2, model.config.hidden_size), np.float32)
+    feeds = {"tokens": prompt.numpy(), **dict.fromkeys(model.state_names, zeros)}
+    logits, *state = prefill.run(None, feeds)
+    onnx_tokens = onnx_greedy(step, model.state_names, logits, state, rollout_steps)
     if not np.array_equal(torch_tokens, onnx_tokens):
         first = int(np.argmax((torch_tokens != onnx_tokens).any(0)))
         raise VerificationError(f"greedy rollout diverges from PyTorch at step {first}")
-    return {"checked": [[1, 5], [3, 17], [5, 1]], "atol": ATOL, "rollout_steps": rollout_steps}
+    return {"checked": [list(s) for s in shapes], "atol": ATOL, "rollout_steps": rollout_steps}
 
 
 @torch.no_grad()
@@ -95,21 +111,24 @@ def _torch_rollout(model, prompt: torch.Tensor, steps: int) -> np.ndarray:
     return torch.cat(out, 1).numpy()
 
 
-def _onnx_rollout(model, step, prefill, prompt: np.ndarray, steps: int) -> np.ndarray:
-    states = list(model.state_names)
-    zeros = np.zeros((model.config.num_layers, prompt.shape[0], model.config.hidden_size),
-                     np.float32)  # fmt: skip
-    logits, *state = prefill.run(None, {"tokens": prompt, **dict.fromkeys(states, zeros)})
+def onnx_greedy(step, state_names, logits: np.ndarray, state: list, steps: int,
+                never: tuple[int, ...] = ()) -> np.ndarray:  # fmt: skip
+    """Greedy tokens [B, steps] through the step graph from the given logits and state."""
     out = []
     for _ in range(steps):
-        token = logits.argmax(-1)[:, None].astype(np.int64)  # [B, 1]
+        scores = logits.copy()
+        scores[:, list(never)] = -np.inf
+        token = scores.argmax(-1)[:, None].astype(np.int64)  # [B, 1]
         out.append(token)
-        logits, *state = step.run(None, {"tokens": token, **dict(zip(states, state, strict=True))})
+        logits, *state = step.run(
+            None, {"tokens": token, **dict(zip(state_names, state, strict=True))}
+        )
     return np.concatenate(out, 1)
 
 
 def verify_captioner(model, encoder_path: Path, step_path: Path, images: int = 6) -> dict:
     """Encoder and step graph match PyTorch; greedy captions agree word for word."""
+    from training.captioner import START_ID
     from training.data.scenes import make_scenes
     from training.train_captioner import images_to_tensor
 
@@ -123,17 +142,17 @@ def verify_captioner(model, encoder_path: Path, step_path: Path, images: int = 6
         got_h, got_c = encoder.run(["h", "c"], {"image": x[:batch].numpy()})
         assert_close(f"encoder h at batch {batch}", got_h, h)
         assert_close(f"encoder c at batch {batch}", got_c, c)
+    check_step_parity(
+        model.decoder, {"step": step}, ((1, 1), (4, 1)), torch.Generator().manual_seed(3)
+    )
     want = model.greedy(x).numpy()  # [N, max_length]
-    h, c = encoder.run(["h", "c"], {"image": x.numpy()})
-    token = np.full((len(x), 1), 1, np.int64)  # <start>
-    got = []
-    for _ in range(want.shape[1]):
-        logits, h, c = step.run(None, {"tokens": token, "h": h, "c": c})
-        token = logits.argmax(-1)[:, None].astype(np.int64)
-        got.append(token)
-    got = np.concatenate(got, 1)
+    state = encoder.run(["h", "c"], {"image": x.numpy()})
+    start = np.full((len(x), 1), START_ID, np.int64)
+    logits, *state = step.run(None, {"tokens": start, **dict(zip(("h", "c"), state, strict=True))})
+    got = onnx_greedy(step, ("h", "c"), logits, state, want.shape[1], never=(START_ID,))
     ended = np.cumsum(got == 0, axis=1) > 0  # after <end> the PyTorch side pads with <end>
     got = np.where(np.concatenate([np.zeros((len(x), 1), bool), ended[:, :-1]], 1), 0, got)
     if not np.array_equal(got, want):
         raise VerificationError("greedy captions through the ONNX graphs differ from PyTorch")
-    return {"encoder_batches": [1, 3], "atol": ATOL, "greedy_captions": len(x)}
+    return {"encoder_batches": [1, 3], "step_batches": [1, 4], "atol": ATOL,
+            "greedy_captions": len(x)}  # fmt: skip

@@ -104,6 +104,8 @@ class StepDecoder(Model):
         self.bos = card["special_tokens"].get("bos", self.eos)
         self.state = card["state"]  # [{input, output, dtype, shape}] fed back each step
         self.steps_run = itertools.count()  # graph runs, for tests and metrics
+        # A start token of its own (the captioner's <start>) only ever opens a sequence.
+        self.never_sampled = [self.bos] if self.bos != self.eos else []
 
     def _run(self, session, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         next(self.steps_run)
@@ -126,7 +128,9 @@ class StepDecoder(Model):
         for produced in range(1, max_tokens + 1):
             if not is_active():
                 return
-            token = sampler(logits[0])
+            scores = logits[0].copy()
+            scores[self.never_sampled] = -np.inf
+            token = sampler(scores)
             yield token
             if token == self.eos:
                 return

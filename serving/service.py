@@ -95,7 +95,8 @@ def _temperature(request, default: float) -> float:
 
 def caption_params(request: pb.CaptionRequest, model_max: int) -> tuple[int, SamplingParams]:
     """Validate the captioning knobs; greedy unless a temperature is given."""
-    max_length = request.max_length if request.HasField("max_length") else model_max
+    default = min(model_max, MAX_CAPTION_WORDS)
+    max_length = request.max_length if request.HasField("max_length") else default
     if not 1 <= max_length <= MAX_CAPTION_WORDS:
         raise InvalidArgument("max_length", f"got {max_length}; allowed 1 to {MAX_CAPTION_WORDS}")
     seed = request.seed if request.HasField("seed") else None

@@ -68,21 +68,29 @@ def test_served_greedy_caption_equals_pytorch(captioner):
         assert last.completion_tokens == len(words) + (last.finish_reason == "eos")
 
 
-def test_words_stream_one_per_message_and_length_limits(captioner):
+@pytest.mark.parametrize("max_length", [1, 2, 3])
+def test_words_stream_one_per_message_and_length_limits(captioner, max_length):
     client = captioner[0]
-    image = png(make_scenes(1, seed=5)[0][0])
-    words, last = _caption(client, image, max_length=2)
-    assert len(words) <= 2 and all(w and " " not in w for w in words)
-    if len(words) == 2:
-        assert last.finish_reason == "length"
+    for seed in range(4):
+        image = png(make_scenes(1, seed=seed)[0][0])
+        words, last = _caption(client, image, max_length=max_length, temperature=2.0, seed=seed)
+        assert all(w and " " not in w for w in words)
+        assert last.completion_tokens <= max_length
+        if last.finish_reason == "length":
+            assert len(words) == last.completion_tokens == max_length
+        else:
+            assert last.finish_reason == "eos" and len(words) == last.completion_tokens - 1
 
 
-def test_seeded_sampling_repeats(captioner):
+def test_seeded_sampling_repeats_differs_across_seeds_and_never_says_start(captioner):
     client = captioner[0]
     image = png(make_scenes(1, seed=6)[0][0].resize((100, 100)))  # any size is resized
     a = _caption(client, image, temperature=1.5, seed=3)
     b = _caption(client, image, temperature=1.5, seed=3)
     assert a[0] == b[0] and a[1].seed == b[1].seed == 3
+    captions = {tuple(_caption(client, image, temperature=5.0, seed=s)[0]) for s in range(30)}
+    assert len(captions) > 1  # the temperature is honoured
+    assert not any(w.startswith("<") for c in captions for w in c)  # no <start>, no <end>
 
 
 @pytest.mark.parametrize("fields,code,field", [
@@ -94,6 +102,10 @@ def test_seeded_sampling_repeats(captioner):
      "max_length"),
     (dict(model="captioner", image=b"x", temperature=-1), grpc.StatusCode.INVALID_ARGUMENT,
      "temperature"),
+    (dict(model="captioner", image=b"x", temperature=11), grpc.StatusCode.INVALID_ARGUMENT,
+     "temperature"),
+    (dict(model="captioner", image=b"x", temperature=float("nan")),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
 ])  # fmt: skip
 def test_caption_errors_name_the_field(captioner, fields, code, field):
     client = captioner[0]

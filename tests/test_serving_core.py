@@ -18,7 +18,7 @@ from serving.preprocess import decode_image, image_to_tensor
 from serving.repository import ModelRegistry, latest_versions
 from serving.runtime import CPU, CUDA, SessionFactory, check_providers, requested_providers
 from serving.sampling import SamplingParams
-from training.char_lm import CharLMConfig, CharLSTM, build_vocab
+from training.char_lm import CharLM, CharLMConfig, build_vocab
 from training.checkpoint import save_checkpoint
 from training.data.digits import digit_to_image, image_to_array, load_digits_split
 
@@ -134,7 +134,7 @@ def test_latest_numeric_version_is_served(repository, tmp_path):
 
 def test_eos_ends_generation(tmp_path):
     torch.manual_seed(0)
-    model = CharLSTM(CharLMConfig(vocab=build_vocab(["ab"]), hidden_size=8, embed_dim=4))
+    model = CharLM(CharLMConfig(vocab=build_vocab(["ab"]), hidden_size=8, embed_dim=4))
     with torch.no_grad():
         model.head.bias[0] = 50.0  # EOS always wins
     save_checkpoint(tmp_path / "eos.pt", "char_lstm", model, None, 1, {})

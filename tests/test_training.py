@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.char_lm import BOS_ID, EOS, CharLMConfig, CharLSTM, build_vocab, encode
+from training.char_lm import BOS_ID, EOS, CharLM, CharLMConfig, build_vocab, encode
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.cnn_config import ClassifierConfig
 from training.data import shakespeare
@@ -37,7 +37,7 @@ def test_lenet5_rejects_other_sizes():
 
 
 def test_char_lstm_carries_state_explicitly():
-    model = CharLSTM(CharLMConfig(vocab=build_vocab(["abc"]), hidden_size=8, embed_dim=4)).eval()
+    model = CharLM(CharLMConfig(vocab=build_vocab(["abc"]), hidden_size=8, embed_dim=4)).eval()
     tokens = torch.tensor([[1, 2, 3, 1, 2]])
     with torch.no_grad():
         whole, _ = model(tokens, model.init_state(1))

@@ -138,7 +138,7 @@ def test_dry_run_then_export_and_serve(name, dry_runs, tmp_path):
     assert arch == name and ckpt["step"] > 0
     assert dry_runs[name].with_suffix(".metrics.json").is_file()
     task = get_arch(name).task
-    reports = {"classifier": ["curves", "confusion"], "language_model": ["curves"],
+    reports = {"classifier": ["curves", "confusion"], "language_model": ["curves", "samples"],
                "captioner": ["curves", "samples"]}[task]  # fmt: skip
     for report in reports:
         with Image.open(dry_runs[name].with_suffix(f".{report}.png")) as image:

@@ -95,7 +95,9 @@ class Captioner(nn.Module):
         out, done = [], torch.zeros(images.size(0), dtype=torch.bool)
         for _ in range(max_length):
             logits, state = self.decoder(token, state)
-            token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+            scores = logits[:, -1].clone()
+            scores[:, START_ID] = float("-inf")  # <start> only ever opens a caption
+            token = scores.argmax(-1, keepdim=True)  # [B, 1]
             token[done] = END_ID
             done |= token[:, 0] == END_ID
             out.append(token)

@@ -88,6 +88,3 @@ class CharLM(nn.Module):
         clone.load_state_dict(self.state_dict())
         clone.rnn = self.rnn.to_nn_rnn()
         return clone.eval()
-
-
-CharLSTM = CharLM  # the name the skeleton registered; every cell is a CharLM

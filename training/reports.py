@@ -3,8 +3,8 @@
 <out>.metrics.json   figures and the whole history
 <out>.curves.png     loss (and accuracy) curves
 <out>.confusion.png  classifiers: the test confusion matrix
-<out>.samples.png    captioner: held-out scenes with their generated captions
-<out>.samples.txt    language models: sample generations
+<out>.samples.png    captioner: held-out scenes with their generated captions;
+                     language models: sample generations (also as .samples.txt)
 """
 
 from __future__ import annotations
@@ -77,8 +77,13 @@ def plot_captions(checkpoint: Path, images: list, truths: list[str], captions: l
 
 
 def write_samples(checkpoint: Path, samples: list[str]) -> Path:
+    """Sample generations as text and as a PNG page."""
     path = checkpoint.with_suffix(".samples.txt")
     path.write_text("\n\n----\n\n".join(samples) + "\n")
+    lines = "\n\n".join(samples).splitlines()[:60]
+    fig = plt.figure(figsize=(8, 0.18 * len(lines) + 1))
+    fig.text(0.02, 0.98, "\n".join(lines), family="monospace", fontsize=8, va="top")
+    _save(fig, _report_path(checkpoint, "samples"))
     return path
 
 

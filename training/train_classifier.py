@@ -169,12 +169,13 @@ def _train(args, rank: int, world: int) -> dict:
     start = time.perf_counter()
     bar = tqdm(range(args.epochs), desc=args.arch, unit="epoch", disable=args.quiet or rank > 0)
     for epoch in bar:
-        total = 0.0
+        total, seen = 0.0, 0  # this process' share of the epoch
         for batch in shuffled_batches(len(xt), args.batch_size, gen):
             xb = _shift(xt[batch] - background, args.max_shift, gen) + background
             mine = distributed.shard(torch.arange(len(batch)), rank, world)  # this process' part
             loss = _loss(trainer, view.loss_weights, xb[mine], yt[batch][mine])
-            total += update(optimizer, loss, model) * len(batch)
+            total += update(optimizer, loss, model) * len(mine)
+            seen += len(mine)
             if per_batch:
                 schedule.step()
             step += 1
@@ -184,10 +185,10 @@ def _train(args, rank: int, world: int) -> dict:
         elif schedule is not None and not per_batch:
             schedule.step()
         history.append({
-            "epoch": epoch + 1, "train_loss": total / len(xt), "val_loss": val_loss,
+            "epoch": epoch + 1, "train_loss": total / seen, "val_loss": val_loss,
             "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
         })  # fmt: skip
-        bar.set_postfix(loss=f"{total / len(xt):.3f}", val_acc=f"{val_acc:.3f}")
+        bar.set_postfix(loss=f"{total / seen:.3f}", val_acc=f"{val_acc:.3f}")
     train_seconds = time.perf_counter() - start
     _, acc, pred = evaluate(model, xs, ys)
     confusion = np.zeros((config.num_classes,) * 2, dtype=int)
