@@ -68,6 +68,19 @@ def stamp_model_card(path: Path, card: dict) -> None:
     onnx.save(graph, str(path))
 
 
+def _preprocess(channels: int, size: int, mean: list[float], std: list[float]) -> dict:
+    """What serving does to an image: convert, resize bilinearly, /255, (x - mean) / std."""
+    return {
+        "color_mode": "L" if channels == 1 else "RGB",
+        "height": size,
+        "width": size,
+        "resample": "bilinear",
+        "scale": 1 / 255,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
 def export_classifier(model: nn.Module, out_dir: Path) -> dict:
     cfg = model.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -87,15 +100,12 @@ def export_classifier(model: nn.Module, out_dir: Path) -> dict:
         "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *shape]}],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, cfg.num_classes]}],
         "labels": list(cfg.labels),
-        "preprocess": {
-            "color_mode": "L" if cfg.in_channels == 1 else "RGB",
-            "height": cfg.image_size,
-            "width": cfg.image_size,
-            "resample": "bilinear",
-            "scale": 1 / 255,
-            "mean": [cfg.mean] * cfg.in_channels,
-            "std": [cfg.std] * cfg.in_channels,
-        },
+        "preprocess": _preprocess(
+            cfg.in_channels,
+            cfg.image_size,
+            [cfg.mean] * cfg.in_channels,
+            [cfg.std] * cfg.in_channels,
+        ),  # fmt: skip
         "verification": checks,
     }
     return card
@@ -171,10 +181,7 @@ def export_captioner(model: nn.Module, out_dir: Path) -> dict:
         "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, *shape]}],
         "outputs": [dict(spec) for spec in card["inputs"][1:]],  # h, c: the initial state
     }
-    card["preprocess"] = {
-        "color_mode": "RGB", "height": cfg.image_size, "width": cfg.image_size,
-        "resample": "bilinear", "scale": 1 / 255, "mean": list(cfg.mean), "std": list(cfg.std),
-    }  # fmt: skip
+    card["preprocess"] = _preprocess(cfg.in_channels, cfg.image_size, cfg.mean, cfg.std)
     card["special_tokens"] = {"eos": CAPTION_END_ID, "bos": CAPTION_START_ID}
     card["max_length"] = cfg.max_length
     card["verification"] = verify.verify_captioner(model, out_dir / "encoder.onnx",

@@ -128,7 +128,7 @@ def onnx_greedy(step, state_names, logits: np.ndarray, state: list, steps: int,
 
 def verify_captioner(model, encoder_path: Path, step_path: Path, images: int = 6) -> dict:
     """Encoder and step graph match PyTorch; greedy captions agree word for word."""
-    from training.captioner import START_ID
+    from training.captioner import END_ID, START_ID
     from training.data.scenes import make_scenes
     from training.train_captioner import images_to_tensor
 
@@ -146,12 +146,14 @@ def verify_captioner(model, encoder_path: Path, step_path: Path, images: int = 6
         model.decoder, {"step": step}, ((1, 1), (4, 1)), torch.Generator().manual_seed(3)
     )
     want = model.greedy(x).numpy()  # [N, max_length]
-    state = encoder.run(["h", "c"], {"image": x.numpy()})
+    names = model.state_names  # the encoder's outputs are the decoder's initial state
+    state = encoder.run(list(names), {"image": x.numpy()})
     start = np.full((len(x), 1), START_ID, np.int64)
-    logits, *state = step.run(None, {"tokens": start, **dict(zip(("h", "c"), state, strict=True))})
-    got = onnx_greedy(step, ("h", "c"), logits, state, want.shape[1], never=(START_ID,))
-    ended = np.cumsum(got == 0, axis=1) > 0  # after <end> the PyTorch side pads with <end>
-    got = np.where(np.concatenate([np.zeros((len(x), 1), bool), ended[:, :-1]], 1), 0, got)
+    logits, *state = step.run(None, {"tokens": start, **dict(zip(names, state, strict=True))})
+    got = onnx_greedy(step, names, logits, state, want.shape[1], never=(START_ID,))
+    ended = np.cumsum(got == END_ID, axis=1) > 0  # after <end> PyTorch pads with <end>
+    after_end = np.concatenate([np.zeros((len(x), 1), bool), ended[:, :-1]], 1)
+    got = np.where(after_end, END_ID, got)
     if not np.array_equal(got, want):
         raise VerificationError("greedy captions through the ONNX graphs differ from PyTorch")
     return {"encoder_batches": [1, 3], "step_batches": [1, 4], "atol": ATOL,

@@ -128,8 +128,10 @@ class StepDecoder(Model):
         for produced in range(1, max_tokens + 1):
             if not is_active():
                 return
-            scores = logits[0].copy()
-            scores[self.never_sampled] = -np.inf
+            scores = logits[0]
+            if self.never_sampled:
+                scores = scores.copy()
+                scores[self.never_sampled] = -np.inf
             token = sampler(scores)
             yield token
             if token == self.eos:
