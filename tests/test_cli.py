@@ -140,3 +140,33 @@ def test_serving_never_imports_torch_or_training():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("budget", ["default", "full"])
+def test_model_card_reports_figures_commands_and_targets(repository, tmp_path, budget):
+    import json
+
+    out = tmp_path / "card.md"
+    proc = subprocess.run(
+        [sys.executable, "tools/model_card.py", "--model-repository", str(repository),
+         "--budget", budget, "--out", str(out), "--command", "make quality"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    card = out.read_text()
+    lenet = json.loads((repository / "lenet5" / "1" / "metrics.json").read_text())
+    lstm = json.loads((repository / "char_lstm" / "1" / "metrics.json").read_text())
+    (lenet_row,) = [line for line in card.splitlines() if line.startswith("| `lenet5`")]
+    (lstm_row,) = [line for line in card.splitlines() if line.startswith("| `char_lstm`")]
+    assert f"test_accuracy {lenet['test_accuracy']}" in lenet_row
+    assert f"val_loss_nats_per_char {lstm['val_loss_nats_per_char']}" in lstm_row
+    # The verdict follows the figure: lenet5 has a target only at the full budget.
+    if budget == "full":
+        met = lenet["test_accuracy"] >= 0.98
+        assert ("test_accuracy >= 0.98: met" if met else "**missed**") in lenet_row
+    else:
+        assert lenet_row.endswith("| reported |")
+    met = lstm["val_loss_nats_per_char"] <= (1.45 if budget == "full" else 1.7)
+    assert ("met" if met else "**missed**") in lstm_row.rsplit("|", 2)[1]
+    assert lenet["command"] in card and lstm["command"] in card
+    assert "Budget: **" + budget in card and "`make quality`" in card

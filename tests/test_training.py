@@ -158,6 +158,8 @@ def test_some_streams_restart_as_generation_starts():
     (["char_gru", "--bptt", "x"], "argument --bptt: must be a positive integer, not 'x'"),
     (["captioner", "--lr", "0"], "argument --lr: must be a number > 0, not 0"),
     (["lenet5", "--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
+    (["lenet5", "--image-size", "28"], "--image-size 28: lenet5 cannot take it (LeNet-5 takes"),
+    (["vgg11", "--image-size", "16"], "--image-size 16: vgg11 cannot take it (Given input size"),
 ])  # fmt: skip
 def test_nonsensical_flags_are_one_line_errors(argv, message, capsys):
     from training.__main__ import parse_args
@@ -166,3 +168,24 @@ def test_nonsensical_flags_are_one_line_errors(argv, message, capsys):
         parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_image_sizes_a_network_can_take_are_accepted():
+    from training.__main__ import parse_args
+
+    assert parse_args(["vgg11", "--image-size", "48"]).image_size == 48
+    assert parse_args(["seq_digits", "--image-size", "20"]).image_size == 20
+
+
+def test_metrics_carry_the_command_that_reproduces_them():
+    from training.__main__ import parse_args
+    from training.reports import command_line
+
+    args = parse_args(["resnet18", "--width", "0.5", "--epochs", "3", "--quiet", "--out", "x.pt"])
+    line = command_line(args)
+    assert line.startswith("python -m training resnet18 ")
+    assert "--width 0.5" in line and "--epochs 3" in line and "--image-size 32" in line
+    assert "--quiet" not in line and "x.pt" not in line
+    assert parse_args(line.split()[3:]) == parse_args(
+        ["resnet18", "--width", "0.5", "--epochs", "3"]
+    )

@@ -237,3 +237,19 @@ def test_data_parallel_training_with_torchrun_keeps_replicas_identical(name, tmp
     assert metrics["world_size"] == 2
     assert metrics["replicas_identical"] is True  # each rank saw other data: gradients synced
     assert load_checkpoint(out)[0] == name
+
+
+def test_image_size_flag_travels_to_serving(tmp_path):
+    """Trained at 20x20, exported at 20x20, and serving resizes any PNG to 20x20."""
+    path = tmp_path / "seq_digits.pt"
+    argv = ["seq_digits", "--dry-run", "--quiet", "--image-size", "20", "--out", str(path)]
+    assert train_main(argv) == 0
+    version = export_checkpoint(path, tmp_path / "repo")
+    card = json.loads((version / "model.json").read_text())
+    assert card["inputs"][0]["shape"] == [-1, 1, 20, 20]
+    served = load_model(version, "cpu")
+    png = io.BytesIO()
+    Image.new("L", (57, 31), 255).save(png, "PNG")
+    tensor = served.tensor_from_image(png.getvalue())
+    assert tensor.shape == (1, 20, 20)
+    assert served.probabilities(tensor[None]).shape == (1, 10)

@@ -28,9 +28,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         arch = registry.get_arch(known.arch)
     except KeyError as exc:
         p.error(exc.args[0])
-    TRAINERS[arch.task].add_arguments(p)
+    trainer = TRAINERS[arch.task]
+    trainer.add_arguments(p)
     args = p.parse_args(argv)
     args.out = args.out or Path("checkpoints") / f"{args.arch}.pt"
+    try:
+        getattr(trainer, "check_args", lambda args: None)(args)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
 
 

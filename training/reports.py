@@ -18,6 +18,18 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def command_line(args) -> str:
+    """The `python -m training` command that reproduces this run (output path aside)."""
+    skip = {"arch", "out", "quiet", "dry_run"}
+    parts = ["python -m training", args.arch]
+    for key, value in sorted(vars(args).items()):
+        if key in skip or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
 def write_metrics(path: Path, metrics: dict, history: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2) + "\n")

@@ -119,6 +119,7 @@ def train(args) -> dict:
     train_seconds = time.perf_counter() - start
     quality = evaluate(model, eval_scenes)
     metrics = {
+        "command": reports.command_line(args),
         "bleu4": quality["bleu4"],
         "object_recall": quality["object_recall"],
         "exact_match": quality["exact_match"],

@@ -58,6 +58,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-shift", type=non_negative_int, default=2, help="random translation, pixels"
     )
+    p.add_argument(
+        "--image-size", type=positive_int, default=32, help="digits are resized to this square"
+    )
+
+
+def check_args(args) -> None:
+    """Refuse flags the network cannot work with, before any data is loaded: an image
+    size is tried on a narrow copy of the network (ValueError names the flag)."""
+    arch = get_arch(args.arch)
+    size = args.image_size
+    try:
+        model = arch.model_cls(arch.config_cls(image_size=size, width=0.125)).eval()
+        with torch.no_grad():
+            model(torch.zeros(1, model.config.in_channels, size, size))
+    except (ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ValueError(f"--image-size {size}: {args.arch} cannot take it ({reason})") from None
 
 
 def make_optimizer(name: str, params, args) -> torch.optim.Optimizer:
@@ -141,7 +158,7 @@ def train(args) -> dict:
 def _train(args, rank: int, world: int) -> dict:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    x_train, y_train, x_test, y_test, _ = load_digits_split()
+    x_train, y_train, x_test, y_test, _ = load_digits_split(args.image_size)
     x_train, y_train, x_val, y_val = validation_split(x_train, y_train)
     if args.dry_run:
         args.epochs, args.width = 1, min(args.width, 0.125)
@@ -150,7 +167,7 @@ def _train(args, rank: int, world: int) -> dict:
     arch = get_arch(args.arch)
     config = arch.config_cls(
         mean=round(mean, 6), std=round(std, 6), width=args.width, dropout=args.dropout,
-        init=args.init,
+        init=args.init, image_size=args.image_size,
     )  # fmt: skip
     model = arch.model_cls(config)
 
@@ -194,6 +211,7 @@ def _train(args, rank: int, world: int) -> dict:
     confusion = np.zeros((config.num_classes,) * 2, dtype=int)
     np.add.at(confusion, (y_test, pred), 1)
     metrics = {
+        "command": reports.command_line(args),
         "test_accuracy": round(acc, 4),
         "val_accuracy": round(history[-1]["val_accuracy"], 4),
         "test_examples": len(ys),
@@ -203,6 +221,7 @@ def _train(args, rank: int, world: int) -> dict:
         "schedule": args.schedule,
         "init": args.init,
         "width": args.width,
+        "image_size": args.image_size,
         "train_seconds": round(train_seconds, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "confusion_matrix": confusion.tolist(),

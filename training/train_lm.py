@@ -208,6 +208,7 @@ def train(args) -> dict:
     history[-1]["val_loss"] = val_loss
     chars = args.steps * args.batch_size * args.bptt
     metrics = {
+        "command": reports.command_line(args),
         "val_loss_nats_per_char": round(val_loss, 4),
         "val_bits_per_char": round(val_loss / math.log(2), 4),
         "train_loss": round(history[-1]["train_loss"], 4),
