@@ -16,7 +16,8 @@ MODELS := lenet5 resnet18 seq_digits char_lstm char_gru char_rnn captioner
 CNN_NAMES := lenet5 alexnet vgg11 vgg13 vgg16 vgg19 googlenet resnet18 resnet34 resnet50 \
 	densenet seq_digits
 LM_NAMES := char_lstm char_gru char_rnn
-ALL_MODELS := $(CNN_NAMES) $(LM_NAMES) captioner
+# The slowest and least certain first.
+ALL_MODELS := char_lstm captioner $(CNN_NAMES) char_gru char_rnn
 BUDGET ?= default
 QUALITY_CKPT := checkpoints/full
 QUALITY_REPO := model_repository_full
@@ -27,23 +28,23 @@ FLAGS_default_char_gru := --steps 500
 FLAGS_default_char_rnn := --steps 500
 FLAGS_default_captioner := --train-scenes 10000 --epochs 10
 
-FULL_LM := --hidden-size 512 --batch-size 64 --lr 5e-3 --steps 3000 --eval-every 250
+FULL_LM := --hidden-size 512 --lr 5e-3 --steps 3000 --bf16 --eval-every 250
 FLAGS_full_lenet5 := --epochs 40
-FLAGS_full_alexnet := --width 0.5 --epochs 30
-FLAGS_full_vgg11 := --width 0.5 --epochs 30
-FLAGS_full_vgg13 := --width 0.5 --epochs 30
-FLAGS_full_vgg16 := --width 0.5 --epochs 30
-FLAGS_full_vgg19 := --width 0.5 --epochs 30
-FLAGS_full_googlenet := --width 0.25 --epochs 30
-FLAGS_full_resnet18 := --width 0.5 --epochs 20
-FLAGS_full_resnet34 := --width 0.25 --epochs 20
-FLAGS_full_resnet50 := --width 0.25 --epochs 20
-FLAGS_full_densenet := --width 0.25 --epochs 20
+FLAGS_full_alexnet := --width 0.5 --epochs 20
+FLAGS_full_vgg11 := --width 0.5 --epochs 20
+FLAGS_full_vgg13 := --width 0.5 --epochs 20
+FLAGS_full_vgg16 := --width 0.5 --epochs 20
+FLAGS_full_vgg19 := --width 0.5 --epochs 20
+FLAGS_full_googlenet := --width 0.25 --epochs 20
+FLAGS_full_resnet18 := --width 0.5 --epochs 15
+FLAGS_full_resnet34 := --width 0.25 --epochs 15
+FLAGS_full_resnet50 := --width 0.25 --epochs 15
+FLAGS_full_densenet := --width 0.25 --epochs 15
 FLAGS_full_seq_digits := --epochs 60
 FLAGS_full_char_lstm := $(FULL_LM)
 FLAGS_full_char_gru := $(FULL_LM)
 FLAGS_full_char_rnn := $(FULL_LM)
-FLAGS_full_captioner := --train-scenes 20000 --epochs 15
+FLAGS_full_captioner := --train-scenes 30000 --epochs 12
 
 COMMON_SRC := training/__main__.py training/checkpoint.py training/registry.py \
 	training/reports.py training/loop.py training/flags.py training/cnn_config.py \

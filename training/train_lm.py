@@ -3,7 +3,10 @@
 B parallel streams walk the corpus in order; the hidden state is carried from one
 chunk of T characters to the next and detached, so gradients flow back at most T
 steps. Adam, a warm-up then cosine learning-rate schedule, gradient clipping, and
-validation on whole held-out plays.
+validation on whole held-out plays. `--bf16` runs the training steps under bfloat16
+autocast (about 2.4x faster for a 2x512 LSTM on CPUs with AMX); the weights, the
+evaluation and the export stay float32. After training, the gradient of the loss is
+traced back through time to show how far it reaches (the notes' vanishing gradients).
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=positive_int, default=2)
     p.add_argument("--embed-dim", type=positive_int, default=64)
     p.add_argument("--dropout", type=fraction, default=0.0)
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast for the training steps (weights and evaluation stay float32)",
+    )
     p.add_argument("--lr", type=positive_float, default=8e-3)
     p.add_argument("--warmup", type=non_negative_int, default=30, help="linear warm-up steps")
     p.add_argument("--clip", type=non_negative_float, default=1.0, help="gradient-norm clipping")
@@ -111,6 +119,35 @@ def sample(model: CharLM, length: int, temperature: float, seed: int) -> str:
         out.append(model.config.vocab[token.item()])
     model.train()
     return "".join(out)
+
+
+def gradient_through_time(
+    model: CharLM, stream: torch.Tensor, lags=(1, 5, 10, 25, 50, 100), windows: int = 32
+) -> dict[str, float]:
+    """How much of the loss gradient at one character reaches the input k steps back.
+
+    The notes' vanishing-gradient argument, measured: for `windows` spans of held-out
+    text, the loss at the last character is back-propagated to every embedded input;
+    the result is mean |dC_t/dx_(t-k)| / mean |dC_t/dx_t| for each lag k. The state
+    entering each span is carried over a warm-up prefix, as in generation.
+    """
+    span = max(lags) + 1
+    warmup = 64
+    starts = torch.linspace(0, stream.numel() - span - warmup - 2, windows).long()
+    chunks = torch.stack([stream[i : i + warmup + span + 1] for i in starts.tolist()])
+    model.eval()
+    with torch.no_grad():
+        _, state = model(chunks[:, :warmup], model.init_state(windows))
+    x = model.embed(chunks[:, warmup : warmup + span]).detach().requires_grad_(True)
+    if model.config.cell == "lstm":
+        y, _ = model.rnn(x, state)
+    else:
+        y, _ = model.rnn(x, state[0])
+    loss = nn.functional.cross_entropy(model.head(y[:, -1]), chunks[:, -1], reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)  # [windows, span, E]
+    model.train()
+    norms = grad.norm(dim=-1).mean(0)  # [span]: norms[-1] is lag 0
+    return {str(k): float(f"{(norms[-1 - k] / norms[-1]).item():.3g}") for k in lags}
 
 
 def _restart_some(x: torch.Tensor, state, prob: float, gen: torch.Generator):
@@ -193,8 +230,10 @@ def train(args) -> dict:
             group["lr"] = _lr_at(step, args)
         state = tuple(s.detach() for s in state)  # truncate BPTT at the chunk boundary
         x, state = _restart_some(x, state, args.reset_prob, gen)
-        logits, state = model(x, state)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, len(vocab)), y.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits, state = model(x, state)
+        state = tuple(s.float() for s in state)
+        loss = nn.functional.cross_entropy(logits.float().reshape(-1, len(vocab)), y.reshape(-1))
         record = {"step": step + 1, "train_loss": update(optimizer, loss, model, args.clip)}
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             record["val_loss"] = evaluate(model, val_stream[: args.eval_chars], args.bptt)
@@ -220,6 +259,7 @@ def train(args) -> dict:
         "steps": args.steps,
         "train_seconds": round(train_seconds, 1),
         "train_chars_per_second": round(chars / train_seconds),
+        "training_precision": "bfloat16 autocast" if args.bf16 else "float32",
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     log.info(
@@ -230,6 +270,7 @@ def train(args) -> dict:
         args.steps,
         train_seconds,
     )
+    metrics["gradient_through_time"] = gradient_through_time(model, val_stream)
     metrics["samples"] = [sample(model, 300, 0.8, seed) for seed in range(3)]
     save_checkpoint(args.out, args.arch, model, optimizer, args.steps, metrics)
     write_metrics(args.out.with_suffix(".metrics.json"), metrics, history)
