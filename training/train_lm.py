@@ -237,6 +237,13 @@ def train(args) -> dict:
         record = {"step": step + 1, "train_loss": update(optimizer, loss, model, args.clip)}
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             record["val_loss"] = evaluate(model, val_stream[: args.eval_chars], args.bptt)
+            log.info(
+                "step %d: train %.3f, validation %.3f nats/char (first %d chars)",
+                step + 1,
+                record["train_loss"],
+                record["val_loss"],
+                args.eval_chars,
+            )
         history.append(record)
         bar.set_postfix(
             loss=f"{loss.item():.3f}",
