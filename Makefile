@@ -53,7 +53,7 @@ COMMON_SRC := training/__main__.py training/checkpoint.py training/registry.py \
 EXPORT_SRC := $(wildcard export/*.py)
 CNN_SRC := $(COMMON_SRC) training/lenet.py training/alexnet.py training/vgg.py \
 	training/googlenet.py training/resnet.py training/densenet.py training/seq_digits.py \
-	training/train_classifier.py training/data/digits.py
+	training/train_classifier.py training/distributed.py training/data/digits.py
 LM_SRC := $(COMMON_SRC) training/train_lm.py training/data/shakespeare.py
 CAPTION_SRC := $(COMMON_SRC) training/captioner.py training/caption_metrics.py \
 	training/train_captioner.py training/data/scenes.py

@@ -239,6 +239,37 @@ def test_data_parallel_training_with_torchrun_keeps_replicas_identical(name, tmp
     assert load_checkpoint(out)[0] == name
 
 
+def _replica_check(rank: int, port: int, perturb: bool, results) -> None:
+    import os
+
+    from training import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2")  # fmt: skip
+    distributed.setup()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(50, 50), torch.nn.Linear(50, 3))
+    if perturb and rank == 1:
+        with torch.no_grad():
+            model[0].weight[[3, 7]] = model[0].weight[[7, 3]].clone()  # same sums, other weights
+    results[rank] = distributed.replicas_identical(model)
+    distributed.teardown()
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_replica_check_compares_every_weight(perturb):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_replica_check, args=(port, perturb, results), nprocs=2, join=True)
+    assert dict(results) == {0: not perturb, 1: not perturb}
+
+
 def test_image_size_flag_travels_to_serving(tmp_path):
     """Trained at 20x20, exported at 20x20, and serving resizes any PNG to 20x20."""
     path = tmp_path / "seq_digits.pt"

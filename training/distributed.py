@@ -34,13 +34,18 @@ def shard(idx: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def replicas_identical(model: nn.Module) -> bool:
-    """True when every process holds exactly the same weights (gradients were synced)."""
+    """True when every process holds bit for bit the parameters of rank 0 (gradients
+    were synced). Every rank gets the same answer. BatchNorm running statistics are not
+    compared: each rank estimates them from its own shard (DDP copies rank 0's before
+    every forward), and the checkpoint keeps rank 0's."""
     if not dist.is_initialized():
         return True
-    mine = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, mine)
-    return all(torch.equal(mine, other) for other in everyone)
+    mine = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    reference = mine.clone()
+    dist.broadcast(reference, src=0)
+    differs = torch.tensor([float(not torch.equal(mine, reference))])
+    dist.all_reduce(differs, op=dist.ReduceOp.MAX)
+    return differs.item() == 0
 
 
 def teardown() -> None:
