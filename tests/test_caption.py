@@ -132,3 +132,31 @@ def test_teacher_forcing_targets_shift_by_one():
     assert words == ["<start>", "a", "red", "circle"]
     assert [vocab[i] for i in targets[0, :4].tolist()] == ["a", "red", "circle", "<end>"]
     assert targets[0, 4:].tolist() == [-100, -100] and torch.all(inputs[0, 4:] == 0)
+
+
+def test_caption_streams_share_the_stream_limit(captioner):
+    """A Caption beyond max_streams is refused with RESOURCE_EXHAUSTED while the
+    running one goes on; the slot comes back when the running one is cancelled."""
+    import time
+
+    repo = captioner[2].parent.parent
+    server, port = create_server(ServerConfig(repo, port=0, device="cpu", max_streams=1))
+    model = server.registry.models["captioner"]
+    run = model._run
+    model._run = lambda *args: (time.sleep(0.3), run(*args))[1]  # a word per 0.3 s
+    server.start()
+    image = png(make_scenes(1, seed=0)[0][0])
+    try:
+        with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as client:
+            first = client.caption_stream(image)
+            assert next(first).text  # a word out, the next one on its way
+            with pytest.raises(grpc.RpcError) as info:
+                list(client.caption_stream(image))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "1 streams are busy" in info.value.details()
+            first.cancel()
+            time.sleep(0.3)  # the slot is released when the server sees the cancellation
+            words, last = _caption(client, image)
+            assert last.caption == " ".join(words) and last.finish_reason
+    finally:
+        server.stop(None)
