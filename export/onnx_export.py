@@ -20,6 +20,8 @@ from export import verify
 from training.captioner import END_ID as CAPTION_END_ID
 from training.captioner import START_ID as CAPTION_START_ID
 from training.char_lm import BOS_ID, EOS_ID
+from training.data.digits import BACKGROUND as DIGITS_BACKGROUND
+from training.data.scenes import BACKGROUND as SCENES_BACKGROUND
 
 OPSET = 17
 
@@ -68,9 +70,13 @@ def stamp_model_card(path: Path, card: dict) -> None:
     onnx.save(graph, str(path))
 
 
-def _preprocess(channels: int, size: int, mean: list[float], std: list[float]) -> dict:
-    """What serving does to an image: convert, resize bilinearly, /255, (x - mean) / std."""
+def _preprocess(
+    channels: int, size: int, mean: list[float], std: list[float], background: tuple[int, ...]
+) -> dict:
+    """What serving does to an image: composite transparent pixels onto the training
+    data's background, convert, resize bilinearly, /255, (x - mean) / std."""
     return {
+        "background": list(background),
         "color_mode": "L" if channels == 1 else "RGB",
         "height": size,
         "width": size,
@@ -105,6 +111,7 @@ def export_classifier(model: nn.Module, out_dir: Path) -> dict:
             cfg.image_size,
             [cfg.mean] * cfg.in_channels,
             [cfg.std] * cfg.in_channels,
+            DIGITS_BACKGROUND * cfg.in_channels,
         ),  # fmt: skip
         "verification": checks,
     }
@@ -181,7 +188,9 @@ def export_captioner(model: nn.Module, out_dir: Path) -> dict:
         "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, *shape]}],
         "outputs": [dict(spec) for spec in card["inputs"][1:]],  # h, c: the initial state
     }
-    card["preprocess"] = _preprocess(cfg.in_channels, cfg.image_size, cfg.mean, cfg.std)
+    card["preprocess"] = _preprocess(
+        cfg.in_channels, cfg.image_size, cfg.mean, cfg.std, SCENES_BACKGROUND
+    )
     card["special_tokens"] = {"eos": CAPTION_END_ID, "bos": CAPTION_START_ID}
     card["max_length"] = cfg.max_length
     card["verification"] = verify.verify_captioner(model, out_dir / "encoder.onnx",

@@ -40,8 +40,25 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
     return image
 
 
+def flatten_alpha(image: Image.Image, background: list[int] | None) -> Image.Image:
+    """Composite an image with transparency onto the background the model was trained
+    on: transparent means background (dropping alpha would expose whatever colour the
+    transparent pixels happen to store, often black)."""
+    if background is None:
+        return image
+    if image.mode not in ("RGBA", "LA", "PA") and not (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    ):
+        return image
+    fill = tuple(background) * 3 if len(background) == 1 else tuple(background)
+    base = Image.new("RGBA", image.size, (*fill, 255))
+    return Image.alpha_composite(base, image.convert("RGBA")).convert("RGB")
+
+
 def image_to_tensor(image: Image.Image, spec: dict, field: str = "image") -> np.ndarray:
-    """Convert, resize, scale and normalize: [C, H, W] float32, as the model card says."""
+    """Flatten transparency, convert, resize, scale and normalize: [C, H, W] float32, as
+    the model card says."""
+    image = flatten_alpha(image, spec.get("background"))
     try:
         image = image.convert(spec["color_mode"])
     except ValueError as exc:

@@ -70,6 +70,36 @@ def test_rgb_and_alpha_images_become_grayscale():
     assert x.shape == (1, 32, 32) and np.allclose(x, 1.0)
 
 
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_transparent_pixels_are_the_training_background(repository):
+    """Ink that lives only in alpha (white everywhere, opaque strokes) reads like the
+    digit itself; dropping alpha would give a blank white square."""
+    pre = json.loads((repository / "lenet5" / "1" / "model.json").read_text())["preprocess"]
+    assert pre["background"] == [0]
+    digit = digit_to_image(load_digits_split()[4][0])
+    want = image_to_tensor(decode_image(_png(digit)), pre)
+    ink_in_alpha = Image.merge("LA", (Image.new("L", digit.size, 255), digit))
+    rgba = ink_in_alpha.convert("RGBA")  # the same picture as RGBA
+    for image in (ink_in_alpha, rgba):
+        got = image_to_tensor(decode_image(_png(image)), pre)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    blank = image_to_tensor(decode_image(_png(Image.new("L", (8, 8), 255))), pre)
+    assert not np.allclose(want, blank)
+    # A scenes model's background is white: a fully transparent black image is white.
+    scenes = {**pre, "color_mode": "RGB", "mean": [0.0] * 3, "std": [1.0] * 3,
+              "background": [255, 255, 255]}  # fmt: skip
+    clear = Image.new("RGBA", (30, 30), (0, 0, 0, 0))
+    assert np.allclose(image_to_tensor(decode_image(_png(clear)), scenes), 1.0)
+    keyed = Image.new("RGB", (30, 30), (0, 0, 0))  # tRNS chunk: black is transparent
+    keyed.info["transparency"] = (0, 0, 0)
+    assert np.allclose(image_to_tensor(decode_image(_png(keyed)), scenes), 1.0)
+
+
 def _encoded(fmt: str, corrupt_at: int | None = None, keep: int | None = None) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 10, 10)).save(buf, fmt)

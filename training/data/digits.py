@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+BACKGROUND = (0,)  # ink is bright on black; serving composites transparent images onto it
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 SIZE = 64
+BACKGROUND = (255, 255, 255)  # white; serving composites transparent images onto it
 COLOURS = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (230, 200, 0)}
 SHAPES = ("circle", "square", "triangle")
 MIN_SIDE, MAX_SIDE = 14, 24
@@ -63,7 +64,7 @@ def caption(shapes: list[Shape]) -> str:
 
 
 def draw(shapes: list[Shape]) -> Image.Image:
-    image = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+    image = Image.new("RGB", (SIZE, SIZE), BACKGROUND)
     pen = ImageDraw.Draw(image)
     for s in shapes:
         box = (s.x0, s.y0, s.x0 + s.side - 1, s.y0 + s.side - 1)
