@@ -36,8 +36,9 @@ class Sampler:
             return probs
         z = z / p.temperature
         if 0 < p.top_k < z.size:
-            kth = np.partition(z, -p.top_k)[-p.top_k]
-            z = np.where(z >= kth, z, -np.inf)
+            # Exactly k candidates: ties at the k-th logit go to the lower token id.
+            keep = np.argsort(-z, kind="stable")[: p.top_k]
+            z = np.where(np.isin(np.arange(z.size), keep), z, -np.inf)
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         if p.top_p < 1.0:

@@ -33,6 +33,12 @@ def test_top_k_keeps_only_the_k_most_probable():
     np.testing.assert_allclose(freq[[1, 2]], [0.4 / 0.7, 0.3 / 0.7], atol=0.03)
 
 
+def test_top_k_keeps_exactly_k_when_logits_tie():
+    tied = np.log(np.array([0.1, 0.3, 0.3, 0.3]))
+    probs = Sampler(SamplingParams(top_k=2)).probabilities(tied)
+    np.testing.assert_allclose(probs, [0, 0.5, 0.5, 0], atol=1e-9)  # lower ids win ties
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     probs = Sampler(SamplingParams(top_p=0.8)).probabilities(LOGITS)
     # 0.4 + 0.3 = 0.7 < 0.8, so the nucleus needs the 0.15 token too
