@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.data.scenes import COLOURS, Shape, caption, load_flickr8k, make_scenes
+from training.data.scenes import COLOURS, Shape, caption, draw, load_flickr8k, make_scenes
 
 
 def test_scenes_are_seeded_and_follow_the_spec():
@@ -25,6 +25,14 @@ def test_scenes_are_seeded_and_follow_the_spec():
             assert 14 <= s.side <= 24 and 0 <= s.x0 <= 64 - s.side and 0 <= s.y0 <= 64 - s.side
         for i, a in enumerate(shapes):
             assert not any(a.overlaps(b, gap=0) for b in shapes[i + 1 :])
+        # In pixels: each shape drawn alone paints its own pixels, no two share one,
+        # and the scene is exactly their union, every shape fully visible.
+        alone = [np.any(np.asarray(draw([s])) != 255, axis=-1) for s in shapes]
+        assert sum(m.astype(int) for m in alone).max() == 1
+        assert np.array_equal(np.any(np.asarray(image) != 255, axis=-1), np.any(alone, axis=0))
+        for s, mask in zip(shapes, alone, strict=True):
+            assert mask.sum() > 14 * 14 / 3  # a shape of at least 14 px, never a sliver
+            assert (np.asarray(image)[mask] == COLOURS[s.colour]).all()
         assert text == text.lower() and text.replace(" ", "").isalpha()
     assert counts == {1, 2, 3}
 
