@@ -156,8 +156,9 @@ def test_model_card_reports_figures_commands_and_targets(repository, tmp_path, b
     card = out.read_text()
     lenet = json.loads((repository / "lenet5" / "1" / "metrics.json").read_text())
     lstm = json.loads((repository / "char_lstm" / "1" / "metrics.json").read_text())
-    (lenet_row,) = [line for line in card.splitlines() if line.startswith("| `lenet5`")]
-    (lstm_row,) = [line for line in card.splitlines() if line.startswith("| `char_lstm`")]
+    main_table = card.split("## Notes")[0].splitlines()
+    (lenet_row,) = [line for line in main_table if line.startswith("| `lenet5`")]
+    (lstm_row,) = [line for line in main_table if line.startswith("| `char_lstm`")]
     assert f"test_accuracy {lenet['test_accuracy']}" in lenet_row
     assert f"val_loss_nats_per_char {lstm['val_loss_nats_per_char']}" in lstm_row
     # The verdict follows the figure: lenet5 has a target only at the full budget.
@@ -169,4 +170,7 @@ def test_model_card_reports_figures_commands_and_targets(repository, tmp_path, b
     met = lstm["val_loss_nats_per_char"] <= (1.45 if budget == "full" else 1.7)
     assert ("met" if met else "**missed**") in lstm_row.rsplit("|", 2)[1]
     assert lenet["command"] in card and lstm["command"] in card
+    gradients = card.split("## Gradient through time")[1].split("##")[0]
+    lag_100 = lstm["gradient_through_time"]["100"]
+    assert gradients.count("| `") == 1 and f"| {lag_100:.2g} |" in gradients
     assert "Budget: **" + budget in card and "`make quality`" in card
