@@ -58,7 +58,7 @@ LM_SRC := $(COMMON_SRC) training/train_lm.py training/data/shakespeare.py
 CAPTION_SRC := $(COMMON_SRC) training/captioner.py training/caption_metrics.py \
 	training/train_captioner.py training/data/scenes.py
 
-.PHONY: setup models quality run run-full test evaluate model-card lint protos clean
+.PHONY: setup models quality run run-full test evaluate evaluate-full model-card lint protos clean
 
 setup: $(STAMP)
 
@@ -99,6 +99,9 @@ test: setup
 
 evaluate: models
 	$(PY) tools/evaluate_served.py --model-repository $(REPO)
+
+evaluate-full: quality
+	$(PY) tools/evaluate_served.py --model-repository $(QUALITY_REPO)
 
 model-card: models
 	$(PY) tools/model_card.py --model-repository $(REPO) --budget default \
