@@ -130,7 +130,7 @@ def gradient_table(models: list[tuple[str, dict, dict]]) -> str:
                 if "gradient_through_time" in m]  # fmt: skip
     if not measured:
         return "(no language model in this repository measured it)"
-    lags = list(measured[0][1])
+    lags = sorted(measured[0][1], key=int)  # metrics.json sorts keys as text
     lines = ["| model | " + " | ".join(f"k = {k}" for k in lags) + " |",
              "| --- |" + " ---: |" * len(lags)]  # fmt: skip
     lines += [f"| `{n}` | " + " | ".join(f"{g[k]:.2g}" for k in lags) + " |" for n, g in measured]
