@@ -88,6 +88,8 @@ def shape(card: dict) -> str:
         return f"{config['num_layers']}x{config['hidden_size']} {config['cell'].upper()}"
     if card["kind"] == "captioner":
         return f"CNN (width {config['width']}) + LSTM {config['hidden_size']}"
+    if card["arch"] == "seq_digits":
+        return "LSTM over the image's rows"
     return f"width {config.get('width', 1.0)}"
 
 
@@ -154,7 +156,8 @@ Budget: **{args.budget}**. Produced by `{args.command}` on a {os.cpu_count()}-co
 {platform.machine()} CPU machine, no GPU; training time for all models together:
 {math.ceil(total / 60)} minutes (training loops only). Every figure is read from
 `{args.model_repository}/<name>/1/metrics.json`, written by training and published
-with the graphs; `make evaluate` re-measures them through the gRPC API. "trained"
+with the graphs; `{"make evaluate-full" if args.budget == "full" else "make evaluate"}`
+re-measures them through the gRPC API. "trained"
 gives the shape and the parameter count; the target column checks the figure
 against the targets of issue 3.
 
