@@ -81,7 +81,7 @@ $(CKPT)/%.pt: | $(STAMP)
 $(REPO)/%/1/model.json: $(CKPT)/%.pt $(EXPORT_SRC)
 	$(PY) -m export $< --repository $(REPO)
 
-# Full budgets for every name (about N minutes here; not in CI), then the model card.
+# Full budgets for every name (about 2 hours on a 2-core machine; not in CI), then the card.
 quality: setup
 	$(MAKE) models MODELS="$(ALL_MODELS)" BUDGET=full CKPT=$(QUALITY_CKPT) REPO=$(QUALITY_REPO)
 	$(PY) tools/model_card.py --model-repository $(QUALITY_REPO) --budget full \

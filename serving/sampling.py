@@ -38,7 +38,9 @@ class Sampler:
         if 0 < p.top_k < z.size:
             # Exactly k candidates: ties at the k-th logit go to the lower token id.
             keep = np.argsort(-z, kind="stable")[: p.top_k]
-            z = np.where(np.isin(np.arange(z.size), keep), z, -np.inf)
+            kept = np.full_like(z, -np.inf)
+            kept[keep] = z[keep]
+            z = kept
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         if p.top_p < 1.0:

@@ -73,12 +73,16 @@ class CharLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         # tokens: [B, T] int64 -> logits: [B, T, V]; state entries: [L, B, H]
-        x = self.embed(tokens)  # [B, T, E]
+        y, state = self.recur(self.embed(tokens), state)
+        return self.head(y), state
+
+    def recur(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The recurrent layers alone: embedded inputs [B, T, E] -> outputs [B, T, H]."""
         if self.config.cell == "lstm":
-            y, (h, c) = self.rnn(x, state)  # y: [B, T, H]
-            return self.head(y), (h, c)
+            y, (h, c) = self.rnn(x, state)
+            return y, (h, c)
         y, h = self.rnn(x, state[0])
-        return self.head(y), (h,)
+        return y, (h,)
 
     def for_export(self) -> CharLM:
         """This model with the vanilla RNN lowered to nn.RNN (same weights, same function)."""

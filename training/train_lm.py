@@ -139,10 +139,7 @@ def gradient_through_time(
     with torch.no_grad():
         _, state = model(chunks[:, :warmup], model.init_state(windows))
     x = model.embed(chunks[:, warmup : warmup + span]).detach().requires_grad_(True)
-    if model.config.cell == "lstm":
-        y, _ = model.rnn(x, state)
-    else:
-        y, _ = model.rnn(x, state[0])
+    y, _ = model.recur(x, state)
     loss = nn.functional.cross_entropy(model.head(y[:, -1]), chunks[:, -1], reduction="sum")
     (grad,) = torch.autograd.grad(loss, x)  # [windows, span, E]
     model.train()
