@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from serving.errors import DeviceError
+from serving.preprocess import ImageLimits
 from serving.runtime import DEVICES
 from serving.server import ServerConfig, create_server
 
 log = logging.getLogger("serving")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be 0 to 3600 seconds, not {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,14 +42,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--max-workers", type=int, default=16, help="threads serving RPCs")
     p.add_argument("--max-streams", type=int, default=12, help="concurrent Generate streams")
+    limits = ImageLimits()
+    p.add_argument(
+        "--max-image-pixels",
+        type=_positive,
+        default=limits.max_pixels,
+        help="largest image accepted, width x height, checked before decoding",
+    )
+    p.add_argument(
+        "--max-concurrent-decodes",
+        type=_positive,
+        default=limits.max_concurrent_decodes,
+        help="images decoded at once; peak decode memory is about this x 5 bytes x pixels",
+    )
+    p.add_argument(
+        "--drain-delay",
+        type=_seconds,
+        default=5.0,
+        help="seconds between SIGTERM (health turns NOT_SERVING) and refusing new requests",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=_seconds,
+        default=30.0,
+        help="seconds in-flight RPCs get to finish once new requests are refused",
+    )
     args = p.parse_args(argv)
     config = ServerConfig(
-        args.model_repository,
-        args.host,
-        args.port,
-        args.device,
-        args.max_workers,
-        args.max_streams,
+        model_repository=args.model_repository,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_workers=args.max_workers,
+        max_streams=args.max_streams,
+        images=ImageLimits(
+            max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes
+        ),
     )
     try:
         server, port = create_server(config)
@@ -48,12 +93,28 @@ def main(argv: list[str] | None = None) -> int:
         ", ".join(sorted(server.registry.models)) or "none",
     )
     stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        if stop.is_set():  # the second signal: no more waiting
+            log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
-    log.info("shutting down: NOT_SERVING, letting in-flight RPCs finish (5 s grace)")
+    # Health turns NOT_SERVING while every port still answers, so load balancers and
+    # readiness probes see it and move traffic; only then does the server stop accepting.
+    log.info(
+        "shutting down: NOT_SERVING, still serving for the %g s drain delay, then %g s for "
+        "in-flight RPCs (a second signal exits at once)",
+        args.drain_delay,
+        args.grace_period,
+    )
     server.health.enter_graceful_shutdown()
-    server.stop(grace=5).wait()
+    time.sleep(args.drain_delay)
+    server.stop(grace=args.grace_period).wait()
+    log.info("stopped")
     return 0
 
 

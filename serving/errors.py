@@ -1,20 +1,22 @@
-"""One exception hierarchy for the serving core, each class with its gRPC status.
+"""One exception hierarchy for the serving core, each class with a neutral status name.
 
-The core raises these without knowing gRPC; `serving.service` maps them to
-status codes in one place. Every message names the field and what is allowed.
+The core raises these without knowing gRPC; `serving.service` maps the names to
+gRPC status codes in one place. Every message names the field and what is allowed,
+and lists at most a few offending items (`preview`), so a message never outgrows
+the status header that carries it.
 """
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Sequence
 
 
 class ServingError(Exception):
-    code = grpc.StatusCode.INTERNAL
+    code = "INTERNAL"  # the name of a gRPC status code
 
 
 class InvalidArgument(ServingError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
@@ -22,11 +24,16 @@ class InvalidArgument(ServingError):
 
 
 class NotFound(ServingError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class ResourceExhausted(ServingError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
+
+
+class NonFiniteOutput(ServingError):
+    """A graph produced NaN or infinity: never sent; INTERNAL unless the caller knows
+    the client's input caused it."""
 
 
 class ModelLoadError(Exception):
@@ -35,3 +42,14 @@ class ModelLoadError(Exception):
 
 class DeviceError(RuntimeError):
     """The requested execution provider could not be created."""
+
+
+def preview(items: str | Sequence, limit: int = 10) -> str:
+    """The first `limit` items, repr'd, and how many more: bounded whatever the input.
+    A string previews as one repr'd string of its first `limit` characters."""
+    if isinstance(items, str):
+        shown = repr(items[:limit])
+    else:
+        shown = ", ".join(repr(x) for x in items[:limit])
+    more = len(items) - limit
+    return f"{shown} and {more} more" if more > 0 else shown

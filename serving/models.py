@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.errors import DeviceError, InvalidArgument, ModelLoadError
-from serving.preprocess import decode_image, image_to_tensor
+from serving.errors import DeviceError, InvalidArgument, ModelLoadError, NonFiniteOutput, preview
 from serving.runtime import SessionFactory
 from serving.sampling import Sampler, SamplingParams, StopMatcher
 
@@ -62,9 +61,6 @@ class Classifier(Model):
         self.input = card["inputs"][0]
         self.preprocess = card["preprocess"]
 
-    def tensor_from_image(self, data: bytes) -> np.ndarray:
-        return image_to_tensor(decode_image(data), self.preprocess)
-
     def check_tensor(self, array: np.ndarray, field: str = "tensor") -> np.ndarray:
         """Accept [C, H, W] or [1, C, H, W] float32 matching the model input."""
         want = tuple(self.input["shape"][1:])
@@ -77,9 +73,12 @@ class Classifier(Model):
         return array.reshape(want)
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """x: [B, C, H, W] -> softmax probabilities [B, K]."""
+        """x: [B, C, H, W] -> softmax probabilities [B, K]; NonFiniteOutput when the graph
+        overflows (finite inputs far outside the trained range can do that)."""
         (logits,) = self.session.run(["logits"], {self.input["name"]: x})
-        z = logits - logits.max(axis=1, keepdims=True)
+        if not np.all(np.isfinite(logits)):
+            raise NonFiniteOutput(f"{self.name} produced non-finite logits")
+        z = logits - logits.max(axis=1, keepdims=True)  # stable: every exponent <= 0
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
@@ -129,6 +128,8 @@ class StepDecoder(Model):
             if not is_active():
                 return
             scores = logits[0]
+            if not np.all(np.isfinite(scores)):
+                raise NonFiniteOutput(f"{self.name} produced non-finite logits")
             if self.never_sampled:
                 scores = scores.copy()
                 scores[self.never_sampled] = -np.inf
@@ -142,6 +143,7 @@ class StepDecoder(Model):
 
 class LanguageModel(StepDecoder):
     kind = "language_model"
+    prefill_chunk = 256  # prompt tokens per prefill run: bounds activations per stream
 
     def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card, sessions)
@@ -154,8 +156,8 @@ class LanguageModel(StepDecoder):
         if unknown:
             raise InvalidArgument(
                 field,
-                f"characters {''.join(unknown)!r} are not in the "
-                f"vocabulary of {self.name}; allowed: {self._alphabet!r}",
+                f"characters {preview(unknown)} are not in the vocabulary of {self.name}; "
+                f"allowed: {preview(self._alphabet, 100)}",
             )
         return [self.index[ch] for ch in prompt]
 
@@ -169,8 +171,9 @@ class LanguageModel(StepDecoder):
     ) -> Iterator[GenerationEvent]:
         """Yield one event per sampled token; the last carries finish_reason and counts.
 
-        The prompt is consumed in one prefill call (from zero state, after BOS); then
-        one step graph run per token.
+        The prompt is consumed by the prefill graph (from zero state, after BOS) in
+        chunks of `prefill_chunk` tokens, so a long prompt's activations never exist
+        at once; then one step graph run per token.
         """
         ids = self.encode(prompt)
         sampler = Sampler(params)
@@ -180,7 +183,10 @@ class LanguageModel(StepDecoder):
             for s in self.state
         }
         tokens = np.asarray([[self.bos, *ids]], dtype=np.int64)  # [1, T]
-        logits, state = self._run(self.prefill, tokens, state)
+        for start in range(0, tokens.shape[1], self.prefill_chunk):
+            logits, state = self._run(
+                self.prefill, tokens[:, start : start + self.prefill_chunk], state
+            )
         finish, produced = "length", 0
         for token in self._decode(logits, state, sampler, max_tokens, is_active):
             produced += 1
@@ -214,24 +220,25 @@ class Captioner(StepDecoder):
     def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card, sessions)
         self.encoder = self._session("encoder", sessions)
-        self.preprocess = card["preprocess"]
+        self.preprocess = card["preprocess"]  # what `serving.preprocess` makes of an image
         self.max_length = card["max_length"]
         self.image_input = card["encoder"]["inputs"][0]["name"]
 
-    def initial_state(self, data: bytes) -> dict:
-        x = image_to_tensor(decode_image(data), self.preprocess)[None]  # [1, C, H, W]
+    def initial_state(self, image: np.ndarray) -> dict:
+        """image: [C, H, W], preprocessed as `self.preprocess` says -> the decoder state."""
         names = [s["input"] for s in self.state]
-        return dict(zip(names, self.encoder.run(names, {self.image_input: x}), strict=True))
+        outputs = self.encoder.run(names, {self.image_input: image[None]})
+        return dict(zip(names, outputs, strict=True))
 
     def caption(
         self,
-        data: bytes,
+        image: np.ndarray,
         max_length: int,
         params: SamplingParams,
         is_active: Callable[[], bool] = lambda: True,
     ) -> Iterator[CaptionEvent]:
         """Yield one event per word; the last carries finish_reason and the caption."""
-        state = self.initial_state(data)
+        state = self.initial_state(image)
         sampler = Sampler(params)
         logits, state = self._run(self.step, np.asarray([[self.bos]], np.int64), state)
         words, finish, produced = [], "length", 0

@@ -1,43 +1,187 @@
-"""Images in any size and mode -> the tensor a classifier's metadata asks for."""
+"""Images in any size and mode -> the tensor a model's metadata asks for.
+
+Decoding is bounded three ways, so a small request cannot make the process big:
+- the pixel count is read from the header and checked before anything is decoded
+  (`ImageLimits.max_pixels`, one message whatever the size);
+- the work is proportional to what the model needs: JPEG decodes at a reduced
+  scale (libjpeg's DCT scaling), and any image is reduced by whole factors to no
+  less than `REDUCING_GAP` times the model's input before alpha, colour or float
+  conversions, so no full-resolution copy is made beyond the decoded 8-bit image;
+- `ImageDecoder` runs at most `max_concurrent_decodes` decodes at once, so peak
+  memory has a ceiling: about that many times `max_pixels` x 5 bytes (the decoded
+  8-bit image, at most 4 bytes a pixel, and the decoder's buffers; measured 82 MB for
+  a 4096x4096 RGBA PNG with transparency, the worst case).
+
+Every sample depth a PNG or JPEG can hold (1, 2, 4, 8 and 16 bits) becomes the 8-bit
+image a model was trained on by scaling, never by clipping.
+"""
 
 from __future__ import annotations
 
 import io
-import warnings
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from serving.errors import InvalidArgument
+from serving.errors import InvalidArgument, ResourceExhausted
 
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 FORMATS = ("PNG", "JPEG")
-MAX_IMAGE_BYTES = 16 * 1024 * 1024
-MAX_PIXELS = 40_000_000
+# Whole-factor reduction keeps at least this many pixels per model input pixel; the
+# final resize then filters as before (Pillow's own `reducing_gap` idea).
+REDUCING_GAP = 2
+STRIP_PIXELS = 1 << 20  # source pixels per strip when a reduction needs a converted copy
+# Our limit is checked on the header first; Pillow's own bomb check would answer a
+# different message above its limit, so it is off (serving owns this process).
+Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes, field: str = "image") -> Image.Image:
-    """Decode PNG or JPEG bytes fully; anything else is INVALID_ARGUMENT naming the field."""
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 16 * 1024 * 1024
+    # 4096 x 4096: a 12-megapixel phone photo fits; our models read 32x32 and 64x64.
+    max_pixels: int = 4096 * 4096
+    max_concurrent_decodes: int = 2  # the cores of the machine we measure on
+    decode_wait_s: float = 10.0  # past this, a request waiting for a decoder is refused
+
+
+def _sample_bits(image: Image.Image) -> int:
+    """Bits per sample as stored in the file, read from the loader's raw mode before
+    `load()`: "L;2" -> 2, "I;16B" / "RGB;16B" -> 16, otherwise 8."""
+    if image.format != "PNG" or not image.tile:
+        return 8
+    rawmode = image.tile[0].args
+    rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
+    _, _, bits = str(rawmode).partition(";")
+    return int(bits.rstrip("BLN")) if bits.rstrip("BLN").isdigit() else 8
+
+
+def _to_8bit(image: Image.Image, bits: int) -> Image.Image:
+    """Scale deep and shallow samples to 8 bits; transparency keys with them."""
+    key = image.info.get("transparency")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale (PNG decodes to I;16, older Pillow to I): v * 257 is the
+        # 8-bit twin of v, so the high byte is exact for it and rounds the rest.
+        samples = np.clip(np.asarray(image), 0, 65535).astype(np.uint16, copy=False)
+        gray = Image.fromarray((samples >> 8).astype(np.uint8), "L")
+        if isinstance(key, int):  # the tRNS key is a 16-bit value: match it exactly
+            alpha = Image.fromarray(np.where(samples == key, 0, 255).astype(np.uint8), "L")
+            return Image.merge("LA", (gray, alpha))
+        return gray
+    if image.mode == "F":  # float samples in [0, 1] (no PNG or JPEG decodes to it)
+        samples = np.nan_to_num(np.asarray(image), nan=0.0)
+        return Image.fromarray((np.clip(samples, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    if key is not None and bits != 8 and image.mode in ("L", "RGB"):
+        info = dict(image.info)
+        if bits < 8:  # Pillow scales 1/2/4-bit gray to 0..255 but leaves the key raw
+            info["transparency"] = key * 255 // (2**bits - 1)
+        else:  # 16-bit RGB and its key were cut to the high byte: cut the key the same way
+            info["transparency"] = tuple(v >> 8 for v in key)
+        image.info = info
+    return image
+
+
+def _reducible(image: Image.Image) -> Image.Image:
+    """The image in a mode `reduce` takes, any transparency key turned into alpha (a key
+    cannot survive averaging)."""
+    keyed = "transparency" in image.info
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if keyed or image.mode == "PA" else "RGB")
+    if image.mode == "1" or (image.mode == "L" and keyed):
+        return image.convert("LA" if keyed else "L")
+    if image.mode == "RGB" and keyed:
+        return image.convert("RGBA")
+    return image
+
+
+Box = tuple[float, float, float, float]
+
+
+def reduce_for(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, Box | None]:
+    """Reduce by the largest whole factor that keeps REDUCING_GAP x `size` (w, h).
+
+    Returns the image and the box the original covers in it (a partial last block
+    makes the reduced image slightly larger than original / factor), for the final
+    resize, or None when nothing was reduced. Colours are averaged premultiplied by
+    alpha, so transparent pixels' hidden colours do not bleed into the result.
+    """
+    factor = int(min(image.width / size[0], image.height / size[1]) / REDUCING_GAP)
+    if factor < 2:
+        return image, None
+    box = (0.0, 0.0, image.width / factor, image.height / factor)
+    image = _reducible(image)
+    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(image.mode)
+    if premultiplied and image.getextrema()[-1][0] < 255:  # some transparency
+        return _reduce_premultiplied(image, factor, premultiplied), box
+    return image.reduce(factor), box
+
+
+def _reduce_premultiplied(image: Image.Image, factor: int, mode: str) -> Image.Image:
+    """`image.convert(mode).reduce(factor).convert(image.mode)`, in strips of whole
+    blocks, so the premultiplied copy never exists at full resolution."""
+    out = Image.new(mode, (-(-image.width // factor), -(-image.height // factor)))
+    rows = max(1, STRIP_PIXELS // (image.width * factor)) * factor
+    for top in range(0, image.height, rows):
+        strip = image.crop((0, top, image.width, min(image.height, top + rows)))
+        out.paste(strip.convert(mode).reduce(factor), (0, top // factor))
+    return out.convert(image.mode)
+
+
+def decode_image(
+    data: bytes, field: str = "image", limits: ImageLimits = ImageLimits()
+) -> Image.Image:
+    """Decode PNG or JPEG bytes fully to an 8-bit image; anything else is
+    INVALID_ARGUMENT naming the field."""
+    return _decode(data, field, limits, None)
+
+
+def decode_reduced(
+    data: bytes, size: tuple[int, int], field: str = "image", limits: ImageLimits = ImageLimits()
+) -> tuple[Image.Image, Box | None]:
+    """Decode for a model input of `size` (w, h): JPEG at a reduced scale, then any
+    image reduced by whole factors, never below REDUCING_GAP x size. Returns the image
+    and the box for the final resize (see `reduce_for`)."""
+    return reduce_for(_decode(data, field, limits, size), size)
+
+
+def _decode(
+    data: bytes, field: str, limits: ImageLimits, size: tuple[int, int] | None
+) -> Image.Image:
+    check_encoded(data, field, limits)
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
+        raise _undecodable(field, exc) from None
+    if image.width * image.height > limits.max_pixels:
+        raise InvalidArgument(
+            field,
+            f"{image.width}x{image.height} = {image.width * image.height} pixels; "
+            f"at most {limits.max_pixels} allowed",
+        )
+    try:
+        if size and image.format == "JPEG":
+            image.draft(None, (size[0] * REDUCING_GAP, size[1] * REDUCING_GAP))
+        bits = _sample_bits(image)
+        image.load()
+    except Exception as exc:  # noqa: BLE001
+        raise _undecodable(field, exc) from None
+    return _to_8bit(image, bits)
+
+
+def check_encoded(data: bytes, field: str, limits: ImageLimits) -> None:
+    """The checks that need no decoding: present, and not too many bytes."""
     if not data:
         raise InvalidArgument(field, "empty; send encoded PNG or JPEG bytes")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise InvalidArgument(field, f"{len(data)} bytes; at most {MAX_IMAGE_BYTES} allowed")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            if image.width * image.height > MAX_PIXELS:
-                raise InvalidArgument(
-                    field, f"{image.width}x{image.height} pixels; at most {MAX_PIXELS} allowed"
-                )
-            image.load()
-    except InvalidArgument:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad data
-        raise InvalidArgument(
-            field, f"cannot decode as PNG or JPEG ({type(exc).__name__}); send PNG or JPEG bytes"
-        ) from None
-    return image
+    if len(data) > limits.max_bytes:
+        raise InvalidArgument(field, f"{len(data)} bytes; at most {limits.max_bytes} allowed")
+
+
+def _undecodable(field: str, exc: Exception) -> InvalidArgument:
+    return InvalidArgument(
+        field, f"cannot decode as PNG or JPEG ({type(exc).__name__}); send PNG or JPEG bytes"
+    )
 
 
 def flatten_alpha(image: Image.Image, background: list[int] | None) -> Image.Image:
@@ -47,7 +191,7 @@ def flatten_alpha(image: Image.Image, background: list[int] | None) -> Image.Ima
     if background is None:
         return image
     if image.mode not in ("RGBA", "LA", "PA") and not (
-        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+        image.mode in ("P", "L", "RGB", "1") and "transparency" in image.info
     ):
         return image
     fill = tuple(background) * 3 if len(background) == 1 else tuple(background)
@@ -55,9 +199,11 @@ def flatten_alpha(image: Image.Image, background: list[int] | None) -> Image.Ima
     return Image.alpha_composite(base, image.convert("RGBA")).convert("RGB")
 
 
-def image_to_tensor(image: Image.Image, spec: dict, field: str = "image") -> np.ndarray:
-    """Flatten transparency, convert, resize, scale and normalize: [C, H, W] float32, as
-    the model card says."""
+def image_to_tensor(
+    image: Image.Image, spec: dict, field: str = "image", box: Box | None = None
+) -> np.ndarray:
+    """Flatten transparency, convert, resize (the region `box` of the image, all of it
+    by default), scale and normalize: [C, H, W] float32, as the model card says."""
     image = flatten_alpha(image, spec.get("background"))
     try:
         image = image.convert(spec["color_mode"])
@@ -65,9 +211,34 @@ def image_to_tensor(image: Image.Image, spec: dict, field: str = "image") -> np.
         raise InvalidArgument(
             field, f"cannot convert mode {image.mode} to {spec['color_mode']} ({exc})"
         ) from None
-    image = image.resize((spec["width"], spec["height"]), RESAMPLE[spec["resample"]])
+    image = image.resize((spec["width"], spec["height"]), RESAMPLE[spec["resample"]], box)
     x = np.asarray(image, dtype=np.float32) * np.float32(spec["scale"])
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # [C, H, W]
     mean = np.asarray(spec["mean"], np.float32)[:, None, None]
     std = np.asarray(spec["std"], np.float32)[:, None, None]
     return (x - mean) / std
+
+
+class ImageDecoder:
+    """Client image bytes -> model input, at most `max_concurrent_decodes` at a time.
+
+    One per server, shared by every model that reads images, so the bound is global.
+    """
+
+    def __init__(self, limits: ImageLimits = ImageLimits()):
+        self.limits = limits
+        self._slots = threading.BoundedSemaphore(limits.max_concurrent_decodes)
+
+    def tensor(self, data: bytes, spec: dict, field: str = "image") -> np.ndarray:
+        """Encoded bytes -> [C, H, W] float32 as `spec` (a model card's preprocess) says."""
+        check_encoded(data, field, self.limits)  # refuse before queueing for a decoder
+        if not self._slots.acquire(timeout=self.limits.decode_wait_s):
+            raise ResourceExhausted(
+                f"{field}: all {self.limits.max_concurrent_decodes} image decoders stayed busy "
+                f"for {self.limits.decode_wait_s:g} s; retry later"
+            )
+        try:
+            image, box = decode_reduced(data, (spec["width"], spec["height"]), field, self.limits)
+            return image_to_tensor(image, spec, field, box)
+        finally:
+            self._slots.release()

@@ -34,7 +34,7 @@ class Sampler:
             probs = np.zeros_like(z)
             probs[int(np.argmax(z))] = 1.0
             return probs
-        z = z / p.temperature
+        z = (z - z.max()) / p.temperature  # shift first: a tiny temperature gives -inf, not NaN
         if 0 < p.top_k < z.size:
             # Exactly k candidates: ties at the k-th logit go to the lower token id.
             keep = np.argsort(-z, kind="stable")[: p.top_k]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.preprocess import ImageDecoder, ImageLimits
 from serving.repository import ModelRegistry
 from serving.service import InferenceServicer
 
@@ -30,6 +31,7 @@ class ServerConfig:
     max_workers: int = 16  # threads serving RPCs; each stream holds one until it ends
     max_streams: int = 12  # concurrent Generate streams; keep it below max_workers
     max_message_bytes: int = 32 * 1024 * 1024
+    images: ImageLimits = field(default_factory=ImageLimits)
 
 
 def create_server(
@@ -51,7 +53,9 @@ def create_server(
             ("grpc.so_reuseport", 0),  # a second server on a busy port fails, not shares
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(registry, config.max_streams), server)
+    pb_grpc.add_InferenceServicer_to_server(
+        InferenceServicer(registry, config.max_streams, ImageDecoder(config.images)), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

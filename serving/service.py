@@ -17,8 +17,9 @@ import numpy as np
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.errors import InvalidArgument, ResourceExhausted, ServingError
+from serving.errors import InvalidArgument, NonFiniteOutput, ResourceExhausted, ServingError
 from serving.models import Captioner, Classifier, LanguageModel
+from serving.preprocess import ImageDecoder
 from serving.repository import ModelRegistry
 from serving.sampling import SamplingParams
 
@@ -31,11 +32,26 @@ MAX_PROMPT_CHARS = 16_384
 MAX_CAPTION_WORDS = 64
 CLASSIFY_TOP_K_DEFAULT = 5
 TENSOR_DTYPES = {"float32": np.float32}
+MAX_TENSOR_DIMS = 8  # far above any model's rank; numpy itself stops at 64
+# The status message travels percent-encoded in a header (up to 3 bytes per byte):
+# 1 KiB stays far below every client's metadata limit, so the status is always ours.
+MAX_STATUS_MESSAGE_BYTES = 1024
+
+
+def status_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """The message cut to `limit` UTF-8 bytes at a character boundary, marked when cut."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    cut = data[: limit - 40].decode("utf-8", "ignore")
+    return f"{cut}... ({len(data) - len(cut.encode())} more bytes)"
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, ServingError):
-        context.abort(exc.code, str(exc))
+        if exc.code == "INTERNAL":
+            log.error("%s: %s", type(exc).__name__, exc)
+        context.abort(grpc.StatusCode[exc.code], status_message(str(exc)))
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
@@ -68,6 +84,10 @@ def tensor_to_array(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
             f"{field}.dtype", f"got {tensor.dtype!r}; allowed: {', '.join(TENSOR_DTYPES)}"
         )
     dtype = np.dtype(TENSOR_DTYPES[tensor.dtype]).newbyteorder("<")
+    if len(tensor.shape) > MAX_TENSOR_DIMS:
+        raise InvalidArgument(
+            f"{field}.shape", f"{len(tensor.shape)} dimensions; at most {MAX_TENSOR_DIMS}"
+        )
     shape = list(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}.shape", f"got {shape}; dimensions must be >= 0")
@@ -130,8 +150,11 @@ def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, 
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, registry: ModelRegistry, max_streams: int = 12):
+    def __init__(
+        self, registry: ModelRegistry, max_streams: int = 12, images: ImageDecoder | None = None
+    ):
         self.registry = registry
+        self.images = images or ImageDecoder()
         # Each stream holds a worker thread until it ends; past this many, new streams
         # are refused at once so unary calls and health checks always find a thread.
         self.max_streams = max_streams
@@ -163,7 +186,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         model: Classifier = self.registry.get(request.model, Classifier.kind)
         which = request.WhichOneof("input")
         if which == "image":
-            x = model.tensor_from_image(request.image)
+            x = self.images.tensor(request.image, model.preprocess)
         elif which == "tensor":
             x = model.check_tensor(tensor_to_array(request.tensor))
         else:
@@ -176,7 +199,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 f"got {request.top_k}; allowed 0 (default "
                 f"{min(CLASSIFY_TOP_K_DEFAULT, classes)}) to {classes}",
             )
-        probs = model.probabilities(x[None])[0]
+        try:
+            probs = model.probabilities(x[None])[0]
+        except NonFiniteOutput as exc:
+            if which != "tensor":
+                raise  # a preprocessed image is in range: the model is at fault
+            largest = float(np.max(np.abs(x)))
+            raise InvalidArgument(
+                "tensor.raw_data",
+                f"values up to magnitude {largest:.3g} overflow {model.name} ({exc}); send the "
+                "preprocessed range the model was trained on",
+            ) from None
         order = np.argsort(-probs, kind="stable")[:top_k]
         return pb.ClassifyResponse(
             model=model.name,
@@ -209,8 +242,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def Caption(self, request, context):
         model: Captioner = self.registry.get(request.model, Captioner.kind)
         max_length, params = caption_params(request, model.max_length)
-        events = model.caption(request.image, max_length, params, is_active=context.is_active)
-        for event in self._in_a_stream_slot(events):
+
+        def events():  # decoding, too, happens inside a stream slot
+            image = self.images.tensor(request.image, model.preprocess)
+            yield from model.caption(image, max_length, params, is_active=context.is_active)
+
+        for event in self._in_a_stream_slot(events()):
             yield pb.CaptionResponse(
                 text=event.text,
                 finish_reason=event.finish_reason,

@@ -13,6 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.client import StepwiseClient
 from training.data.digits import digit_to_image, load_digits_split
 
 
@@ -22,12 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(repository) -> tuple[subprocess.Popen, str]:
+def start_server(repository, *flags: str) -> tuple[subprocess.Popen, str]:
     """`python -m serving` on a free loopback port, returned once health says SERVING."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving", "--model-repository", str(repository), "--host",
-         "127.0.0.1", "--port", str(port), "--device", "cpu"],
+         "127.0.0.1", "--port", str(port), "--device", "cpu", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -98,13 +101,47 @@ def test_client_cli_reports_errors(served):
     assert proc.stderr.startswith("error: INVALID_ARGUMENT: top_p:")
 
 
-def test_server_stops_cleanly_on_sigterm(repository):
-    proc, _ = start_server(repository)
-    proc.send_signal(signal.SIGTERM)
+def _health(target: str) -> int:
+    """The overall health status, asked on a new connection each time."""
+    with grpc.insecure_channel(target) as channel:
+        request = health_pb2.HealthCheckRequest()
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=2).status
+
+
+def test_sigterm_turns_health_not_serving_while_the_port_still_answers(repository):
+    """Load balancers must see NOT_SERVING: the old shutdown refused every new
+    connection within 0.5 s, so the state was never observable."""
+    proc, target = start_server(repository, "--drain-delay", "5", "--grace-period", "5")
+    with grpc.insecure_channel(target) as old_channel:
+        stub = pb_grpc.InferenceStub(old_channel)
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        seen = None
+        while time.monotonic() - start < 2 and seen != health_pb2.HealthCheckResponse.NOT_SERVING:
+            seen = _health(target)
+        assert seen == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Still answering, on old and new connections, well inside the drain delay.
+        assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models
+        with StepwiseClient(target, timeout=5) as fresh:
+            assert "".join(fresh.generate("KING.\n", max_tokens=3, seed=1))
+        assert time.monotonic() - start < 5  # all of it inside the drain delay
     assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - start >= 5  # it waited out the drain delay
     log = proc.stdout.read()
     assert "loaded lenet5 version 1 (classifier) on CPUExecutionProvider" in log
-    assert "shutting down: NOT_SERVING" in log
+    assert "shutting down: NOT_SERVING" in log and "stopped" in log
+
+
+def test_a_second_sigterm_exits_at_once(repository):
+    proc, _ = start_server(repository, "--drain-delay", "60")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert time.monotonic() - start < 10
+    assert "second SIGTERM: exiting at once" in proc.stdout.read()
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")

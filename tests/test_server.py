@@ -70,10 +70,11 @@ def test_classify_png_of_any_size_and_mode(client, held_out, size, mode):
 
 def test_classify_tensor_matches_image(client, repository, held_out):
     from serving.models import load_model
+    from serving.preprocess import ImageDecoder
 
     model = load_model(repository / "lenet5" / "1", "cpu")
     data = png(digit_to_image(held_out[0][0]))
-    x = model.tensor_from_image(data)
+    x = ImageDecoder().tensor(data, model.preprocess)
     tensor = pb.Tensor(dtype="float32", shape=[1, *x.shape], raw_data=x.astype("<f4").tobytes())
     by_tensor = client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor, top_k=10))
     by_image = client.classify(data, top_k=10)

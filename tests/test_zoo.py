@@ -16,6 +16,7 @@ from PIL import Image
 
 from export.__main__ import export_checkpoint
 from serving.models import load_model
+from serving.preprocess import ImageDecoder
 from serving.sampling import SamplingParams
 from training.__main__ import main as train_main
 from training.checkpoint import load_checkpoint, save_checkpoint
@@ -160,7 +161,8 @@ def test_dry_run_then_export_and_serve(name, dry_runs, tmp_path):
         if served.kind == "captioner":
             image = io.BytesIO()
             make_scenes(1, seed=0)[0][0].save(image, "PNG")
-            events = list(served.caption(image.getvalue(), 5, SamplingParams(temperature=0)))
+            x = ImageDecoder().tensor(image.getvalue(), served.preprocess)
+            events = list(served.caption(x, 5, SamplingParams(temperature=0)))
         else:
             events = list(served.generate("The", 12, SamplingParams(temperature=0)))
         assert events[-1].completion_tokens >= 1 and events[-1].finish_reason
@@ -281,6 +283,6 @@ def test_image_size_flag_travels_to_serving(tmp_path):
     served = load_model(version, "cpu")
     png = io.BytesIO()
     Image.new("L", (57, 31), 255).save(png, "PNG")
-    tensor = served.tensor_from_image(png.getvalue())
+    tensor = ImageDecoder().tensor(png.getvalue(), served.preprocess)
     assert tensor.shape == (1, 20, 20)
     assert served.probabilities(tensor[None]).shape == (1, 10)
