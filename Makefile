@@ -58,7 +58,8 @@ LM_SRC := $(COMMON_SRC) training/train_lm.py training/data/shakespeare.py
 CAPTION_SRC := $(COMMON_SRC) training/captioner.py training/caption_metrics.py \
 	training/train_captioner.py training/data/scenes.py
 
-.PHONY: setup models quality run run-full test evaluate evaluate-full model-card lint protos clean
+.PHONY: setup models quality run run-full test fuzz evaluate evaluate-full model-card lint protos \
+	clean
 
 setup: $(STAMP)
 
@@ -96,6 +97,12 @@ run-full: quality
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# Not in CI: 2,500 fresh random examples for each of the four fuzz tests (10,000 requests).
+fuzz: setup
+	STEPWISE_FUZZ_EXAMPLES=2500 STEPWISE_FUZZ_RANDOM=1 STEPWISE_FUZZ_REPORT=fuzz-report.json \
+		$(PY) -m pytest -q tests/test_fuzz.py; status=$$?; \
+		cat fuzz-report.json; exit $$status
 
 evaluate: models
 	$(PY) tools/evaluate_served.py --model-repository $(REPO)

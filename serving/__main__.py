@@ -42,6 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--max-workers", type=int, default=16, help="threads serving RPCs")
     p.add_argument("--max-streams", type=int, default=12, help="concurrent Generate streams")
+    p.add_argument(
+        "--max-streams-per-connection",
+        type=_positive,
+        default=8,
+        help="concurrent streams one client connection may hold",
+    )
+    p.add_argument(
+        "--stream-stall-timeout",
+        type=_seconds,
+        default=5.0,
+        help="cancel a stream whose client takes no message for this many seconds (0: never)",
+    )
     limits = ImageLimits()
     p.add_argument(
         "--max-image-pixels",
@@ -75,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         max_workers=args.max_workers,
         max_streams=args.max_streams,
+        max_streams_per_connection=args.max_streams_per_connection,
+        stream_stall_timeout_s=args.stream_stall_timeout,
         images=ImageLimits(
             max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes
         ),

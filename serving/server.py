@@ -12,10 +12,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
-from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.preprocess import ImageDecoder, ImageLimits
 from serving.repository import ModelRegistry
-from serving.service import InferenceServicer
+from serving.service import InferenceServicer, add_to_server
+from serving.streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,20 @@ class ServerConfig:
     port: int = 8001  # 0 picks a free port
     device: str = "auto"  # cpu, cuda or auto
     max_workers: int = 16  # threads serving RPCs; each stream holds one until it ends
-    max_streams: int = 12  # concurrent Generate streams; keep it below max_workers
+    max_streams: int = 12  # concurrent Generate/Caption streams; keep it below max_workers
+    max_streams_per_connection: int = 8  # so one connection cannot hold every stream
+    # A stream whose client takes no message for this long (a flow-control window that
+    # never reopens) is cancelled and frees its slot; 0 disables the watchdog.
+    stream_stall_timeout_s: float = 5.0
     max_message_bytes: int = 32 * 1024 * 1024
+    # HTTP/2 connection hygiene: ping idle peers, close connections idle or old (clients
+    # reconnect transparently), and bound streams per connection at the transport.
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    max_connection_idle_ms: int = 5 * 60_000
+    max_connection_age_ms: int = 30 * 60_000
+    max_connection_age_grace_ms: int = 60_000
+    max_concurrent_streams: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, any RPC
     images: ImageLimits = field(default_factory=ImageLimits)
 
 
@@ -44,6 +56,10 @@ def create_server(
             f"max_streams ({config.max_streams}) must be at least 1 and below max_workers "
             f"({config.max_workers}), so unary calls and health checks always find a thread"
         )
+    if config.max_streams_per_connection < 1 or config.stream_stall_timeout_s < 0:
+        raise ValueError(
+            "max_streams_per_connection must be at least 1 and stream_stall_timeout_s >= 0"
+        )
     registry = registry or ModelRegistry.load(config.model_repository, config.device)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
@@ -51,11 +67,20 @@ def create_server(
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a second server on a busy port fails, not shares
+            ("grpc.keepalive_time_ms", config.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients' keepalives
+            ("grpc.max_connection_idle_ms", config.max_connection_idle_ms),
+            ("grpc.max_connection_age_ms", config.max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_ms),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(
-        InferenceServicer(registry, config.max_streams, ImageDecoder(config.images)), server
+    streams = StreamSlots(
+        config.max_streams, config.max_streams_per_connection, config.stream_stall_timeout_s
     )
+    add_to_server(InferenceServicer(registry, streams, ImageDecoder(config.images)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -74,4 +99,5 @@ def create_server(
         health_servicer.set(service, status)
     server.registry = registry  # for operators' introspection and tests
     server.health = health_servicer
+    server.streams = streams
     return server, port

@@ -10,18 +10,19 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import threading
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.errors import InvalidArgument, NonFiniteOutput, ResourceExhausted, ServingError
+from serving.errors import InvalidArgument, NonFiniteOutput, ServingError
 from serving.models import Captioner, Classifier, LanguageModel
 from serving.preprocess import ImageDecoder
 from serving.repository import ModelRegistry
 from serving.sampling import SamplingParams
+from serving.streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,57 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Request bytes that are not the method's message (bad wire format, invalid UTF-8
+    in a string): handed to the handler, which answers INVALID_ARGUMENT, where grpcio's
+    own deserializer failure would answer INTERNAL."""
+
+    message: str  # the expected message's full name
+    error: str
+
+    def check(self) -> None:
+        raise InvalidArgument("request", f"cannot parse as {self.message} ({self.error})")
+
+
+def _lenient_parser(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or worse, from the parser
+            return Undecodable(message_cls.DESCRIPTOR.full_name, type(exc).__name__)
+
+    return parse
+
+
+def add_to_server(servicer: pb_grpc.InferenceServicer, server: grpc.Server) -> None:
+    """`add_InferenceServicer_to_server`, but requests that fail to parse reach the
+    handler as `Undecodable` (and become INVALID_ARGUMENT) instead of INTERNAL."""
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def unary(handler):
     @functools.wraps(handler)
     def wrapper(self, request, context):
         try:
+            if isinstance(request, Undecodable):
+                request.check()
             return handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(context, exc)
@@ -71,6 +119,8 @@ def streaming(handler):
     @functools.wraps(handler)
     def wrapper(self, request, context):
         try:
+            if isinstance(request, Undecodable):
+                request.check()
             yield from handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             _abort(context, exc)
@@ -151,14 +201,16 @@ def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(
-        self, registry: ModelRegistry, max_streams: int = 12, images: ImageDecoder | None = None
+        self,
+        registry: ModelRegistry,
+        streams: StreamSlots | None = None,
+        images: ImageDecoder | None = None,
     ):
         self.registry = registry
+        # Each stream holds a worker thread until it ends; past the caps, new streams are
+        # refused at once so unary calls and health checks always find a thread.
+        self.streams = streams or StreamSlots(12, 8, 5.0)
         self.images = images or ImageDecoder()
-        # Each stream holds a worker thread until it ends; past this many, new streams
-        # are refused at once so unary calls and health checks always find a thread.
-        self.max_streams = max_streams
-        self.stream_slots = threading.BoundedSemaphore(max_streams)
 
     @unary
     def ListModels(self, request, context):
@@ -229,7 +281,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         events = model.generate(
             request.prompt, max_tokens, params, list(request.stop), is_active=context.is_active
         )
-        for event in self._in_a_stream_slot(events):
+        for event in self._in_a_stream_slot(events, context):
             yield pb.GenerateResponse(
                 text=event.text,
                 finish_reason=event.finish_reason,
@@ -247,7 +299,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             image = self.images.tensor(request.image, model.preprocess)
             yield from model.caption(image, max_length, params, is_active=context.is_active)
 
-        for event in self._in_a_stream_slot(events()):
+        for event in self._in_a_stream_slot(events(), context):
             yield pb.CaptionResponse(
                 text=event.text,
                 finish_reason=event.finish_reason,
@@ -256,11 +308,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 seed=event.seed,
             )
 
-    def _in_a_stream_slot(self, events):
-        """Run a stream's events holding one of max_streams slots, or refuse it at once."""
-        if not self.stream_slots.acquire(blocking=False):
-            raise ResourceExhausted(f"all {self.max_streams} streams are busy; retry later")
-        try:
-            yield from events
-        finally:
-            self.stream_slots.release()
+    def _in_a_stream_slot(self, events, context: grpc.ServicerContext):
+        """Run a stream's events holding a slot of its connection, or refuse it at once;
+        a client that stops reading is cancelled by the slots' watchdog."""
+        return self.streams.run(events, context.peer(), context.cancel)
