@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from serving.errors import DeviceError
+from serving.memory import DEFAULT_MMAP_THRESHOLD, fix_mmap_threshold
 from serving.preprocess import ImageLimits
 from serving.runtime import DEVICES
 from serving.server import ServerConfig, create_server
@@ -79,7 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         default=30.0,
         help="seconds in-flight RPCs get to finish once new requests are refused",
     )
+    p.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=DEFAULT_MMAP_THRESHOLD,
+        help="bytes from which glibc malloc maps each allocation on its own, so freed images "
+        "return to the system (0: keep glibc's adaptive default; see serving/memory.py)",
+    )
     args = p.parse_args(argv)
+    if args.mmap_threshold and not fix_mmap_threshold(args.mmap_threshold):
+        log.warning("--mmap-threshold %d was not applied", args.mmap_threshold)
     config = ServerConfig(
         model_repository=args.model_repository,
         host=args.host,

@@ -113,7 +113,7 @@ def reduce_for(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, 
     box = (0.0, 0.0, image.width / factor, image.height / factor)
     image = _reducible(image)
     premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(image.mode)
-    if premultiplied and image.getextrema()[-1][0] < 255:  # some transparency
+    if premultiplied:  # Pillow's own reduce would premultiply a full-size copy
         return _reduce_premultiplied(image, factor, premultiplied), box
     return image.reduce(factor), box
 

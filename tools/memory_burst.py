@@ -8,7 +8,8 @@ its own), warms it with one ordinary request of each kind, then, round after rou
   (`--image-side` pixels square, RGBA, a few hundred KB each: small on the wire, big
   when decoded), on `--classifier`;
 - a burst of `--prompts` concurrent generations whose prompts are the maximal
-  16,384 characters, on `--language-model`.
+  16,384 characters, each from a client connection of its own, on `--language-model`.
+`--images 0` or `--prompts 0` leaves a kind out.
 For each burst it prints the server's RSS just before, its peak during the burst (the
 kernel's high-water mark, reset before each burst through /proc/PID/clear_refs) and
 its RSS two seconds after the burst, and how the requests ended (status codes).
@@ -34,6 +35,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving._proto.stepwise.v1 import inference_pb2 as pb  # noqa: E402
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 from serving.client import StepwiseClient  # noqa: E402
 
 MB = 1024 * 1024
@@ -129,27 +132,26 @@ def main(argv: list[str] | None = None) -> int:
             def classify(data):
                 return lambda i: status_of(lambda: client.classify(data, args.classifier))
 
+            # Each prompt comes from a client of its own (its own connection), as the
+            # server caps the streams one connection may hold.
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            channels = [grpc.insecure_channel(target, options=own) for _ in range(args.prompts)]
+            request = pb.GenerateRequest(model=args.language_model, prompt=prompt, max_tokens=1)
+
             def generate(i):
-                return status_of(
-                    lambda: list(client.generate_stream(prompt, args.language_model, max_tokens=1))
-                )
+                stub = pb_grpc.InferenceStub(channels[i])
+                return status_of(lambda: list(stub.Generate(request, timeout=120)))
 
             print("| burst | round | RSS before (MB) | peak (MB) | after (MB) | s | statuses |")
             print("| --- | --- | --- | --- | --- | --- | --- |")
             for round_ in range(1, args.rounds + 1):
-                rows = [
-                    (
-                        f"{args.images} x {side}x{side} RGBA PNG ({len(data) // 1024} KB)",
-                        burst(server.pid, args.images, classify(data)),
-                    )  # fmt: skip
-                    for side, data in pngs.items()
-                ]
-                rows.append(
-                    (
-                        f"{args.prompts} x {args.prompt_chars}-character prompt",
-                        burst(server.pid, args.prompts, generate),
-                    )  # fmt: skip
-                )
+                rows = []
+                for side, data in pngs.items() if args.images else ():
+                    name = f"{args.images} x {side}x{side} RGBA PNG ({len(data) // 1024} KB)"
+                    rows.append((name, burst(server.pid, args.images, classify(data))))
+                if args.prompts:
+                    name = f"{args.prompts} x {args.prompt_chars}-character prompt"
+                    rows.append((name, burst(server.pid, args.prompts, generate)))
                 for name, r in rows:
                     codes = ", ".join(f"{k} {v}" for k, v in sorted(r["codes"].items()))
                     mb = [f"{r[k] / MB:.0f}" for k in ("before", "peak", "after")]

@@ -67,7 +67,7 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Classify(self, request, context):
-        """Classify one image (encoded bytes, any size and mode) or one raw tensor.
+        """Classify one image (encoded PNG or JPEG, any mode) or one raw tensor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,7 +82,7 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Caption(self, request, context):
-        """Caption an image (encoded bytes, any size and mode) one word at a time; every
+        """Caption an image (encoded PNG or JPEG, any mode) one word at a time; every
         word is sent as soon as it is sampled. The last message carries finish_reason
         and the whole caption.
         """
