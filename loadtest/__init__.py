@@ -1,0 +1,1 @@
+"""Load generator for stepwise servers; see `python -m loadtest --help`."""

@@ -1,0 +1,398 @@
+"""python -m loadtest: measure a stepwise server as Triton's perf_analyzer and
+genai-perf measure theirs.
+
+  python -m loadtest --rpc classify --concurrency 1,4,16
+  python -m loadtest --rpc generate --model char_lstm --concurrency 1,4 --max-tokens 256
+  python -m loadtest --rpc classify --request-rate 200,400 --arrivals poisson
+
+Each level of the sweep (a concurrency, or a request rate) runs a warm-up, then
+measurement windows: one of --duration seconds, or windows of --measurement-interval
+milliseconds until throughput and p95 latency are stable (within
+--stability-percentage over three consecutive windows) or --max-windows have run.
+Every run is bounded in time. Results: a table, results.json, results.csv and plots
+in --output-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from loadtest import report
+from loadtest.rpcs import DEFAULT_MODELS, RPCS
+from loadtest.stats import Window, stable
+from loadtest.worker import Plan, process_main
+
+
+def _list(kind):
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers, not {text!r}"
+            ) from None
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"every value must be above 0: {text!r}")
+        return values
+
+    return parse
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("what to load")
+    g.add_argument("--target", default="localhost:8001", help="server HOST:PORT")
+    g.add_argument("--rpc", choices=sorted(RPCS), default="classify")
+    g.add_argument("--model", help="model name (default: lenet5, char_lstm or captioner)")
+    g = p.add_argument_group("load (one of)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--concurrency",
+        type=_list(int),
+        metavar="N[,N...]",
+        help="closed loop: requests outstanding at each level (default 1)",
+    )
+    mode.add_argument(
+        "--request-rate",
+        type=_list(float),
+        metavar="R[,R...]",
+        help="open loop: requests per second at each level",
+    )
+    g.add_argument(
+        "--arrivals",
+        choices=["constant", "poisson"],
+        default="constant",
+        help="open loop: the time between requests",
+    )
+    g = p.add_argument_group("measurement")
+    g.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds of load before measuring, at each level",
+    )
+    g.add_argument(
+        "--duration",
+        type=_positive(float),
+        metavar="S",
+        help="one window of S seconds per level (instead of stability)",
+    )
+    g.add_argument(
+        "--measurement-interval",
+        type=_positive(int),
+        default=2000,
+        metavar="MS",
+        help="window length in ms (default 2000)",
+    )
+    g.add_argument(
+        "--stability-percentage",
+        type=_positive(float),
+        default=10.0,
+        metavar="PCT",
+        help="throughput and p95 within this %% over 3 windows (default 10)",
+    )
+    g.add_argument(
+        "--max-windows",
+        type=_positive(int),
+        default=10,
+        metavar="N",
+        help="windows per level at most, stable or not (default 10)",
+    )
+    g.add_argument("--request-timeout", type=_positive(float), default=60.0, metavar="S")
+    g.add_argument(
+        "--connect-timeout",
+        type=_positive(float),
+        default=5.0,
+        metavar="S",
+        help="give up when the server cannot be reached in this time (default 5)",
+    )
+    g.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=1,
+        metavar="N",
+        help="load-generating processes; the load is split between them",
+    )
+    g.add_argument(
+        "--server-pid",
+        type=int,
+        metavar="PID",
+        help="a server process on this machine: its CPU time per request",
+    )
+    g = p.add_argument_group("inputs")
+    g.add_argument(
+        "--input-data",
+        default="digits",
+        metavar="digits|tensor|DIR",
+        help="classify: rendered digits as PNG, random tensors, or a folder",
+    )
+    g.add_argument(
+        "--image-size", type=_positive(int), default=28, help="classify: the digits' size in pixels"
+    )
+    g.add_argument("--prompts-file", help="generate: one prompt per line (\\n for newlines)")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--seed", type=int, help="the same seed for every request")
+    g.add_argument("--max-length", type=int, help="caption: words at most")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", type=Path, default=Path("loadtest-results"))
+    g.add_argument("--quiet", action="store_true", help="no per-window progress")
+    args = p.parse_args(argv)
+    args.model = args.model or DEFAULT_MODELS[args.rpc]
+    if not args.concurrency and not args.request_rate:
+        args.concurrency = [1]
+    return args
+
+
+def _levels(args) -> list[dict]:
+    if args.concurrency:
+        return [{"concurrency": c} for c in args.concurrency]
+    return [{"request_rate": r} for r in args.request_rate]
+
+
+def _split(total, workers: int, whole: bool) -> list:
+    """A level's load divided between workers (whole requests for concurrency)."""
+    if whole:
+        return [total // workers + (i < total % workers) for i in range(workers)]
+    return [total / workers] * workers
+
+
+def server_cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of a process, from /proc/PID/stat."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_level(args, level: dict, requests: list, say) -> dict:
+    """Run one level with its workers; return its figures."""
+    ctx = multiprocessing.get_context("spawn")  # grpc must not be forked
+    results, stop = ctx.Queue(), ctx.Event()
+    window_s = args.duration or args.measurement_interval / 1000
+    max_windows = 1 if args.duration else args.max_windows
+    start = time.time() + 1.0  # time for the workers to start
+    shares = _split(
+        level.get("concurrency") or level["request_rate"], args.workers, "concurrency" in level
+    )
+    procs = []
+    for i, share in enumerate(shares):
+        if not share:
+            continue
+        plan = Plan(
+            args.target,
+            args.rpc,
+            requests,
+            start,
+            args.warmup,
+            window_s,
+            max_windows,
+            args.request_timeout,
+            concurrency=share if "concurrency" in level else 0,
+            rate=share if "request_rate" in level else 0.0,
+            arrivals=args.arrivals,
+            seed=(args.seed or 0) + i,
+        )
+        proc = ctx.Process(target=process_main, args=(plan, results, stop), daemon=True)
+        proc.start()
+        procs.append(proc)
+    windows, error = [], None
+    measure_start = start + args.warmup
+    cpu_before = None
+    try:
+        for k in range(max_windows):
+            if k == 0:
+                time.sleep(max(0.0, measure_start - time.time()))
+                cpu_before = server_cpu_seconds(args.server_pid)
+            merged, pending = Window(seconds=window_s), len(procs)
+            deadline = measure_start + (k + 1) * window_s + 10
+            while pending:
+                try:
+                    kind, _, data = results.get(timeout=max(0.1, deadline - time.time()))
+                except Exception:  # noqa: BLE001 - queue.Empty: a worker died silently
+                    error = "a load-generating worker stopped answering"
+                    break
+                if kind == "window":
+                    merged.merge(Window.decode(data))
+                    pending -= 1
+                elif kind == "error":
+                    error = data
+                    break
+                else:  # "done" before this window: the worker was stopped
+                    pending -= 1
+            if error:
+                break
+            merged.seconds = window_s
+            cpu_now = server_cpu_seconds(args.server_pid)
+            merged.server_cpu_s = (
+                None if cpu_before is None or cpu_now is None else (cpu_now - cpu_before)
+            )
+            cpu_before = cpu_now
+            windows.append(merged)
+            say(_progress(level, k, max_windows, merged))
+            if not args.duration and stable(windows, args.stability_percentage / 100):
+                break
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+    figures = summarize(level, windows, args)
+    if error:
+        figures["error"] = error
+    return figures
+
+
+def _progress(level: dict, k: int, max_windows: int, w: Window) -> str:
+    name = report._level_name(level)
+    lat = w.distribution("latency")
+    text = f"{name:>10}  window {k + 1}/{max_windows}  {w.throughput():8.1f} req/s"
+    if lat:
+        text += f"  p50 {lat['p50'] / 1000:.2f} ms  p95 {lat['p95'] / 1000:.2f} ms"
+    if w.tokens:
+        text += f"  {w.tokens / w.seconds:.0f} tok/s"
+    errors = {k: v for k, v in w.codes.items() if k != "OK"}
+    if errors:
+        text += "  errors " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
+    return text + f"  loadgen {w.loadgen_cpu_s / w.seconds:.2f} cores"
+
+
+def summarize(level: dict, windows: list[Window], args) -> dict:
+    """A level's figures from its last three windows (all when fewer)."""
+    used = windows[-3:]
+    total = Window()
+    server_cpu = [w.server_cpu_s for w in used if getattr(w, "server_cpu_s", None) is not None]
+    for w in used:
+        total.merge(w)
+    total.seconds = sum(w.seconds for w in used)
+    seconds = total.seconds or 1.0
+    figures = dict(level)
+    figures.update(
+        windows=len(windows),
+        stable=bool(args.duration) or stable(windows, args.stability_percentage / 100),
+        seconds=round(total.seconds, 3),
+        requests=total.requests,
+        successes=total.successes,
+        errors={k: v for k, v in sorted(total.codes.items()) if k != "OK"},
+        throughput_rps=round(total.successes / seconds, 2),
+        tokens_per_s=round(total.tokens / seconds, 1),
+        tokens_per_message=round(total.tokens / total.messages, 3) if total.messages else None,
+        latency_us=total.distribution("latency"),
+        ttft_us=total.distribution("ttft"),
+        itl_us=total.distribution("itl"),
+        tpot_us=total.distribution("tpot"),
+        message_gap_us=total.distribution("gap"),
+        loadgen_cpu_cores=round(total.loadgen_cpu_s / seconds, 3),
+    )
+    figures["loadgen_saturated"] = figures["loadgen_cpu_cores"] > 0.9 * min(
+        args.workers, os.cpu_count() or 1
+    )
+    if "request_rate" in level:
+        figures["sent_rps"] = round(total.sent / seconds, 2)
+        figures["delayed_fraction"] = round(total.delayed / total.sent, 4) if total.sent else 1.0
+        figures["sustained"] = (
+            figures["sent_rps"] >= 0.95 * level["request_rate"]
+            and figures["delayed_fraction"] < 0.1
+        )
+    if len(server_cpu) == len(used) and used:
+        cpu = sum(server_cpu)
+        figures["server_cpu_cores"] = round(cpu / seconds, 3)
+        figures["server_cpu_s_per_request"] = (
+            round(cpu / total.requests, 6) if total.requests else None
+        )
+        figures["server_cpu_s_per_1k_tokens"] = (
+            round(1000 * cpu / total.tokens, 4) if total.tokens else None
+        )
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    say = (lambda *_: None) if args.quiet else (lambda text: print(text, flush=True))
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "command": "python -m loadtest " + " ".join(sys.argv[1:] if argv is None else argv),
+        "target": args.target,
+        "rpc": args.rpc,
+        "model": args.model,
+        "workers": args.workers,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+        },
+        "levels": [],
+    }
+    status = 0
+    channel = grpc.insecure_channel(args.target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
+        requests = [r.SerializeToString() for r in RPCS[args.rpc].requests(args, channel)]
+    except grpc.FutureTimeoutError:
+        results["error"] = f"cannot reach {args.target} within {args.connect_timeout:g} s"
+    except (OSError, ValueError, grpc.RpcError) as exc:
+        results["error"] = f"cannot prepare {args.rpc} inputs: {exc}"
+    finally:
+        channel.close()
+    if "error" not in results:
+        for level in _levels(args):
+            figures = run_level(args, level, requests, say)
+            results["levels"].append(figures)
+            if figures.get("loadgen_saturated"):
+                say(
+                    f"warning: the load generator used {figures['loadgen_cpu_cores']:.2f} cores "
+                    f"with {args.workers} worker(s): it may be the bottleneck; add --workers"
+                )
+            if figures.get("sustained") is False:
+                say(
+                    f"warning: {figures['request_rate']:g} requests/s could not be sustained "
+                    f"(sent {figures['sent_rps']:g}/s, {figures['delayed_fraction']:.0%} late)"
+                )
+            if "error" in figures:
+                results["error"] = figures["error"]
+                break
+    if "error" in results:
+        print(f"error: {results['error']}", file=sys.stderr)
+        status = 1
+    report.write_json(args.output_dir / "results.json", results)
+    report.write_csv(args.output_dir / "results.csv", results["levels"])
+    plots = report.write_plots(args.output_dir, results)
+    if results["levels"]:
+        print(report.table(results["levels"]))
+    written = ["results.json", "results.csv", *(p.name for p in plots)]
+    say(f"wrote {', '.join(written)} to {args.output_dir}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

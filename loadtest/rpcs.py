@@ -1,0 +1,213 @@
+"""What one request is, per RPC: its inputs, and how one call is timed.
+
+Every adapter talks through the generated stubs only (the wire contract), never
+serving's internals. To add an RPC (a KServe `infer`, say), write one class with
+`name`, `streaming`, `request_type`, `requests(options, channel)` and
+`call(request, timeout)`, and add it to `RPCS`.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from PIL import Image, ImageDraw
+
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+
+BUILT_IN_PROMPTS = [
+    "ROMEO.\n",
+    "KING.\nNow is the ",
+    "HAMLET.\nTo be, or not to be",
+    "JULIET.\nO ",
+    "\n",
+    "MACBETH.\nIs this a dagger which I see before me,",
+    "",
+    "PORTIA.\nThe quality of mercy is not strain'd,\n",
+]
+
+
+@dataclass
+class Outcome:
+    """One finished call. Times in microseconds from the moment the call was sent."""
+
+    code: str  # "OK" or the gRPC status name
+    latency_us: int  # to the last message (or the error)
+    ttft_us: int | None = None  # streams: to the first message that carries output
+    tokens: int = 0  # streams: output tokens (the server's count when it sends one)
+    messages: int = 0  # streams: messages that carried output
+    gaps_us: list[int] = field(default_factory=list)  # between output messages
+
+
+def _code(err: grpc.RpcError) -> str:
+    code = err.code() if hasattr(err, "code") else None
+    return code.name if code is not None else "UNKNOWN"
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def digit_images(size: int) -> list[bytes]:
+    """The ten digits drawn bright on black, resized to size x size, as PNG."""
+    images = []
+    for digit in range(10):
+        canvas = Image.new("L", (8, 12), 0)
+        ImageDraw.Draw(canvas).text((1, 0), str(digit), fill=255)
+        images.append(_png(canvas.resize((size, size), Image.BILINEAR)))
+    return images
+
+
+def _input_shape(channel: grpc.Channel, model: str) -> list[int]:
+    """The model's first input shape from ListModels, -1 axes as 1."""
+    models = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models
+    for m in models:
+        if m.name == model:
+            return [1 if d < 0 else int(d) for d in m.inputs[0].shape]
+    raise ValueError(f"--input-data tensor: the server has no model {model!r}")
+
+
+class Classify:
+    name, streaming = "classify", False
+    request_type = pb.ClassifyRequest
+
+    def __init__(self, channel: grpc.Channel):
+        self.stub = pb_grpc.InferenceStub(channel)
+
+    @staticmethod
+    def requests(options, channel: grpc.Channel) -> list[pb.ClassifyRequest]:
+        source = options.input_data
+        if source == "digits":
+            return [pb.ClassifyRequest(model=options.model, image=data)
+                    for data in digit_images(options.image_size)]  # fmt: skip
+        if source == "tensor":
+            shape = _input_shape(channel, options.model)
+            rng = np.random.default_rng(options.seed or 0)
+            return [
+                pb.ClassifyRequest(
+                    model=options.model,
+                    tensor=pb.Tensor(
+                        dtype="float32",
+                        shape=shape,
+                        raw_data=rng.random(shape, np.float32).astype("<f4").tobytes(),
+                    ),
+                )
+                for _ in range(8)
+            ]
+        folder = Path(source)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise ValueError(f"--input-data {source}: no .png or .jpg files there")
+        return [pb.ClassifyRequest(model=options.model, image=p.read_bytes()) for p in files]
+
+    def call(self, request, timeout: float) -> Outcome:
+        start = time.perf_counter_ns()
+        try:
+            self.stub.Classify(request, timeout=timeout)
+            code = "OK"
+        except grpc.RpcError as err:
+            code = _code(err)
+        return Outcome(code, (time.perf_counter_ns() - start) // 1000)
+
+
+class _Stream:
+    """A server-streaming RPC whose messages carry `text`; the last one the counts."""
+
+    streaming = True
+    method = ""
+
+    def __init__(self, channel: grpc.Channel):
+        self.rpc = getattr(pb_grpc.InferenceStub(channel), self.method)
+
+    @staticmethod
+    def tokens_in(response) -> int:
+        raise NotImplementedError
+
+    def call(self, request, timeout: float) -> Outcome:
+        start = last = time.perf_counter_ns()
+        first, tokens, messages, gaps, final = None, 0, 0, [], None
+        try:
+            for response in self.rpc(request, timeout=timeout):
+                now = time.perf_counter_ns()
+                n = self.tokens_in(response)
+                if n:
+                    if first is None:
+                        first = now
+                    else:
+                        gaps.append((now - last) // 1000)
+                    last, tokens, messages = now, tokens + n, messages + 1
+                if response.finish_reason:
+                    final = response
+            code = "OK"
+        except grpc.RpcError as err:
+            code = _code(err)
+        end = time.perf_counter_ns()
+        if final is not None:
+            tokens = max(tokens, final.completion_tokens)  # the server counts EOS too
+        ttft = None if first is None else (first - start) // 1000
+        return Outcome(code, (end - start) // 1000, ttft, tokens, messages, gaps)
+
+
+class Generate(_Stream):
+    name, method = "generate", "Generate"
+    request_type = pb.GenerateRequest
+
+    @staticmethod
+    def tokens_in(response) -> int:
+        return len(response.text)  # character-level models: a character is a token
+
+    @staticmethod
+    def requests(options, channel: grpc.Channel) -> list[pb.GenerateRequest]:
+        if options.prompts_file:
+            text = Path(options.prompts_file).read_text()
+            prompts = [line.replace("\\n", "\n") for line in text.splitlines()]
+        else:
+            prompts = BUILT_IN_PROMPTS
+        sampling = {
+            "max_tokens": options.max_tokens,
+            "temperature": options.temperature,
+            "top_k": options.top_k,
+            "top_p": options.top_p,
+        }
+        sampling = {k: v for k, v in sampling.items() if v is not None}
+        rng = random.Random(options.seed)
+        return [
+            pb.GenerateRequest(
+                model=options.model,
+                prompt=prompt,
+                seed=options.seed if options.seed is not None else rng.getrandbits(63),
+                **sampling,
+            )
+            for prompt in prompts
+        ]
+
+
+class Caption(_Stream):
+    name, method = "caption", "Caption"
+    request_type = pb.CaptionRequest
+
+    @staticmethod
+    def tokens_in(response) -> int:
+        return 1 if response.text else 0  # one word per message
+
+    @staticmethod
+    def requests(options, channel: grpc.Channel) -> list[pb.CaptionRequest]:
+        from training.data.scenes import make_scenes  # Pillow only: no torch
+
+        extra = {"max_length": options.max_length} if options.max_length else {}
+        return [
+            pb.CaptionRequest(model=options.model, image=_png(image), **extra)
+            for image, _, _ in make_scenes(16, seed=options.seed or 0)
+        ]
+
+
+RPCS = {cls.name: cls for cls in (Classify, Generate, Caption)}
+DEFAULT_MODELS = {"classify": "lenet5", "generate": "char_lstm", "caption": "captioner"}

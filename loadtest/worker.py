@@ -1,0 +1,172 @@
+"""One load-generating process: closed loop (N requests outstanding) or open loop
+(requests sent at a rate, constant or Poisson), cut into windows on a shared clock.
+
+Windows are aligned across workers by wall-clock time: window k of a level covers
+[start + warmup + k * window_s, ... + window_s). A request counts in the window in
+which it completes (as perf_analyzer counts), so every window is closed as soon as
+its end has passed. Each finished window is put on the result queue as plain data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import resource
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from loadtest.rpcs import RPCS
+from loadtest.stats import Window
+
+DELAY_TOLERANCE_US = 10_000  # an open-loop send this late counts as delayed
+MAX_OUTSTANDING = 1024  # open loop: past this many in flight, a send is dropped
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one worker does for one level."""
+
+    target: str
+    rpc: str
+    requests: list[bytes]  # the serialized request messages, sent round-robin
+    start: float  # time.time() of the level's start, shared by all workers
+    warmup_s: float
+    window_s: float
+    max_windows: int
+    timeout_s: float
+    concurrency: int = 0  # closed loop: requests outstanding in this worker
+    rate: float = 0.0  # open loop: requests per second from this worker
+    arrivals: str = "constant"  # or "poisson"
+    seed: int = 0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _Collector:
+    """Completed requests sorted into windows by completion time."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.measure_start = plan.start + plan.warmup_s
+        self.windows: dict[int, Window] = {}
+        self.lock = threading.Lock()
+
+    def index(self, t: float) -> int:
+        return int((t - self.measure_start) // self.plan.window_s)
+
+    def window(self, k: int) -> Window:
+        if k not in self.windows:
+            self.windows[k] = Window(seconds=self.plan.window_s)
+        return self.windows[k]
+
+    def record(self, outcome) -> None:
+        k = self.index(time.time())
+        if 0 <= k < self.plan.max_windows:
+            with self.lock:
+                self.window(k).record(outcome)
+
+    def sent(self, delay_us: float) -> None:
+        k = self.index(time.time())
+        if 0 <= k < self.plan.max_windows:
+            with self.lock:
+                window = self.window(k)
+                window.sent += 1
+                window.delayed += delay_us > DELAY_TOLERANCE_US
+
+    def take(self, k: int) -> Window:
+        with self.lock:
+            return self.windows.pop(k, None) or Window(seconds=self.plan.window_s)
+
+
+def run(plan: Plan, results, stop) -> None:
+    """Generate load until `stop` is set or the last window ends; put each window on
+    `results` as ("window", k, data), then ("done", None, None)."""
+    channel = grpc.insecure_channel(plan.target)
+    rpc = RPCS[plan.rpc](channel)
+    collector = _Collector(plan)
+    messages = [rpc.request_type.FromString(data) for data in plan.requests]
+    next_request = itertools.cycle(messages).__next__
+    end = collector.measure_start + plan.window_s * plan.max_windows
+    lock = threading.Lock()
+
+    def one(intended: float | None = None) -> None:
+        with lock:
+            request = next_request()
+        if intended is not None:
+            collector.sent((time.time() - intended) * 1e6)
+        else:
+            collector.sent(0)
+        collector.record(rpc.call(request, plan.timeout_s))
+
+    def closed_loop() -> None:
+        while not stop.is_set() and time.time() < end:
+            one()
+
+    threads: list[threading.Thread] = []
+    pool = None
+    if plan.concurrency:
+        threads = [
+            threading.Thread(target=closed_loop, daemon=True) for _ in range(plan.concurrency)
+        ]
+    else:
+        pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="send")
+        threads = [
+            threading.Thread(target=_open_loop, args=(plan, pool, one, stop, end), daemon=True)
+        ]
+    for t in threads:
+        t.start()
+
+    cpu = _cpu_seconds()
+    for k in range(plan.max_windows):
+        boundary = collector.measure_start + (k + 1) * plan.window_s
+        if k == 0:  # the warm-up's CPU is not the first window's
+            stop.wait(max(0.0, collector.measure_start - time.time()))
+            cpu = _cpu_seconds()
+        if stop.wait(max(0.0, boundary - time.time())):
+            break
+        window = collector.take(k)
+        now_cpu = _cpu_seconds()
+        window.loadgen_cpu_s, cpu = now_cpu - cpu, now_cpu
+        results.put(("window", k, window.encode()))
+    results.put(("done", None, None))
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+    channel.close()
+
+
+def _open_loop(plan: Plan, pool: ThreadPoolExecutor, one, stop, end: float) -> None:
+    rng = random.Random(plan.seed)
+    outstanding = threading.Semaphore(MAX_OUTSTANDING)
+    t = plan.start
+    while not stop.is_set():
+        t += rng.expovariate(plan.rate) if plan.arrivals == "poisson" else 1.0 / plan.rate
+        if t >= end:
+            return
+        delay = t - time.time()
+        if delay > 0 and stop.wait(delay):
+            return
+        if not outstanding.acquire(blocking=False):
+            continue  # the server cannot keep up; counted as not sent
+
+        def task(intended=t):
+            try:
+                one(intended)
+            finally:
+                outstanding.release()
+
+        pool.submit(task)
+
+
+def process_main(plan: Plan, results, stop) -> None:
+    """Entry point of a worker process."""
+    try:
+        run(plan, results, stop)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which says it in one line
+        results.put(("error", None, f"{type(exc).__name__}: {exc}"))
