@@ -24,6 +24,8 @@ from loadtest.stats import Window
 
 DELAY_TOLERANCE_US = 10_000  # an open-loop send this late counts as delayed
 MAX_OUTSTANDING = 1024  # open loop: past this many in flight, a send is dropped
+OPEN_LOOP_CONNECTIONS = 32
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels share no connection
 
 
 @dataclass(frozen=True)
@@ -88,33 +90,38 @@ class _Collector:
 def run(plan: Plan, results, stop) -> None:
     """Generate load until `stop` is set or the last window ends; put each window on
     `results` as ("window", k, data), then ("done", None, None)."""
-    channel = grpc.insecure_channel(plan.target)
-    rpc = RPCS[plan.rpc](channel)
+    # A connection per closed-loop thread (and a pool of them for the open loop), as
+    # separate clients would have: servers cap the streams one connection may hold.
+    channels = [
+        grpc.insecure_channel(plan.target, options=OWN_CONNECTION)
+        for _ in range(plan.concurrency or OPEN_LOOP_CONNECTIONS)
+    ]
+    rpcs = [RPCS[plan.rpc](channel) for channel in channels]
     collector = _Collector(plan)
-    messages = [rpc.request_type.FromString(data) for data in plan.requests]
+    messages = [rpcs[0].request_type.FromString(data) for data in plan.requests]
     next_request = itertools.cycle(messages).__next__
+    next_rpc = itertools.cycle(rpcs).__next__
     end = collector.measure_start + plan.window_s * plan.max_windows
     lock = threading.Lock()
 
-    def one(intended: float | None = None) -> None:
+    def one(rpc=None, intended: float | None = None) -> None:
         with lock:
             request = next_request()
+            rpc = rpc or next_rpc()
         if intended is not None:
             collector.sent((time.time() - intended) * 1e6)
         else:
             collector.sent(0)
         collector.record(rpc.call(request, plan.timeout_s))
 
-    def closed_loop() -> None:
+    def closed_loop(rpc) -> None:
         while not stop.is_set() and time.time() < end:
-            one()
+            one(rpc)
 
     threads: list[threading.Thread] = []
     pool = None
     if plan.concurrency:
-        threads = [
-            threading.Thread(target=closed_loop, daemon=True) for _ in range(plan.concurrency)
-        ]
+        threads = [threading.Thread(target=closed_loop, args=(r,), daemon=True) for r in rpcs]
     else:
         pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="send")
         threads = [
@@ -138,7 +145,8 @@ def run(plan: Plan, results, stop) -> None:
     results.put(("done", None, None))
     if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
-    channel.close()
+    for channel in channels:
+        channel.close()
 
 
 def _open_loop(plan: Plan, pool: ThreadPoolExecutor, one, stop, end: float) -> None:
@@ -157,7 +165,7 @@ def _open_loop(plan: Plan, pool: ThreadPoolExecutor, one, stop, end: float) -> N
 
         def task(intended=t):
             try:
-                one(intended)
+                one(intended=intended)
             finally:
                 outstanding.release()
 

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-streams-per-connection",
         type=_positive,
         default=8,
-        help="concurrent streams one client connection may hold",
+        help="concurrent streams one client connection may hold (behind a proxy that "
+        "multiplexes clients onto few connections, raise it to --max-streams)",
     )
     p.add_argument(
         "--stream-stall-timeout",
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-concurrent-decodes",
         type=_positive,
         default=limits.max_concurrent_decodes,
-        help="images decoded at once; peak decode memory is about this x 5 bytes x pixels",
+        help="images decoded at once; peak decode memory is at most this x 8 bytes x pixels",
     )
     p.add_argument(
         "--drain-delay",

@@ -8,9 +8,11 @@ Decoding is bounded three ways, so a small request cannot make the process big:
   less than `REDUCING_GAP` times the model's input before alpha, colour or float
   conversions, so no full-resolution copy is made beyond the decoded 8-bit image;
 - `ImageDecoder` runs at most `max_concurrent_decodes` decodes at once, so peak
-  memory has a ceiling: about that many times `max_pixels` x 5 bytes (the decoded
-  8-bit image, at most 4 bytes a pixel, and the decoder's buffers; measured 82 MB for
-  a 4096x4096 RGBA PNG with transparency, the worst case).
+  memory has a ceiling: that many times `max_pixels` x 8 bytes. A decode holds the
+  decoded image in Pillow's storage (1 to 4 bytes a pixel) and strips of 1 megapixel;
+  measured at 4096x4096: 74 MB for RGBA PNG, 45 MB for 16-bit gray with a key, 5 MB
+  for baseline JPEG; progressive JPEG is the worst case, because libjpeg keeps every
+  DCT coefficient (2 bytes a sample): 52 MB for RGB, 132 MB for CMYK.
 
 Every sample depth a PNG or JPEG can hold (1, 2, 4, 8 and 16 bits) becomes the 8-bit
 image a model was trained on by scaling, never by clipping.
@@ -44,7 +46,8 @@ class ImageLimits:
     # 4096 x 4096: a 12-megapixel phone photo fits; our models read 32x32 and 64x64.
     max_pixels: int = 4096 * 4096
     max_concurrent_decodes: int = 2  # the cores of the machine we measure on
-    decode_wait_s: float = 10.0  # past this, a request waiting for a decoder is refused
+    # Past this, a request waiting for a decoder is refused: waiting holds an RPC thread.
+    decode_wait_s: float = 2.0
 
 
 def _sample_bits(image: Image.Image) -> int:
@@ -52,7 +55,7 @@ def _sample_bits(image: Image.Image) -> int:
     `load()`: "L;2" -> 2, "I;16B" / "RGB;16B" -> 16, otherwise 8."""
     if image.format != "PNG" or not image.tile:
         return 8
-    rawmode = image.tile[0].args
+    rawmode = image.tile[0][3]  # (codec, extents, offset, args) in every Pillow release
     rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
     _, _, bits = str(rawmode).partition(";")
     return int(bits.rstrip("BLN")) if bits.rstrip("BLN").isdigit() else 8
@@ -64,20 +67,26 @@ def _to_8bit(image: Image.Image, bits: int) -> Image.Image:
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit grayscale (PNG decodes to I;16, older Pillow to I): v * 257 is the
         # 8-bit twin of v, so the high byte is exact for it and rounds the rest.
-        samples = np.clip(np.asarray(image), 0, 65535).astype(np.uint16, copy=False)
+        samples = np.asarray(image)
+        if samples.dtype.kind != "u":  # mode I holds int32
+            samples = np.clip(samples, 0, 65535).astype(np.uint16)
         gray = Image.fromarray((samples >> 8).astype(np.uint8), "L")
         if isinstance(key, int):  # the tRNS key is a 16-bit value: match it exactly
-            alpha = Image.fromarray(np.where(samples == key, 0, 255).astype(np.uint8), "L")
-            return Image.merge("LA", (gray, alpha))
+            alpha = np.multiply(samples != key, 255, dtype=np.uint8)
+            return Image.merge("LA", (gray, Image.fromarray(alpha, "L")))
         return gray
     if image.mode == "F":  # float samples in [0, 1] (no PNG or JPEG decodes to it)
         samples = np.nan_to_num(np.asarray(image), nan=0.0)
         return Image.fromarray((np.clip(samples, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
-    if key is not None and bits != 8 and image.mode in ("L", "RGB"):
+    if key is not None and (bits != 8 or image.mode == "1") and image.mode in ("1", "L", "RGB"):
         info = dict(image.info)
-        if bits < 8:  # Pillow scales 1/2/4-bit gray to 0..255 but leaves the key raw
+        if image.mode == "1":  # Pillow releases differ: the key as 0/1 or as 0/255
+            info["transparency"] = 255 if key else 0
+        elif bits < 8:  # Pillow scales 1/2/4-bit gray to 0..255 but leaves the key raw
             info["transparency"] = key * 255 // (2**bits - 1)
-        else:  # 16-bit RGB and its key were cut to the high byte: cut the key the same way
+        else:
+            # 16-bit RGB reaches us cut to the high byte (Pillow's decoder), so its key is
+            # cut the same way: approximate, pixels sharing the key's high bytes match too.
             info["transparency"] = tuple(v >> 8 for v in key)
         image.info = info
     return image
@@ -99,34 +108,43 @@ def _reducible(image: Image.Image) -> Image.Image:
 Box = tuple[float, float, float, float]
 
 
-def reduce_for(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, Box | None]:
-    """Reduce by the largest whole factor that keeps REDUCING_GAP x `size` (w, h).
+def reduce_for(
+    image: Image.Image, size: tuple[int, int], bits: int = 8
+) -> tuple[Image.Image, Box | None]:
+    """The image in 8 bits, reduced by the largest whole factor that keeps
+    REDUCING_GAP x `size` (w, h); `bits` as `_sample_bits` read them.
 
     Returns the image and the box the original covers in it (a partial last block
     makes the reduced image slightly larger than original / factor), for the final
-    resize, or None when nothing was reduced. Colours are averaged premultiplied by
-    alpha, so transparent pixels' hidden colours do not bleed into the result.
+    resize, or None when nothing was reduced.
     """
     factor = int(min(image.width / size[0], image.height / size[1]) / REDUCING_GAP)
     if factor < 2:
-        return image, None
+        return _to_8bit(image, bits), None
     box = (0.0, 0.0, image.width / factor, image.height / factor)
-    image = _reducible(image)
-    premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(image.mode)
-    if premultiplied:  # Pillow's own reduce would premultiply a full-size copy
-        return _reduce_premultiplied(image, factor, premultiplied), box
-    return image.reduce(factor), box
+    return _reduce_in_strips(image, factor, bits), box
 
 
-def _reduce_premultiplied(image: Image.Image, factor: int, mode: str) -> Image.Image:
-    """`image.convert(mode).reduce(factor).convert(image.mode)`, in strips of whole
-    blocks, so the premultiplied copy never exists at full resolution."""
-    out = Image.new(mode, (-(-image.width // factor), -(-image.height // factor)))
+def _reduce_in_strips(image: Image.Image, factor: int, bits: int) -> Image.Image:
+    """Depth, palette, key and alpha conversions and the reduction, a strip of whole
+    blocks at a time, so no converted copy of the image exists at full resolution.
+    Colours are averaged premultiplied by alpha (as Pillow's `reduce` does, on a
+    full-size copy), so transparent pixels' hidden colours do not bleed in."""
+    out = None
     rows = max(1, STRIP_PIXELS // (image.width * factor)) * factor
     for top in range(0, image.height, rows):
         strip = image.crop((0, top, image.width, min(image.height, top + rows)))
-        out.paste(strip.convert(mode).reduce(factor), (0, top // factor))
-    return out.convert(image.mode)
+        strip = _reducible(_to_8bit(strip, bits))
+        premultiplied = {"RGBA": "RGBa", "LA": "La"}.get(strip.mode)
+        if premultiplied:
+            small = strip.convert(premultiplied).reduce(factor).convert(strip.mode)
+        else:
+            small = strip.reduce(factor)
+        if out is None:
+            size = (-(-image.width // factor), -(-image.height // factor))
+            out = Image.new(small.mode, size)
+        out.paste(small, (0, top // factor))
+    return out
 
 
 def decode_image(
@@ -134,7 +152,8 @@ def decode_image(
 ) -> Image.Image:
     """Decode PNG or JPEG bytes fully to an 8-bit image; anything else is
     INVALID_ARGUMENT naming the field."""
-    return _decode(data, field, limits, None)
+    image, bits = _decode(data, field, limits, None)
+    return _to_8bit(image, bits)
 
 
 def decode_reduced(
@@ -143,12 +162,14 @@ def decode_reduced(
     """Decode for a model input of `size` (w, h): JPEG at a reduced scale, then any
     image reduced by whole factors, never below REDUCING_GAP x size. Returns the image
     and the box for the final resize (see `reduce_for`)."""
-    return reduce_for(_decode(data, field, limits, size), size)
+    image, bits = _decode(data, field, limits, size)
+    return reduce_for(image, size, bits)
 
 
 def _decode(
     data: bytes, field: str, limits: ImageLimits, size: tuple[int, int] | None
-) -> Image.Image:
+) -> tuple[Image.Image, int]:
+    """The decoded image as Pillow gives it, and its bits per sample in the file."""
     check_encoded(data, field, limits)
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
@@ -167,7 +188,7 @@ def _decode(
         image.load()
     except Exception as exc:  # noqa: BLE001
         raise _undecodable(field, exc) from None
-    return _to_8bit(image, bits)
+    return image, bits
 
 
 def check_encoded(data: bytes, field: str, limits: ImageLimits) -> None:

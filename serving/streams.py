@@ -127,12 +127,18 @@ class StreamSlots:
         return len(stalled)
 
     def _watch(self) -> None:
+        """Check for stalls while any stream is live; exit when none is (the next
+        admitted stream starts a new watchdog), so an idle server holds no thread."""
         interval = min(1.0, max(0.05, self.stall_timeout_s / 4))
         while not self._stopped.wait(interval):
             try:
                 self.check_stalls()
             except Exception:  # noqa: BLE001 - the watchdog must outlive any one stream
                 log.exception("stream watchdog")
+            with self._lock:
+                if not self._live:
+                    self._watchdog = None
+                    return
 
     def close(self) -> None:
         self._stopped.set()

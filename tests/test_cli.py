@@ -111,7 +111,7 @@ def _health(target: str) -> int:
 def test_sigterm_turns_health_not_serving_while_the_port_still_answers(repository):
     """Load balancers must see NOT_SERVING: the old shutdown refused every new
     connection within 0.5 s, so the state was never observable."""
-    proc, target = start_server(repository, "--drain-delay", "5", "--grace-period", "5")
+    proc, target = start_server(repository, "--drain-delay", "10", "--grace-period", "5")
     with grpc.insecure_channel(target) as old_channel:
         stub = pb_grpc.InferenceStub(old_channel)
         assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models
@@ -125,9 +125,9 @@ def test_sigterm_turns_health_not_serving_while_the_port_still_answers(repositor
         assert stub.ListModels(pb.ListModelsRequest(), timeout=5).models
         with StepwiseClient(target, timeout=5) as fresh:
             assert "".join(fresh.generate("KING.\n", max_tokens=3, seed=1))
-        assert time.monotonic() - start < 5  # all of it inside the drain delay
+        assert time.monotonic() - start < 10  # all of it inside the drain delay
     assert proc.wait(timeout=30) == 0
-    assert time.monotonic() - start >= 5  # it waited out the drain delay
+    assert time.monotonic() - start >= 10  # it waited out the drain delay
     log = proc.stdout.read()
     assert "loaded lenet5 version 1 (classifier) on CPUExecutionProvider" in log
     assert "shutting down: NOT_SERVING" in log and "stopped" in log

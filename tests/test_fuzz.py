@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import struct
 from collections import Counter
 
 import grpc
@@ -27,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from pngs import GRAY, RGB, write_png
 
 from export.__main__ import export_checkpoint
 from serving._proto.stepwise.v1 import inference_pb2 as pb
@@ -104,21 +106,35 @@ def models(draw, name: str) -> str:
 
 @st.composite
 def images(draw) -> bytes:
-    """Valid PNG/JPEG in many modes and sizes, damaged ones, and noise."""
-    kind = draw(st.sampled_from(["png", "png", "jpeg", "damaged", "noise"]))
+    """Valid PNG/JPEG in many modes, depths and sizes (big enough to be reduced),
+    with and without transparency keys, damaged ones, and noise."""
+    kind = draw(st.sampled_from(["png", "png", "jpeg", "deep", "damaged", "noise"]))
     if kind == "noise":
         return draw(st.binary(max_size=300))
+    w, h = draw(st.integers(1, 300)), draw(st.integers(1, 300))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    if kind == "deep":  # 16-bit gray or RGB, perhaps with a tRNS key
+        color = draw(st.sampled_from([GRAY, RGB]))
+        samples = rng.integers(0, 65536, (h, w, 1 if color == GRAY else 3))
+        key = draw(st.one_of(st.none(), st.integers(0, 65535)))
+        channels = 1 if color == GRAY else 3
+        trns = None if key is None else struct.pack(">" + "H" * channels, *[key] * channels)
+        return write_png(samples, color, 16, transparency=trns)
     mode = draw(st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "CMYK"]))
     if kind == "jpeg" and mode not in ("L", "RGB", "CMYK"):
         mode = "RGB"
     if kind != "jpeg" and mode == "CMYK":
         mode = "RGBA"
-    w, h = draw(st.integers(1, 90)), draw(st.integers(1, 90))
-    seed = draw(st.integers(0, 2**16))
-    pixels = np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+    pixels = rng.integers(0, 256, (h, w), dtype=np.uint8)
     image = Image.fromarray(pixels, "L").convert(mode)
+    extra = {}
+    if kind != "jpeg" and mode in ("L", "P", "RGB") and draw(st.booleans()):
+        extra["transparency"] = (0, 0, 0) if mode == "RGB" else 0  # a tRNS key
     buf = io.BytesIO()
-    image.save(buf, "JPEG" if kind == "jpeg" else "PNG")
+    if kind == "jpeg":
+        image.save(buf, "JPEG", progressive=draw(st.booleans()))
+    else:
+        image.save(buf, "PNG", **extra)
     data = bytearray(buf.getvalue())
     if kind == "damaged":
         for _ in range(draw(st.integers(1, 4))):

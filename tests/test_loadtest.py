@@ -48,8 +48,9 @@ def test_generate_reports_token_figures(target, tmp_path):
     prompts.write_text("KING.\\n\nQUEEN.\\nGood night\n")
     status, results = _run(tmp_path, "--target", target, "--rpc", "generate",
                            "--prompts-file", str(prompts), "--max-tokens", "12",
-                           "--concurrency", "2")  # fmt: skip
+                           "--concurrency", "10")  # fmt: skip
     (level,) = results["levels"]
+    # 10 streams, more than one connection may hold (8): each has a connection of its own.
     assert status == 0 and level["errors"] == {} and level["successes"] > 0
     assert level["tokens_per_s"] == pytest.approx(12 * level["successes"] / level["seconds"])
     assert level["ttft_us"]["p50"] <= level["latency_us"]["p50"]

@@ -94,11 +94,11 @@ class NeverReads:
 
 @pytest.fixture()
 def guarded(repository):
-    """A server with 4 stream slots, 2 per connection, a 1 s stall timeout, and a
+    """A server with 4 stream slots, 2 per connection, a 2 s stall timeout, and a
     language model slowed to 5 ms a step (a 4000-token stream takes 20 s)."""
     config = ServerConfig(
         repository, port=0, device="cpu", max_workers=8, max_streams=4,
-        max_streams_per_connection=2, stream_stall_timeout_s=1.0,
+        max_streams_per_connection=2, stream_stall_timeout_s=2.0,
     )  # fmt: skip
     server, port = create_server(config)
     model = server.registry.models["char_lstm"]

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             "".join(client.generate("The ", args.language_model, max_tokens=8))
             print(f"server pid {server.pid}, {' '.join(cmd[1:])}")
             print(f"idle RSS after one request of each kind: "
-                  f"{proc_status(server.pid)['VmRSS'] / MB:.0f} MB")  # fmt: skip
+                  f"{proc_status(server.pid)['VmRSS'] / MB:.0f} MiB")  # fmt: skip
             alphabet = "".join(sorted(set(" the quick brown fox jumps over the lazy dog.\n")))
             prompt = (alphabet * (args.prompt_chars // len(alphabet) + 1))[: args.prompt_chars]
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 stub = pb_grpc.InferenceStub(channels[i])
                 return status_of(lambda: list(stub.Generate(request, timeout=120)))
 
-            print("| burst | round | RSS before (MB) | peak (MB) | after (MB) | s | statuses |")
+            print("| burst | round | RSS before (MiB) | peak (MiB) | after (MiB) | s | statuses |")
             print("| --- | --- | --- | --- | --- | --- | --- |")
             for round_ in range(1, args.rounds + 1):
                 rows = []
