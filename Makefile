@@ -58,8 +58,8 @@ LM_SRC := $(COMMON_SRC) training/train_lm.py training/data/shakespeare.py
 CAPTION_SRC := $(COMMON_SRC) training/captioner.py training/caption_metrics.py \
 	training/train_captioner.py training/data/scenes.py
 
-.PHONY: setup models quality run run-full test fuzz evaluate evaluate-full model-card lint protos \
-	clean
+.PHONY: setup models quality run run-full test fuzz bench bench-quick evaluate evaluate-full \
+	model-card lint protos clean
 
 setup: $(STAMP)
 
@@ -103,6 +103,14 @@ fuzz: setup
 	STEPWISE_FUZZ_EXAMPLES=2500 STEPWISE_FUZZ_RANDOM=1 STEPWISE_FUZZ_REPORT=fuzz-report.json \
 		$(PY) -m pytest -q tests/test_fuzz.py; status=$$?; \
 		cat fuzz-report.json; exit $$status
+
+# Side by side, one run: the in-process limit, the transport ceiling, stepwise served, the
+# PyTorch eager baseline, step-wise against recompute; writes docs/BENCHMARKS.md.
+bench: models
+	$(PY) -m bench
+
+bench-quick: models
+	$(PY) -m bench --quick
 
 evaluate: models
 	$(PY) tools/evaluate_served.py --model-repository $(REPO)

@@ -333,7 +333,22 @@ def summarize(level: dict, windows: list[Window], args) -> dict:
         figures["server_cpu_s_per_1k_tokens"] = (
             round(1000 * cpu / total.tokens, 4) if total.tokens else None
         )
+    figures["window_figures"] = [_window_figures(w) for w in windows]
     return figures
+
+
+def _window_figures(w: Window) -> dict:
+    """What one window saw, for judging stability and the server's cost over time."""
+    cpu = getattr(w, "server_cpu_s", None)
+    return {
+        "throughput_rps": round(w.throughput(), 2),
+        "latency_p95_us": w.percentile_us("latency", 95) if w.successes else None,
+        "tokens_per_s": round(w.tokens / w.seconds, 1) if w.seconds else 0.0,
+        "errors": {k: v for k, v in sorted(w.codes.items()) if k != "OK"},
+        "loadgen_cpu_cores": round(w.loadgen_cpu_s / w.seconds, 3) if w.seconds else 0.0,
+        "server_cpu_s_per_request": round(cpu / w.requests, 6) if cpu and w.requests else None,
+        "server_cpu_s_per_1k_tokens": round(1000 * cpu / w.tokens, 4) if cpu and w.tokens else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Every adapter talks through the generated stubs only (the wire contract), never
 serving's internals. To add an RPC (a KServe `infer`, say), write one class with
 `name`, `streaming`, `request_type`, `requests(options, channel)` and
-`call(request, timeout)`, and add it to `RPCS`.
+`call(request, timeout, on_tokens)`, and add it to `RPCS`.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Classify:
             raise ValueError(f"--input-data {source}: no .png or .jpg files there")
         return [pb.ClassifyRequest(model=options.model, image=p.read_bytes()) for p in files]
 
-    def call(self, request, timeout: float) -> Outcome:
+    def call(self, request, timeout: float, on_tokens=None) -> Outcome:
         start = time.perf_counter_ns()
         try:
             self.stub.Classify(request, timeout=timeout)
@@ -131,13 +131,16 @@ class _Stream:
     def tokens_in(response) -> int:
         raise NotImplementedError
 
-    def call(self, request, timeout: float) -> Outcome:
+    def call(self, request, timeout: float, on_tokens=None) -> Outcome:
+        """One stream, timed; `on_tokens(n)` is called as each output message arrives."""
         start = last = time.perf_counter_ns()
         first, tokens, messages, gaps, final = None, 0, 0, [], None
         try:
             for response in self.rpc(request, timeout=timeout):
                 now = time.perf_counter_ns()
                 n = self.tokens_in(response)
+                if n and on_tokens is not None:
+                    on_tokens(n)
                 if n:
                     if first is None:
                         first = now

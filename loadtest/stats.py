@@ -27,8 +27,8 @@ class Window:
 
     seconds: float = 0.0  # wall time the window covered
     codes: Counter = field(default_factory=Counter)  # status name -> completed requests
-    tokens: int = 0
-    messages: int = 0
+    tokens: int = 0  # streams: output tokens whose messages arrived in the window
+    messages: int = 0  # ... and those messages
     sent: int = 0  # requests started in the window (open loop: compare with the target)
     delayed: int = 0  # open loop: sends more than DELAY_TOLERANCE_US late
     loadgen_cpu_s: float = 0.0  # the workers' own CPU time in the window
@@ -36,7 +36,14 @@ class Window:
         default_factory=lambda: {name: new_histogram() for name in HISTOGRAMS}
     )
 
+    def add_tokens(self, tokens: int) -> None:
+        """One output message of `tokens` tokens arrived (counted when it arrives, so a
+        stream longer than a window still counts in every window it delivers in)."""
+        self.tokens += tokens
+        self.messages += 1
+
     def record(self, outcome) -> None:
+        """A finished request: its status, and its latencies when it succeeded."""
         self.codes[outcome.code] += 1
         if outcome.code != "OK":
             return
@@ -44,8 +51,6 @@ class Window:
         h["latency"].record_value(_clamp(outcome.latency_us))
         if outcome.ttft_us is not None:
             h["ttft"].record_value(_clamp(outcome.ttft_us))
-            self.tokens += outcome.tokens
-            self.messages += outcome.messages
             if outcome.tokens > 1:  # genai-perf's inter-token latency
                 itl = (outcome.latency_us - outcome.ttft_us) / (outcome.tokens - 1)
                 h["itl"].record_value(_clamp(itl))

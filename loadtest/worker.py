@@ -82,6 +82,12 @@ class _Collector:
                 window.sent += 1
                 window.delayed += delay_us > DELAY_TOLERANCE_US
 
+    def tokens(self, n: int) -> None:
+        k = self.index(time.time())
+        if 0 <= k < self.plan.max_windows:
+            with self.lock:
+                self.window(k).add_tokens(n)
+
     def take(self, k: int) -> Window:
         with self.lock:
             return self.windows.pop(k, None) or Window(seconds=self.plan.window_s)
@@ -112,7 +118,7 @@ def run(plan: Plan, results, stop) -> None:
             collector.sent((time.time() - intended) * 1e6)
         else:
             collector.sent(0)
-        collector.record(rpc.call(request, plan.timeout_s))
+        collector.record(rpc.call(request, plan.timeout_s, collector.tokens))
 
     def closed_loop(rpc) -> None:
         while not stop.is_set() and time.time() < end:

@@ -1,0 +1,1 @@
+"""Benchmarks: stepwise against its limits (python -m bench). Never imported by serving/."""

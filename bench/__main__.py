@@ -1,0 +1,252 @@
+"""python -m bench [--quick]: stepwise against its limits, side by side, in one run.
+
+- the limit: each default model's graphs in process on ONNX Runtime;
+- the transport ceiling: the same service answering at once (bench.echo_server);
+- stepwise served: `python -m serving`, measured by `python -m loadtest`;
+- the baseline: the same PyTorch models in eager mode behind a plain servicer
+  (bench.baseline_server);
+- step-wise against recompute: a step graph with carried state against re-running
+  the prefix for every token.
+
+Writes the tables, with ratios from this one run, between the markers in
+docs/BENCHMARKS.md, copies the plots to docs/bench/, and keeps the raw results under
+bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import onnxruntime
+
+from bench import inprocess
+from loadtest.__main__ import main as loadtest
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+STEP_MODELS = ["char_lstm", "char_gru", "char_rnn", "captioner"]
+CLASSIFIERS = ["lenet5", "resnet18", "seq_digits"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process on a loopback port, ready when its port accepts gRPC."""
+
+    def __init__(self, name: str, argv: list[str], log: Path):
+        self.name, self.port = name, free_port()
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", *argv, "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.target = f"127.0.0.1:{self.port}"
+        with grpc.insecure_channel(self.target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=180)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "grpcio": grpc.__version__,
+    }
+
+
+def load(server: Server, name: str, out: Path, argv: list[str], timing: list[str]) -> list[dict]:
+    """One loadtest sweep against a server; its levels."""
+    directory = out / name
+    command = [
+        "--target",
+        server.target,
+        "--server-pid",
+        str(server.proc.pid),
+        "--output-dir",
+        str(directory),
+        "--quiet",
+        *timing,
+        *argv,
+    ]
+    print(f"  {name}: python -m loadtest {' '.join(command)}", flush=True)
+    loadtest(command)
+    results = json.loads((directory / "results.json").read_text())
+    for level in results["levels"]:
+        level["command"] = "python -m loadtest " + " ".join(argv)
+    return results["levels"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer levels, shorter windows")
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    p.add_argument("--doc", type=Path, default=Path("docs/BENCHMARKS.md"))
+    p.add_argument("--results", type=Path, default=Path("bench/results"))
+    p.add_argument(
+        "--render",
+        type=Path,
+        metavar="BENCH_JSON",
+        help="only rewrite the document from an earlier run's bench.json",
+    )
+    args = p.parse_args(argv)
+    if args.render:
+        from bench.document import write
+
+        write(json.loads(args.render.read_text()), args.doc, args.render.parent)
+        return 0
+    quick, repo = args.quick, args.model_repository
+    out = args.results / ("quick" if quick else "full")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    started = time.time()
+    report = {
+        "machine": machine(),
+        "quick": quick,
+        "command": "make bench-quick" if quick else "make bench",
+    }
+
+    print("the limit: graphs in process", flush=True)
+    seconds = 0.3 if quick else 1.5
+    report["limit_steps"] = [
+        row
+        for m in STEP_MODELS
+        if (repo / m / "1").is_dir()
+        for row in inprocess.step_graph(repo / m / "1", [1, 8, 32, 64], seconds)
+    ]
+    report["limit_classifiers"] = [
+        row
+        for m in CLASSIFIERS
+        if (repo / m / "1").is_dir()
+        for row in inprocess.classifier(repo / m / "1", [1, 32], seconds)
+    ]
+    print("step-wise against recompute", flush=True)
+    report["recompute"] = inprocess.step_vs_recompute(
+        repo / "char_lstm" / "1", [64, 256] if quick else [64, 256, 1024]
+    )
+
+    # The load of each sweep (python -m loadtest flags); quick: fewer levels, shorter.
+    unary = "--duration 1.5 --warmup 0.5" if quick else "--duration 5 --warmup 1"
+    stream = "--duration 3 --warmup 1" if quick else "--duration 12 --warmup 3"
+    c_unary = "1,8" if quick else "1,8,32"
+    c_stream = "1,4" if quick else "1,4,16,64"
+    c_caption = "1,4" if quick else "1,4,16"
+    tokens = "64" if quick else "256"
+    unary, stream = unary.split(), stream.split()
+
+    def classify(model: str, data: str) -> list[str]:
+        return (
+            f"--rpc classify --model {model} --input-data {data} --concurrency {c_unary} "
+            "--workers 2".split()
+        )
+
+    generate = (
+        f"--rpc generate --model char_lstm --concurrency {c_stream} --max-tokens "
+        f"{tokens} --temperature 0.8 --workers 2".split()
+    )
+    caption = f"--rpc caption --concurrency {c_caption} --workers 2".split()
+    runs = {}
+    servers = []
+    try:
+        flags = "--device cpu --max-streams 64 --max-workers 96 --max-streams-per-connection 64"
+        served = Server(
+            "stepwise",
+            ["serving", "--model-repository", str(repo), *flags.split()],
+            out / "stepwise.log",
+        )
+        servers.append(served)
+        print("stepwise served", flush=True)
+        runs["served classify lenet5 PNG"] = load(
+            served, "served_lenet5_png", out, classify("lenet5", "digits"), unary
+        )
+        runs["served classify lenet5 tensor"] = load(
+            served, "served_lenet5_tensor", out, classify("lenet5", "tensor"), unary
+        )
+        runs["served classify resnet18 PNG"] = load(
+            served, "served_resnet18_png", out, classify("resnet18", "digits"), unary
+        )
+        runs["served classify resnet18 tensor"] = load(
+            served, "served_resnet18_tensor", out, classify("resnet18", "tensor"), unary
+        )
+        runs["served generate char_lstm"] = load(served, "served_generate", out, generate, stream)
+        if (repo / "captioner").is_dir():
+            runs["served caption"] = load(served, "served_caption", out, caption, unary)
+        served.stop()
+        servers.remove(served)
+
+        echo = Server("echo", ["bench.echo_server"], out / "echo.log")
+        servers.append(echo)
+        print("the transport ceiling", flush=True)
+        runs["transport classify"] = load(
+            echo, "echo_classify", out, classify("echo", "digits"), unary
+        )
+        runs["transport generate"] = load(echo, "echo_generate", out, generate, stream)
+        echo.stop()
+        servers.remove(echo)
+
+        if all(
+            (args.checkpoints / f"{m}.pt").is_file() for m in ("lenet5", "resnet18", "char_lstm")
+        ):
+            base = Server(
+                "baseline",
+                ["bench.baseline_server", "--checkpoints", str(args.checkpoints)]
+                + ["--model-repository", str(repo)],
+                out / "baseline.log",
+            )
+            servers.append(base)
+            print("the PyTorch eager baseline", flush=True)
+            runs["baseline classify lenet5 PNG"] = load(
+                base, "baseline_lenet5_png", out, classify("lenet5", "digits"), unary
+            )
+            runs["baseline classify resnet18 PNG"] = load(
+                base, "baseline_resnet18_png", out, classify("resnet18", "digits"), unary
+            )
+            runs["baseline generate char_lstm"] = load(
+                base, "baseline_generate", out, generate, stream
+            )
+    finally:
+        for server in servers:
+            server.stop()
+    report["runs"] = runs
+    report["seconds"] = round(time.time() - started, 1)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    from bench.document import write
+
+    write(report, args.doc, out)
+    print(f"wrote {args.doc} and {out / 'bench.json'} in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

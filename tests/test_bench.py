@@ -1,0 +1,87 @@
+"""The benchmark's parts on tiny models: in-process timings, the echo server as the
+transport ceiling, and the ratios written into the document."""
+
+from __future__ import annotations
+
+import json
+from concurrent import futures
+
+import grpc
+import pytest
+
+from bench import document, inprocess
+from bench.echo_server import Echo
+from loadtest.__main__ import main as loadtest
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+
+
+def test_in_process_limits_and_recompute(repository):
+    steps = inprocess.step_graph(repository / "char_lstm" / "1", [1, 4], 0.05)
+    assert [(r["model"], r["batch"]) for r in steps] == [("char_lstm", 1), ("char_lstm", 4)]
+    assert all(r["tokens_per_s"] > 0 and r["us_per_call"] > 0 for r in steps)
+    images = inprocess.classifier(repository / "lenet5" / "1", [1, 8], 0.05)
+    assert [r["batch"] for r in images] == [1, 8] and all(r["images_per_s"] > 0 for r in images)
+    (row,) = inprocess.step_vs_recompute(repository / "char_lstm" / "1", [40])
+    assert row["tokens"] == 40 and row["stepwise_s"] > 0 and row["recompute_s"] > 0
+    assert row["speedup"] == pytest.approx(row["recompute_s"] / row["stepwise_s"], rel=0.1)
+
+
+@pytest.fixture()
+def echo_target():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    pb_grpc.add_InferenceServicer_to_server(Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_echo_server_streams_the_requested_tokens(echo_target, tmp_path):
+    flags = "--rpc generate --max-tokens 9 --concurrency 2 --duration 0.6 --warmup 0.2 --quiet"
+    argv = ["--target", echo_target, *flags.split(), "--output-dir", str(tmp_path)]
+    assert loadtest(argv) == 0
+    (level,) = json.loads((tmp_path / "results.json").read_text())["levels"]
+    assert level["successes"] > 0 and level["errors"] == {}
+    tokens = level["tokens_per_s"] * level["seconds"]  # by arrival: +- the 2 in flight
+    assert 9 * (level["successes"] - 2) <= tokens <= 9 * (level["successes"] + 2)
+    assert level["tokens_per_message"] == 1
+
+
+def test_document_ratios_come_from_the_same_run(tmp_path):
+    def level(c, rps, tokens=0.0):
+        return {"concurrency": c, "throughput_rps": rps, "tokens_per_s": tokens, "errors": {},
+                "latency_us": {"p50": 1000, "p99": 3000}, "server_cpu_s_per_request": 0.001,
+                "ttft_us": {"p50": 500}, "itl_us": {"p50": 100},
+                "server_cpu_s_per_1k_tokens": 0.5}  # fmt: skip
+
+    report = {
+        "machine": {"cpu": "test", "cores": 2, "python": "3", "onnxruntime": "1",
+                    "grpcio": "1"},
+        "command": "make bench", "seconds": 1.0,
+        "limit_steps": [{"model": "char_lstm", "batch": b, "us_per_call": 1,
+                         "tokens_per_s": t, "tokens_per_cpu_s": t}
+                        for b, t in ((1, 1000.0), (64, 10000.0))],
+        "limit_classifiers": [{"model": "lenet5", "batch": b, "us_per_call": 1,
+                               "images_per_s": t, "images_per_cpu_s": t}
+                              for b, t in ((1, 4000.0), (32, 8000.0))],
+        "recompute": [{"tokens": 64, "stepwise_s": 0.1, "recompute_s": 1.0, "speedup": 10.0}],
+        "runs": {
+            "served classify lenet5 PNG": [level(1, 400.0)],
+            "transport classify": [level(1, 2000.0)],
+            "baseline classify lenet5 PNG": [level(1, 100.0)],
+            "served generate char_lstm": [level(1, 2.0, 500.0)],
+            "transport generate": [level(1, 20.0, 5000.0)],
+            "baseline generate char_lstm": [level(1, 1.0, 250.0)],
+        },
+    }  # fmt: skip
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\nkept\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\ntail\n")
+    document.write(report, doc, tmp_path)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nkept") and text.endswith("tail\n") and "old" not in text
+    # lenet5 PNG, 1 client: 400/4000 of the limit at batch 1, 400/8000 at 32, 400/2000 of
+    # the transport, 400/100 of the baseline.
+    assert "| lenet5 PNG | 1 | 400 | 1.00 | 3.00 | 1.00 | 0.10x | 0.05x | 0.20x | 4.00x |" in text
+    # Generate, 1 stream: 500 tokens/s against 1000 (b1), 10000 (b64), 5000, 250.
+    assert "| 0.50x | 0.05x | 0.10x | 2.00x |" in text
+    assert "| 64 | 0.1 | 1.0 | 10.0x |" in text
