@@ -55,8 +55,15 @@ class Server:
             stderr=subprocess.STDOUT,
         )
         self.target = f"127.0.0.1:{self.port}"
+        deadline = time.time() + 180
         with grpc.insecure_channel(self.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=180)
+            ready = grpc.channel_ready_future(channel)
+            while not ready.done():
+                if self.proc.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    tail = log.read_text()[-2000:]
+                    raise RuntimeError(f"{name} server did not start; its log ends:\n{tail}")
+                time.sleep(0.2)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -100,8 +107,10 @@ def load(server: Server, name: str, out: Path, argv: list[str], timing: list[str
         *argv,
     ]
     print(f"  {name}: python -m loadtest {' '.join(command)}", flush=True)
-    loadtest(command)
+    status = loadtest(command)
     results = json.loads((directory / "results.json").read_text())
+    if status != 0:  # no half-measured level goes into the document unnoticed
+        raise RuntimeError(f"{name}: python -m loadtest failed: {results.get('error')}")
     for level in results["levels"]:
         level["command"] = "python -m loadtest " + " ".join(argv)
     return results["levels"]
@@ -112,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer levels, shorter windows")
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
-    p.add_argument("--doc", type=Path, default=Path("docs/BENCHMARKS.md"))
+    p.add_argument(
+        "--doc",
+        type=Path,
+        help="default docs/BENCHMARKS.md; with --quick, bench/results/quick/BENCHMARKS.md",
+    )
     p.add_argument("--results", type=Path, default=Path("bench/results"))
     p.add_argument(
         "--render",
@@ -121,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         help="only rewrite the document from an earlier run's bench.json",
     )
     args = p.parse_args(argv)
+    if args.doc is None:  # a quick run never overwrites the published figures
+        args.doc = (
+            args.results / "quick" / "BENCHMARKS.md" if args.quick else Path("docs/BENCHMARKS.md")
+        )
     if args.render:
         from bench.document import write
 

@@ -74,7 +74,7 @@ class Baseline(pb_grpc.InferenceServicer):
         tokens = torch.tensor([[eos, *(index[ch] for ch in request.prompt)]])
         with torch.no_grad():
             logits, state = model(tokens, model.init_state(1))
-            produced = 0
+            produced, finish = 0, "length"
             for produced in range(1, max_tokens + 1):  # noqa: B007 - reported below
                 scores = logits[0, -1]
                 if temperature == 0:
@@ -83,11 +83,12 @@ class Baseline(pb_grpc.InferenceServicer):
                     probs = torch.softmax(scores / temperature, dim=0)
                     token = int(torch.multinomial(probs, 1, generator=generator))
                 if token == eos:
+                    finish = "eos"
                     break
                 yield pb.GenerateResponse(text=vocab[token])
                 logits, state = model(torch.tensor([[token]]), state)
         yield pb.GenerateResponse(
-            finish_reason="length",
+            finish_reason=finish,
             prompt_tokens=len(request.prompt),
             completion_tokens=produced,
             seed=request.seed,

@@ -236,7 +236,7 @@ def render(report: dict, plots: list[str]) -> str:
 def write(report: dict, doc: Path, results: Path) -> None:
     """Replace the generated section of `doc` (appended when it has none); copy plots."""
     plots = []
-    figures = doc.parent / "bench"
+    figures = doc.parent / "bench"  # docs/bench/ beside docs/BENCHMARKS.md
     figures.mkdir(parents=True, exist_ok=True)
     for source, name in PLOTS.items():
         if (results / source).is_file():

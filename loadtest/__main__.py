@@ -19,6 +19,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+import queue
 import sys
 import time
 from pathlib import Path
@@ -194,63 +195,78 @@ def server_cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class Inbox:
+    """The parent's side of the result queue: windows arrive per worker, in order for
+    each worker but interleaved between them; a worker's "done" means it sends nothing
+    more (it never stands for a window)."""
+
+    def __init__(self, get, workers: list[int]):
+        self.get, self.workers = get, set(workers)
+        self.windows: dict[int, dict[int, dict]] = {}  # k -> worker -> encoded window
+        self.ready: set[int] = set()
+        self.done: set[int] = set()
+
+    def _receive(self, timeout: float) -> None:
+        kind, worker, k, data = self.get(timeout=timeout)
+        if kind == "error":
+            raise RuntimeError(data)
+        if kind == "ready":
+            self.ready.add(worker)
+        elif kind == "done":
+            self.done.add(worker)
+        else:
+            self.windows.setdefault(k, {})[worker] = data
+
+    def wait_ready(self, deadline: float) -> None:
+        while self.ready | self.done < self.workers:
+            self._receive(max(0.1, deadline - time.time()))
+
+    def window(self, k: int, deadline: float) -> Window:
+        """Window k merged over every worker that has not finished before sending it."""
+        while True:
+            got = self.windows.get(k, {})
+            if all(w in got or w in self.done for w in self.workers):
+                break
+            self._receive(max(0.1, deadline - time.time()))
+        merged = Window()
+        for data in self.windows.pop(k, {}).values():
+            merged.merge(Window.decode(data))
+        return merged
+
+
 def run_level(args, level: dict, requests: list, say) -> dict:
     """Run one level with its workers; return its figures."""
     ctx = multiprocessing.get_context("spawn")  # grpc must not be forked
-    results, stop = ctx.Queue(), ctx.Event()
+    results, stop, go, start = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
     window_s = args.duration or args.measurement_interval / 1000
     max_windows = 1 if args.duration else args.max_windows
-    start = time.time() + 1.0  # time for the workers to start
-    shares = _split(
-        level.get("concurrency") or level["request_rate"], args.workers, "concurrency" in level
-    )
+    closed = "concurrency" in level
+    total = level["concurrency"] if closed else level["request_rate"]
     procs = []
-    for i, share in enumerate(shares):
+    for i, share in enumerate(_split(total, args.workers, closed)):
         if not share:
             continue
         plan = Plan(
-            args.target,
-            args.rpc,
-            requests,
-            start,
-            args.warmup,
-            window_s,
-            max_windows,
-            args.request_timeout,
-            concurrency=share if "concurrency" in level else 0,
-            rate=share if "request_rate" in level else 0.0,
-            arrivals=args.arrivals,
-            seed=(args.seed or 0) + i,
-        )
-        proc = ctx.Process(target=process_main, args=(plan, results, stop), daemon=True)
+            args.target, args.rpc, requests, 0.0, args.warmup, window_s, max_windows,
+            args.request_timeout, concurrency=share if closed else 0,
+            rate=0.0 if closed else share, arrivals=args.arrivals,
+            phase_s=0.0 if closed else i / total, seed=(args.seed or 0) + i,
+        )  # fmt: skip
+        proc = ctx.Process(target=process_main, args=(plan, i, results, stop, go, start),
+                           daemon=True)  # fmt: skip
         proc.start()
-        procs.append(proc)
+        procs.append((i, proc))
+    inbox = Inbox(results.get, [i for i, _ in procs])
     windows, error = [], None
-    measure_start = start + args.warmup
-    cpu_before = None
     try:
+        inbox.wait_ready(time.time() + 120)  # every worker connected: a common start
+        start.value = time.time() + 0.1
+        go.set()
+        measure_start = start.value + args.warmup
+        time.sleep(max(0.0, measure_start - time.time()))
+        cpu_before = server_cpu_seconds(args.server_pid)
         for k in range(max_windows):
-            if k == 0:
-                time.sleep(max(0.0, measure_start - time.time()))
-                cpu_before = server_cpu_seconds(args.server_pid)
-            merged, pending = Window(seconds=window_s), len(procs)
-            deadline = measure_start + (k + 1) * window_s + 10
-            while pending:
-                try:
-                    kind, _, data = results.get(timeout=max(0.1, deadline - time.time()))
-                except Exception:  # noqa: BLE001 - queue.Empty: a worker died silently
-                    error = "a load-generating worker stopped answering"
-                    break
-                if kind == "window":
-                    merged.merge(Window.decode(data))
-                    pending -= 1
-                elif kind == "error":
-                    error = data
-                    break
-                else:  # "done" before this window: the worker was stopped
-                    pending -= 1
-            if error:
-                break
+            merged = inbox.window(k, measure_start + (k + 1) * window_s + 10)
             merged.seconds = window_s
             cpu_now = server_cpu_seconds(args.server_pid)
             merged.server_cpu_s = (
@@ -261,9 +277,14 @@ def run_level(args, level: dict, requests: list, say) -> dict:
             say(_progress(level, k, max_windows, merged))
             if not args.duration and stable(windows, args.stability_percentage / 100):
                 break
+    except queue.Empty:
+        error = "a load-generating worker stopped answering"
+    except RuntimeError as exc:  # a worker's own error, in one line
+        error = str(exc)
     finally:
         stop.set()
-        for proc in procs:
+        go.set()
+        for _, proc in procs:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
@@ -314,15 +335,19 @@ def summarize(level: dict, windows: list[Window], args) -> dict:
         message_gap_us=total.distribution("gap"),
         loadgen_cpu_cores=round(total.loadgen_cpu_s / seconds, 3),
     )
-    figures["loadgen_saturated"] = figures["loadgen_cpu_cores"] > 0.9 * min(
-        args.workers, os.cpu_count() or 1
+    # A worker is one Python process: near one core it is the bottleneck, whatever
+    # the machine has; so is the whole generator near all the cores.
+    busiest = max((w.loadgen_cpu_max_s / w.seconds for w in used if w.seconds), default=0.0)
+    figures["loadgen_busiest_worker_cores"] = round(busiest, 3)
+    figures["loadgen_saturated"] = busiest > 0.9 or figures["loadgen_cpu_cores"] > 0.9 * (
+        os.cpu_count() or 1
     )
     if "request_rate" in level:
         figures["sent_rps"] = round(total.sent / seconds, 2)
+        figures["scheduled_rps"] = round(total.scheduled / seconds, 2)
         figures["delayed_fraction"] = round(total.delayed / total.sent, 4) if total.sent else 1.0
         figures["sustained"] = (
-            figures["sent_rps"] >= 0.95 * level["request_rate"]
-            and figures["delayed_fraction"] < 0.1
+            total.sent >= 0.95 * total.scheduled and figures["delayed_fraction"] < 0.1
         )
     if len(server_cpu) == len(used) and used:
         cpu = sum(server_cpu)
@@ -385,13 +410,15 @@ def main(argv: list[str] | None = None) -> int:
             results["levels"].append(figures)
             if figures.get("loadgen_saturated"):
                 say(
-                    f"warning: the load generator used {figures['loadgen_cpu_cores']:.2f} cores "
-                    f"with {args.workers} worker(s): it may be the bottleneck; add --workers"
+                    f"warning: the load generator used {figures['loadgen_cpu_cores']:.2f} cores, "
+                    f"its busiest worker {figures['loadgen_busiest_worker_cores']:.2f}: it may be "
+                    "the bottleneck; add --workers, or run it on another machine"
                 )
             if figures.get("sustained") is False:
                 say(
                     f"warning: {figures['request_rate']:g} requests/s could not be sustained "
-                    f"(sent {figures['sent_rps']:g}/s, {figures['delayed_fraction']:.0%} late)"
+                    f"(sent {figures['sent_rps']:g}/s of {figures['scheduled_rps']:g}/s due, "
+                    f"{figures['delayed_fraction']:.0%} late)"
                 )
             if "error" in figures:
                 results["error"] = figures["error"]

@@ -40,7 +40,7 @@ class Outcome:
     code: str  # "OK" or the gRPC status name
     latency_us: int  # to the last message (or the error)
     ttft_us: int | None = None  # streams: to the first message that carries output
-    tokens: int = 0  # streams: output tokens (the server's count when it sends one)
+    tokens: int = 0  # streams: output tokens received (as tokens/s counts them)
     messages: int = 0  # streams: messages that carried output
     gaps_us: list[int] = field(default_factory=list)  # between output messages
 
@@ -134,7 +134,7 @@ class _Stream:
     def call(self, request, timeout: float, on_tokens=None) -> Outcome:
         """One stream, timed; `on_tokens(n)` is called as each output message arrives."""
         start = last = time.perf_counter_ns()
-        first, tokens, messages, gaps, final = None, 0, 0, [], None
+        first, tokens, messages, gaps = None, 0, 0, []
         try:
             for response in self.rpc(request, timeout=timeout):
                 now = time.perf_counter_ns()
@@ -147,14 +147,10 @@ class _Stream:
                     else:
                         gaps.append((now - last) // 1000)
                     last, tokens, messages = now, tokens + n, messages + 1
-                if response.finish_reason:
-                    final = response
             code = "OK"
         except grpc.RpcError as err:
             code = _code(err)
         end = time.perf_counter_ns()
-        if final is not None:
-            tokens = max(tokens, final.completion_tokens)  # the server counts EOS too
         ttft = None if first is None else (first - start) // 1000
         return Outcome(code, (end - start) // 1000, ttft, tokens, messages, gaps)
 

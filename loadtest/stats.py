@@ -29,9 +29,11 @@ class Window:
     codes: Counter = field(default_factory=Counter)  # status name -> completed requests
     tokens: int = 0  # streams: output tokens whose messages arrived in the window
     messages: int = 0  # ... and those messages
-    sent: int = 0  # requests started in the window (open loop: compare with the target)
+    sent: int = 0  # requests started in the window
+    scheduled: int = 0  # open loop: sends due in the window (by the arrival schedule)
     delayed: int = 0  # open loop: sends more than DELAY_TOLERANCE_US late
     loadgen_cpu_s: float = 0.0  # the workers' own CPU time in the window
+    loadgen_cpu_max_s: float = 0.0  # the busiest worker's (a worker is ~one core at most)
     histograms: dict[str, HdrHistogram] = field(
         default_factory=lambda: {name: new_histogram() for name in HISTOGRAMS}
     )
@@ -66,8 +68,10 @@ class Window:
         self.tokens += other.tokens
         self.messages += other.messages
         self.sent += other.sent
+        self.scheduled += other.scheduled
         self.delayed += other.delayed
         self.loadgen_cpu_s += other.loadgen_cpu_s
+        self.loadgen_cpu_max_s = max(self.loadgen_cpu_max_s, other.loadgen_cpu_max_s)
         for name, histogram in other.histograms.items():
             self.histograms[name].add(histogram)
         return self
@@ -76,17 +80,16 @@ class Window:
     def encode(self) -> dict:
         return {
             "seconds": self.seconds, "codes": dict(self.codes), "tokens": self.tokens,
-            "messages": self.messages, "sent": self.sent, "delayed": self.delayed,
-            "loadgen_cpu_s": self.loadgen_cpu_s,
+            "messages": self.messages, "sent": self.sent, "scheduled": self.scheduled,
+            "delayed": self.delayed, "loadgen_cpu_s": self.loadgen_cpu_s,
+            "loadgen_cpu_max_s": self.loadgen_cpu_max_s,
             "histograms": {k: h.encode() for k, h in self.histograms.items()},
         }  # fmt: skip
 
     @classmethod
     def decode(cls, data: dict) -> Window:
-        window = cls(
-            data["seconds"], Counter(data["codes"]), data["tokens"], data["messages"],
-            data["sent"], data["delayed"], data["loadgen_cpu_s"],
-        )  # fmt: skip
+        scalars = {k: v for k, v in data.items() if k not in ("codes", "histograms")}
+        window = cls(codes=Counter(data["codes"]), **scalars)
         for name, encoded in data["histograms"].items():
             window.histograms[name].decode_and_add(encoded)
         return window

@@ -15,7 +15,7 @@ import resource
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -35,7 +35,7 @@ class Plan:
     target: str
     rpc: str
     requests: list[bytes]  # the serialized request messages, sent round-robin
-    start: float  # time.time() of the level's start, shared by all workers
+    start: float  # time.time() of the level's start, shared by all workers (set at go)
     warmup_s: float
     window_s: float
     max_windows: int
@@ -43,6 +43,7 @@ class Plan:
     concurrency: int = 0  # closed loop: requests outstanding in this worker
     rate: float = 0.0  # open loop: requests per second from this worker
     arrivals: str = "constant"  # or "poisson"
+    phase_s: float = 0.0  # open loop: this worker's offset into the shared schedule
     seed: int = 0
 
 
@@ -68,34 +69,43 @@ class _Collector:
             self.windows[k] = Window(seconds=self.plan.window_s)
         return self.windows[k]
 
+    def _at_now(self, update) -> None:
+        """Apply `update` to the window of this moment. The index is read under the lock,
+        so nothing lands in a window that `take` has already closed."""
+        with self.lock:
+            k = self.index(time.time())
+            if 0 <= k < self.plan.max_windows:
+                update(self.window(k))
+
     def record(self, outcome) -> None:
-        k = self.index(time.time())
-        if 0 <= k < self.plan.max_windows:
-            with self.lock:
-                self.window(k).record(outcome)
+        self._at_now(lambda w: w.record(outcome))
 
     def sent(self, delay_us: float) -> None:
-        k = self.index(time.time())
-        if 0 <= k < self.plan.max_windows:
-            with self.lock:
-                window = self.window(k)
-                window.sent += 1
-                window.delayed += delay_us > DELAY_TOLERANCE_US
+        def update(w: Window) -> None:
+            w.sent += 1
+            w.delayed += delay_us > DELAY_TOLERANCE_US
+
+        self._at_now(update)
 
     def tokens(self, n: int) -> None:
-        k = self.index(time.time())
-        if 0 <= k < self.plan.max_windows:
-            with self.lock:
-                self.window(k).add_tokens(n)
+        self._at_now(lambda w: w.add_tokens(n))
+
+    def scheduled(self, intended: float) -> None:
+        """Open loop: a send was due at `intended` (sent or not)."""
+        with self.lock:
+            k = self.index(intended)
+            if 0 <= k < self.plan.max_windows:
+                self.window(k).scheduled += 1
 
     def take(self, k: int) -> Window:
         with self.lock:
             return self.windows.pop(k, None) or Window(seconds=self.plan.window_s)
 
 
-def run(plan: Plan, results, stop) -> None:
-    """Generate load until `stop` is set or the last window ends; put each window on
-    `results` as ("window", k, data), then ("done", None, None)."""
+def run(plan: Plan, worker: int, results, stop, go, start) -> None:
+    """Set up, say ("ready", worker), wait for `go` and the level's `start` time, then
+    generate load until `stop` is set or the last window ends. Puts each window on
+    `results` as ("window", worker, k, data), then ("done", worker, None, None)."""
     # A connection per closed-loop thread (and a pool of them for the open loop), as
     # separate clients would have: servers cap the streams one connection may hold.
     channels = [
@@ -103,6 +113,11 @@ def run(plan: Plan, results, stop) -> None:
         for _ in range(plan.concurrency or OPEN_LOOP_CONNECTIONS)
     ]
     rpcs = [RPCS[plan.rpc](channel) for channel in channels]
+    results.put(("ready", worker, None, None))
+    if not go.wait(120) or stop.is_set():
+        results.put(("done", worker, None, None))
+        return
+    plan = replace(plan, start=start.value)
     collector = _Collector(plan)
     messages = [rpcs[0].request_type.FromString(data) for data in plan.requests]
     next_request = itertools.cycle(messages).__next__
@@ -131,7 +146,9 @@ def run(plan: Plan, results, stop) -> None:
     else:
         pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="send")
         threads = [
-            threading.Thread(target=_open_loop, args=(plan, pool, one, stop, end), daemon=True)
+            threading.Thread(
+                target=_open_loop, args=(plan, pool, one, stop, end, collector), daemon=True
+            )
         ]
     for t in threads:
         t.start()
@@ -147,22 +164,24 @@ def run(plan: Plan, results, stop) -> None:
         window = collector.take(k)
         now_cpu = _cpu_seconds()
         window.loadgen_cpu_s, cpu = now_cpu - cpu, now_cpu
-        results.put(("window", k, window.encode()))
-    results.put(("done", None, None))
+        window.loadgen_cpu_max_s = window.loadgen_cpu_s
+        results.put(("window", worker, k, window.encode()))
+    results.put(("done", worker, None, None))
     if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
     for channel in channels:
         channel.close()
 
 
-def _open_loop(plan: Plan, pool: ThreadPoolExecutor, one, stop, end: float) -> None:
+def _open_loop(plan: Plan, pool: ThreadPoolExecutor, one, stop, end: float, collector) -> None:
     rng = random.Random(plan.seed)
     outstanding = threading.Semaphore(MAX_OUTSTANDING)
-    t = plan.start
+    t = plan.start + plan.phase_s  # workers' constant schedules interleave, not coincide
     while not stop.is_set():
         t += rng.expovariate(plan.rate) if plan.arrivals == "poisson" else 1.0 / plan.rate
         if t >= end:
             return
+        collector.scheduled(t)
         delay = t - time.time()
         if delay > 0 and stop.wait(delay):
             return
@@ -178,9 +197,9 @@ def _open_loop(plan: Plan, pool: ThreadPoolExecutor, one, stop, end: float) -> N
         pool.submit(task)
 
 
-def process_main(plan: Plan, results, stop) -> None:
+def process_main(plan: Plan, worker: int, results, stop, go, start) -> None:
     """Entry point of a worker process."""
     try:
-        run(plan, results, stop)
+        run(plan, worker, results, stop, go, start)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which says it in one line
-        results.put(("error", None, f"{type(exc).__name__}: {exc}"))
+        results.put(("error", worker, None, f"{type(exc).__name__}: {exc}"))
