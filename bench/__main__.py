@@ -222,6 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         served.stop()
         servers.remove(served)
 
+        unbatched = Server(
+            "stepwise, no batching",
+            ["serving", "--model-repository", str(repo), *flags.split(), "--max-batch-size", "1"],
+            out / "stepwise_unbatched.log",
+        )
+        servers.append(unbatched)
+        print("stepwise served, dynamic batching off", flush=True)
+        for name, model in (("lenet5", "lenet5"), ("resnet18", "resnet18")):
+            runs[f"unbatched classify {name} PNG"] = load(
+                unbatched, f"unbatched_{name}_png", out, classify(model, "digits"), unary
+            )
+        unbatched.stop()
+        servers.remove(unbatched)
+
         echo = Server("echo", ["bench.echo_server"], out / "echo.log")
         servers.append(echo)
         print("the transport ceiling", flush=True)

@@ -136,6 +136,47 @@ def render(report: dict, plots: list[str]) -> str:
         ],
         rows,
     )
+    rows = []
+    for name in ("lenet5 PNG", "resnet18 PNG"):
+        on = _by_level(runs.get(f"served classify {name}"))
+        off = _by_level(runs.get(f"unbatched classify {name}"))
+        for c, lv in off.items():
+            batched = on.get(c) or {}
+            rows.append(
+                [
+                    name,
+                    c,
+                    f"{lv['throughput_rps']:,.0f}",
+                    _ms(lv, "latency_us", "p99"),
+                    f"{batched.get('throughput_rps', 0):,.0f}",
+                    _ms(batched, "latency_us", "p99"),
+                    _ratio(batched.get("throughput_rps"), lv["throughput_rps"]),
+                    _ratio(
+                        batched.get("throughput_rps"),
+                        (transport.get(c) or {}).get("throughput_rps"),
+                    ),
+                ]
+            )
+    if rows:
+        out += [
+            "",
+            "Dynamic batching (`--max-batch-size 32`, queue delay 0, the default) "
+            "against the same server with `--max-batch-size 1`:",
+            "",
+        ]
+        out += _table(
+            [
+                "input",
+                "clients",
+                "off req/s",
+                "off p99 ms",
+                "on req/s",
+                "on p99 ms",
+                "on/off",
+                "on/transport",
+            ],
+            rows,
+        )
     out += [
         "",
         "Transport ceiling (an empty `Classify` on the same stack): "

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from serving.batching import BatchingConfig
 from serving.errors import DeviceError
 from serving.memory import DEFAULT_MMAP_THRESHOLD, fix_mmap_threshold
 from serving.preprocess import ImageLimits
@@ -56,6 +57,27 @@ def main(argv: list[str] | None = None) -> int:
         default=5.0,
         help="cancel a stream whose client takes no message for this many seconds (0: never)",
     )
+    batching = BatchingConfig()
+    p.add_argument(
+        "--max-batch-size",
+        type=_positive,
+        default=batching.max_batch_size,
+        help="Classify requests run together per model, at most this many (1: no batching)",
+    )
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=batching.max_queue_delay_us,
+        help="how long the oldest queued request may wait for a batch to fill (default 0: "
+        "batch what queued while the model ran)",
+    )
+    p.add_argument(
+        "--preferred-batch-size",
+        type=_positive,
+        action="append",
+        default=[],
+        help="a batch size to run at once when queued (repeat for several)",
+    )
     limits = ImageLimits()
     p.add_argument(
         "--max-image-pixels",
@@ -100,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         max_streams=args.max_streams,
         max_streams_per_connection=args.max_streams_per_connection,
         stream_stall_timeout_s=args.stream_stall_timeout,
+        batching=BatchingConfig(
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=max(0, args.max_queue_delay_us),
+            preferred_batch_sizes=tuple(args.preferred_batch_size),
+        ),
         images=ImageLimits(
             max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes
         ),

@@ -72,6 +72,18 @@ class Classifier(Model):
             raise InvalidArgument(f"{field}.raw_data", "holds NaN or infinite values")
         return array.reshape(want)
 
+    def rows(self, x: np.ndarray) -> list:
+        """x: [B, C, H, W] -> for each row its probabilities [K], or NonFiniteOutput for a
+        row the graph overflowed on (that row alone fails; the dynamic batcher's form)."""
+        (logits,) = self.session.run(["logits"], {self.input["name"]: x})
+        finite = np.all(np.isfinite(logits), axis=1)
+        z = np.where(finite[:, None], logits, 0)
+        z = z - z.max(axis=1, keepdims=True)  # stable: every exponent <= 0
+        e = np.exp(z)
+        probs = e / e.sum(axis=1, keepdims=True)
+        error = NonFiniteOutput(f"{self.name} produced non-finite logits")
+        return [p if ok else error for p, ok in zip(probs, finite, strict=True)]
+
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """x: [B, C, H, W] -> softmax probabilities [B, K]; NonFiniteOutput when the graph
         overflows (finite inputs far outside the trained range can do that)."""

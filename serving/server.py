@@ -12,6 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving.batching import BatchingConfig, DynamicBatcher
+from serving.models import Classifier
 from serving.preprocess import ImageDecoder, ImageLimits
 from serving.repository import ModelRegistry
 from serving.service import InferenceServicer, add_to_server
@@ -44,6 +46,7 @@ class ServerConfig:
     max_connection_age_grace_ms: int = 60_000
     max_concurrent_streams: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, any RPC
     images: ImageLimits = field(default_factory=ImageLimits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
 
 def create_server(
@@ -80,7 +83,15 @@ def create_server(
     streams = StreamSlots(
         config.max_streams, config.max_streams_per_connection, config.stream_stall_timeout_s
     )
-    add_to_server(InferenceServicer(registry, streams, ImageDecoder(config.images)), server)
+    batchers = {}
+    if config.batching.max_batch_size > 1:
+        batchers = {
+            name: DynamicBatcher(name, model.rows, config.batching)
+            for name, model in registry.models.items()
+            if isinstance(model, Classifier)
+        }
+    servicer = InferenceServicer(registry, streams, ImageDecoder(config.images), batchers)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -100,4 +111,5 @@ def create_server(
     server.registry = registry  # for operators' introspection and tests
     server.health = health_servicer
     server.streams = streams
+    server.batchers = batchers
     return server, port

@@ -17,6 +17,7 @@ import numpy as np
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.batching import DynamicBatcher
 from serving.errors import InvalidArgument, NonFiniteOutput, ServingError
 from serving.models import Captioner, Classifier, LanguageModel
 from serving.preprocess import ImageDecoder
@@ -205,8 +206,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         registry: ModelRegistry,
         streams: StreamSlots | None = None,
         images: ImageDecoder | None = None,
+        batchers: dict[str, DynamicBatcher] | None = None,
     ):
         self.registry = registry
+        self.batchers = batchers or {}  # model name -> its dynamic batcher (unary calls)
         # Each stream holds a worker thread until it ends; past the caps, new streams are
         # refused at once so unary calls and health checks always find a thread.
         self.streams = streams or StreamSlots(12, 8, 5.0)
@@ -251,8 +254,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 f"got {request.top_k}; allowed 0 (default "
                 f"{min(CLASSIFY_TOP_K_DEFAULT, classes)}) to {classes}",
             )
+        batcher = self.batchers.get(model.name)
         try:
-            probs = model.probabilities(x[None])[0]
+            if batcher is not None:
+                probs = batcher.submit(x)
+            else:
+                probs = model.probabilities(x[None])[0]
         except NonFiniteOutput as exc:
             if which != "tensor":
                 raise  # a preprocessed image is in range: the model is at fault

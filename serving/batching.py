@@ -1,0 +1,127 @@
+"""Dynamic batching for unary calls, beside the model (Triton's dynamic batcher).
+
+Requests for one model queue here; a thread per model takes them in batches of up
+to `max_batch_size`: at once when the queue holds a preferred size (or the maximum),
+otherwise when the oldest request has waited `max_queue_delay_us` (0, Triton's
+default: whatever queued while the previous batch ran). The model stays a function of
+a batch (`run(x: [B, ...]) -> [B] results`); the batcher owns queueing, timing and
+splitting. A row that fails (its output not finite) fails alone; a batch whose run
+raises is retried one row at a time, so one bad request cannot fail its neighbours.
+No gRPC here: the servicer awaits `submit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 32  # 1 turns batching off: requests run on their own threads
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 256  # past it, RESOURCE_EXHAUSTED at once
+
+    def __post_init__(self):
+        if self.max_batch_size < 1 or self.max_queue_delay_us < 0 or self.max_queue_size < 1:
+            raise ValueError(
+                "max_batch_size and max_queue_size must be at least 1, max_queue_delay_us >= 0"
+            )
+
+
+@dataclass
+class _Request:
+    x: np.ndarray
+    arrival: float
+    future: Future
+
+
+class DynamicBatcher:
+    """One model's queue and the thread that runs it in batches."""
+
+    def __init__(self, name: str, run: Callable[[np.ndarray], list], config: BatchingConfig):
+        """`run(x: [B, ...])` returns B results, each a value or an Exception for that row."""
+        self.name, self.run, self.config = name, run, config
+        self.batch_sizes: Counter[int] = Counter()  # size -> batches run: tests, metrics
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, x: np.ndarray, timeout: float | None = None):
+        """One input row -> its result (raises the row's exception)."""
+        future: Future = Future()
+        with self._cond:
+            if len(self._queue) >= self.config.max_queue_size:
+                raise ResourceExhausted(
+                    f"{self.name}: {self.config.max_queue_size} requests are already queued; "
+                    "retry later"
+                )
+            self._queue.append(_Request(x, time.monotonic(), future))
+            self._cond.notify()
+        return future.result(timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _take(self) -> list[_Request] | None:
+        """Wait for a batch by the rules above; None once closed."""
+        c = self.config
+        delay = c.max_queue_delay_us / 1e6
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            deadline = self._queue[0].arrival + delay
+            while True:
+                n = len(self._queue)
+                if n >= c.max_batch_size or n in c.preferred_batch_sizes:
+                    break
+                if c.preferred_batch_sizes and n > max(c.preferred_batch_sizes):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            size = min(len(self._queue), c.max_batch_size)
+            return [self._queue.popleft() for _ in range(size)]
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            self.batch_sizes[len(batch)] += 1
+            try:
+                results = self.run(np.stack([r.x for r in batch]))
+            except Exception:  # noqa: BLE001 - find the row that breaks the run
+                if len(batch) == 1:
+                    log.exception("%s: a batch of one failed", self.name)
+                    results = [RuntimeError(f"{self.name}: the model run failed")]
+                else:
+                    results = [self._alone(r) for r in batch]
+            for request, result in zip(batch, results, strict=True):
+                if isinstance(result, Exception):
+                    request.future.set_exception(result)
+                else:
+                    request.future.set_result(result)
+
+    def _alone(self, request: _Request):
+        try:
+            return self.run(request.x[None])[0]
+        except Exception as exc:  # noqa: BLE001 - this row alone fails
+            log.exception("%s: a request failed the model run", self.name)
+            return exc

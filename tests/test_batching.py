@@ -1,0 +1,147 @@
+"""The dynamic batcher for unary calls: batches form, the queue delay is honoured,
+one bad row fails alone, a full queue refuses; over the wire, batched Classify answers
+what unbatched Classify answers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving.batching import BatchingConfig, DynamicBatcher
+from serving.errors import ResourceExhausted
+from serving.server import ServerConfig, create_server
+
+
+class Model:
+    """A fake batch function: doubles its rows, records each batch, can be held."""
+
+    def __init__(self):
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, x: np.ndarray) -> list:
+        self.gate.wait(10)
+        self.batches.append(len(x))
+        if np.any(x < 0) and len(x) > 1:
+            raise RuntimeError("a negative row breaks the whole run")
+        return [ValueError("zero row") if row[0] == 0 else row * 2 for row in x]
+
+
+def _submit_all(batcher: DynamicBatcher, rows: list[float]) -> list:
+    def one(v):
+        try:
+            return batcher.submit(np.asarray([v]), timeout=20)
+        except Exception as exc:  # noqa: BLE001 - the row's own error is the result
+            return exc
+
+    with ThreadPoolExecutor(len(rows)) as pool:
+        return list(pool.map(one, rows))
+
+
+def test_queued_requests_run_as_one_batch_and_get_their_own_rows():
+    model = Model()
+    batcher = DynamicBatcher("fake", model, BatchingConfig(max_batch_size=8))
+    model.gate.clear()  # hold the first batch so the rest queue behind it
+    first = threading.Thread(target=lambda: batcher.submit(np.asarray([1.0]), timeout=20))
+    first.start()
+    time.sleep(0.2)
+    results = []
+    waiter = threading.Thread(target=lambda: results.extend(_submit_all(batcher, [2, 3, 4, 5])))
+    waiter.start()
+    time.sleep(0.3)  # all four queued while the model is busy
+    model.gate.set()
+    first.join(10)
+    waiter.join(10)
+    assert [float(r[0]) for r in results] == [4, 6, 8, 10]
+    assert model.batches == [1, 4] and batcher.batch_sizes == {1: 1, 4: 1}
+
+
+def test_the_queue_delay_is_honoured_and_a_preferred_size_runs_at_once():
+    model = Model()
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=300_000)
+    batcher = DynamicBatcher("fake", model, config)
+    start = time.monotonic()
+    batcher.submit(np.asarray([1.0]), timeout=10)
+    assert time.monotonic() - start >= 0.3  # it waited for company, the whole delay
+    preferred = DynamicBatcher("fake", model, BatchingConfig(
+        max_batch_size=8, max_queue_delay_us=30_000_000, preferred_batch_sizes=(3,)))  # fmt: skip
+    start = time.monotonic()
+    assert len(_submit_all(preferred, [1, 2, 3])) == 3
+    assert time.monotonic() - start < 20  # a preferred size never waits out the 30 s delay
+    assert preferred.batch_sizes == {3: 1}
+
+
+def test_a_bad_row_fails_alone():
+    model = Model()
+    config = BatchingConfig(max_batch_size=8, max_queue_delay_us=200_000)
+    batcher = DynamicBatcher("fake", model, config)
+    results = _submit_all(batcher, [1, 0, -1, 2])  # 0: its row errs; -1: breaks the run
+    assert float(results[0][0]) == 2 and float(results[3][0]) == 4
+    assert isinstance(results[1], ValueError)
+    assert float(results[2][0]) == -2  # retried alone, where it runs fine
+    assert 4 in model.batches  # the four were batched before the retry
+
+
+def test_a_full_queue_refuses_at_once():
+    model = Model()
+    batcher = DynamicBatcher("fake", model, BatchingConfig(max_batch_size=1, max_queue_size=2))
+    model.gate.clear()
+    threads = [threading.Thread(target=lambda: batcher.submit(np.asarray([1.0]), timeout=20))
+               for _ in range(3)]  # fmt: skip
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # one running, two queued
+    with pytest.raises(ResourceExhausted, match="2 requests are already queued"):
+        batcher.submit(np.asarray([1.0]), timeout=1)
+    model.gate.set()
+    for t in threads:
+        t.join(10)
+    assert batcher.submit(np.asarray([1.0]), timeout=5)[0] == 2  # drained, serving again
+
+
+def test_batched_classify_answers_what_unbatched_classify_answers(repository):
+    rng = np.random.default_rng(0)
+    inputs = [rng.random((1, 32, 32), np.float32) for _ in range(24)]
+
+    def classify_all(config: ServerConfig) -> tuple[list, dict]:
+        server, port = create_server(config)
+        server.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(
+                    "/stepwise.v1.Inference/Classify",
+                    request_serializer=pb.ClassifyRequest.SerializeToString,
+                    response_deserializer=pb.ClassifyResponse.FromString,
+                )
+
+                def one(x):
+                    tensor = pb.Tensor(dtype="float32", shape=[1, 32, 32], raw_data=x.tobytes())
+                    response = call(pb.ClassifyRequest(model="lenet5", tensor=tensor, top_k=10),
+                                    timeout=30)  # fmt: skip
+                    return {c.index: c.probability for c in response.classes}
+
+                with ThreadPoolExecutor(12) as pool:
+                    answers = list(pool.map(one, inputs))
+            sizes = dict(server.batchers["lenet5"].batch_sizes) if server.batchers else {}
+            return answers, sizes
+        finally:
+            server.stop(None)
+
+    base = dict(model_repository=repository, port=0, device="cpu")
+    batched, sizes = classify_all(ServerConfig(**base, batching=BatchingConfig(
+        max_batch_size=16, max_queue_delay_us=20_000)))  # fmt: skip
+    alone, no_sizes = classify_all(ServerConfig(**base, batching=BatchingConfig(max_batch_size=1)))
+    assert no_sizes == {}  # batching off: no batcher at all
+    assert sum(n * count for n, count in sizes.items()) == len(inputs)
+    assert max(sizes) > 1  # twelve clients at once with a 20 ms window do form batches
+    for a, b in zip(batched, alone, strict=True):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[i] for i in range(10)], [b[i] for i in range(10)],
+                                   rtol=1e-5, atol=1e-7)  # fmt: skip
