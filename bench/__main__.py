@@ -222,19 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         served.stop()
         servers.remove(served)
 
-        unbatched = Server(
-            "stepwise, no batching",
-            ["serving", "--model-repository", str(repo), *flags.split(), "--max-batch-size", "1"],
-            out / "stepwise_unbatched.log",
+        batched = Server(
+            "stepwise, dynamic batching",
+            ["serving", "--model-repository", str(repo), *flags.split(), "--max-batch-size", "32"],
+            out / "stepwise_batched.log",
         )
-        servers.append(unbatched)
-        print("stepwise served, dynamic batching off", flush=True)
-        for name, model in (("lenet5", "lenet5"), ("resnet18", "resnet18")):
-            runs[f"unbatched classify {name} PNG"] = load(
-                unbatched, f"unbatched_{name}_png", out, classify(model, "digits"), unary
+        servers.append(batched)
+        print("stepwise served, dynamic batching on", flush=True)
+        for name in ("lenet5", "resnet18"):
+            runs[f"batched classify {name} PNG"] = load(
+                batched, f"batched_{name}_png", out, classify(name, "digits"), unary
             )
-        unbatched.stop()
-        servers.remove(unbatched)
+        batched.stop()
+        servers.remove(batched)
 
         echo = Server("echo", ["bench.echo_server"], out / "echo.log")
         servers.append(echo)

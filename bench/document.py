@@ -138,8 +138,8 @@ def render(report: dict, plots: list[str]) -> str:
     )
     rows = []
     for name in ("lenet5 PNG", "resnet18 PNG"):
-        on = _by_level(runs.get(f"served classify {name}"))
-        off = _by_level(runs.get(f"unbatched classify {name}"))
+        on = _by_level(runs.get(f"batched classify {name}"))
+        off = _by_level(runs.get(f"served classify {name}"))
         for c, lv in off.items():
             batched = on.get(c) or {}
             rows.append(
@@ -160,8 +160,8 @@ def render(report: dict, plots: list[str]) -> str:
     if rows:
         out += [
             "",
-            "Dynamic batching (`--max-batch-size 32`, queue delay 0, the default) "
-            "against the same server with `--max-batch-size 1`:",
+            "Dynamic batching (`--max-batch-size 32`, queue delay 0) against the default "
+            "server above (`--max-batch-size 1`, off):",
             "",
         ]
         out += _table(

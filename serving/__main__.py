@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-batch-size",
         type=_positive,
         default=batching.max_batch_size,
-        help="Classify requests run together per model, at most this many (1: no batching)",
+        help="Classify requests run together per model, at most this many (default 1: no "
+        "dynamic batching)",
     )
     p.add_argument(
         "--max-queue-delay-us",

@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    max_batch_size: int = 32  # 1 turns batching off: requests run on their own threads
+    # 1, the default (as in Triton without `dynamic_batching`), turns batching off:
+    # requests run on their own threads. On our 2-core measurements batching did not pay
+    # yet (docs/BENCHMARKS.md): per-request transport work dominates a 60 us model.
+    max_batch_size: int = 1
     max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 256  # past it, RESOURCE_EXHAUSTED at once

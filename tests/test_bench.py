@@ -69,7 +69,7 @@ def test_document_ratios_come_from_the_same_run(tmp_path):
             "served classify lenet5 PNG": [level(1, 400.0)],
             "transport classify": [level(1, 2000.0)],
             "baseline classify lenet5 PNG": [level(1, 100.0)],
-            "unbatched classify lenet5 PNG": [level(1, 200.0)],
+            "batched classify lenet5 PNG": [level(1, 800.0)],
             "served generate char_lstm": [level(1, 2.0, 500.0)],
             "transport generate": [level(1, 20.0, 5000.0)],
             "baseline generate char_lstm": [level(1, 1.0, 250.0)],
@@ -86,5 +86,5 @@ def test_document_ratios_come_from_the_same_run(tmp_path):
     # Generate, 1 stream: 500 tokens/s against 1000 (b1), 10000 (b64), 5000, 250.
     assert "| 0.50x | 0.05x | 0.10x | 2.00x |" in text
     assert "| 64 | 0.1 | 1.0 | 10.0x |" in text
-    # Batching on (400) against off (200) and against the transport (2000).
-    assert "| lenet5 PNG | 1 | 200 | 3.00 | 400 | 3.00 | 2.00x | 0.20x |" in text
+    # Batching on (800) against off (the served 400) and against the transport (2000).
+    assert "| lenet5 PNG | 1 | 400 | 3.00 | 800 | 3.00 | 2.00x | 0.40x |" in text

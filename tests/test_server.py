@@ -293,10 +293,12 @@ def test_reflection_lists_and_describes_the_service(channel):
 
 
 def test_unexpected_failure_is_internal_and_harms_no_other_request(client, server, monkeypatch):
+    model = server[0].registry.models["lenet5"]
+
     def broken(x):
         raise RuntimeError("simulated runtime failure")
 
-    monkeypatch.setattr(server[0].batchers["lenet5"], "run", broken)  # what Classify runs
+    monkeypatch.setattr(model, "probabilities", broken)  # no batcher: what Classify runs
     tensor = pb.Tensor(dtype="float32", shape=[1, 32, 32], raw_data=bytes(4 * 32 * 32))
     err = _error(lambda: client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor)))
     assert err.code() == grpc.StatusCode.INTERNAL and "RuntimeError" in err.details()
