@@ -109,18 +109,29 @@ class DynamicBatcher:
         while (batch := self._take()) is not None:
             self.batch_sizes[len(batch)] += 1
             try:
-                results = self.run(np.stack([r.x for r in batch]))
-            except Exception:  # noqa: BLE001 - find the row that breaks the run
-                if len(batch) == 1:
-                    log.exception("%s: a batch of one failed", self.name)
-                    results = [RuntimeError(f"{self.name}: the model run failed")]
-                else:
-                    results = [self._alone(r) for r in batch]
-            for request, result in zip(batch, results, strict=True):
-                if isinstance(result, Exception):
-                    request.future.set_exception(result)
-                else:
-                    request.future.set_result(result)
+                results = self._run(batch)
+                if len(results) != len(batch):
+                    raise ValueError(f"{len(results)} results for a batch of {len(batch)}")
+                for request, result in zip(batch, results, strict=True):
+                    if isinstance(result, Exception):
+                        request.future.set_exception(result)
+                    else:
+                        request.future.set_result(result)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one batch
+                log.exception("%s: a batch could not be delivered", self.name)
+                failure = RuntimeError(f"{self.name}: the batch failed")
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(failure)
+
+    def _run(self, batch: list[_Request]) -> list:
+        try:
+            return self.run(np.stack([r.x for r in batch]))
+        except Exception:  # noqa: BLE001 - find the row that breaks the run
+            if len(batch) == 1:
+                log.exception("%s: a batch of one failed", self.name)
+                return [RuntimeError(f"{self.name}: the model run failed")]
+            return [self._alone(r) for r in batch]
 
     def _alone(self, request: _Request):
         try:

@@ -89,6 +89,20 @@ def test_a_bad_row_fails_alone():
     assert 4 in model.batches  # the four were batched before the retry
 
 
+def test_a_batch_that_cannot_be_delivered_fails_its_requests_and_the_batcher_goes_on():
+    calls = []
+
+    def short(x):  # one result for a batch of any size: the batch cannot be split
+        calls.append(len(x))
+        return [x[0] * 2]
+
+    batcher = DynamicBatcher("short", short, BatchingConfig(max_batch_size=8,
+                                                           max_queue_delay_us=200_000))  # fmt: skip
+    results = _submit_all(batcher, [1, 2, 3])
+    assert all(isinstance(r, RuntimeError) for r in results), results
+    assert float(batcher.submit(np.asarray([5.0]), timeout=5)[0]) == 10  # still serving
+
+
 def test_a_full_queue_refuses_at_once():
     model = Model()
     batcher = DynamicBatcher("fake", model, BatchingConfig(max_batch_size=1, max_queue_size=2))
