@@ -229,12 +229,15 @@ def test_seq_digits_reads_one_row_per_step():
 @pytest.mark.parametrize("name", ["lenet5", "googlenet"])
 def test_data_parallel_training_with_torchrun_keeps_replicas_identical(name, tmp_path):
     out = tmp_path / f"{name}.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "training", name, "--dry-run", "--quiet", "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "-m", "training", name, "--dry-run", "--quiet", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    if proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stderr:
+        # Seen once in ~40 runs on a loaded 2-core CI machine: a rank aborted inside gloo
+        # before any of our code failed. One retry; a real failure fails twice.
+        print("torchrun: a rank aborted (SIGABRT); retrying once:", proc.stderr[:2000])
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[:2000] + "\n...\n" + proc.stderr[-2000:]
     metrics = json.loads(out.with_suffix(".metrics.json").read_text())["metrics"]
     assert metrics["world_size"] == 2
     assert metrics["replicas_identical"] is True  # each rank saw other data: gradients synced
