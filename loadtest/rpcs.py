@@ -41,7 +41,6 @@ class Outcome:
     latency_us: int  # to the last message (or the error)
     ttft_us: int | None = None  # streams: to the first message that carries output
     tokens: int = 0  # streams: output tokens received (as tokens/s counts them)
-    messages: int = 0  # streams: messages that carried output
     gaps_us: list[int] = field(default_factory=list)  # between output messages
 
 
@@ -119,7 +118,7 @@ class Classify:
 
 
 class _Stream:
-    """A server-streaming RPC whose messages carry `text`; the last one the counts."""
+    """A server-streaming RPC whose messages carry output `text`."""
 
     streaming = True
     method = ""
@@ -134,7 +133,7 @@ class _Stream:
     def call(self, request, timeout: float, on_tokens=None) -> Outcome:
         """One stream, timed; `on_tokens(n)` is called as each output message arrives."""
         start = last = time.perf_counter_ns()
-        first, tokens, messages, gaps = None, 0, 0, []
+        first, tokens, gaps = None, 0, []
         try:
             for response in self.rpc(request, timeout=timeout):
                 now = time.perf_counter_ns()
@@ -146,13 +145,13 @@ class _Stream:
                         first = now
                     else:
                         gaps.append((now - last) // 1000)
-                    last, tokens, messages = now, tokens + n, messages + 1
+                    last, tokens = now, tokens + n
             code = "OK"
         except grpc.RpcError as err:
             code = _code(err)
         end = time.perf_counter_ns()
         ttft = None if first is None else (first - start) // 1000
-        return Outcome(code, (end - start) // 1000, ttft, tokens, messages, gaps)
+        return Outcome(code, (end - start) // 1000, ttft, tokens, gaps)
 
 
 class Generate(_Stream):

@@ -81,18 +81,19 @@ class Classifier(Model):
         z = z - z.max(axis=1, keepdims=True)  # stable: every exponent <= 0
         e = np.exp(z)
         probs = e / e.sum(axis=1, keepdims=True)
+        if finite.all():
+            return list(probs)
         error = NonFiniteOutput(f"{self.name} produced non-finite logits")
         return [p if ok else error for p, ok in zip(probs, finite, strict=True)]
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """x: [B, C, H, W] -> softmax probabilities [B, K]; NonFiniteOutput when the graph
-        overflows (finite inputs far outside the trained range can do that)."""
-        (logits,) = self.session.run(["logits"], {self.input["name"]: x})
-        if not np.all(np.isfinite(logits)):
-            raise NonFiniteOutput(f"{self.name} produced non-finite logits")
-        z = logits - logits.max(axis=1, keepdims=True)  # stable: every exponent <= 0
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        overflows on any row (finite inputs far outside the trained range can do that)."""
+        rows = self.rows(x)
+        for row in rows:
+            if isinstance(row, NonFiniteOutput):
+                raise row
+        return np.stack(rows)
 
 
 @dataclass

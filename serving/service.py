@@ -204,16 +204,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(
         self,
         registry: ModelRegistry,
-        streams: StreamSlots | None = None,
-        images: ImageDecoder | None = None,
+        streams: StreamSlots,
+        images: ImageDecoder,
         batchers: dict[str, DynamicBatcher] | None = None,
     ):
+        """The parts come from `create_server`, built from one ServerConfig."""
         self.registry = registry
         self.batchers = batchers or {}  # model name -> its dynamic batcher (unary calls)
         # Each stream holds a worker thread until it ends; past the caps, new streams are
         # refused at once so unary calls and health checks always find a thread.
-        self.streams = streams or StreamSlots(12, 8, 5.0)
-        self.images = images or ImageDecoder()
+        self.streams = streams
+        self.images = images
 
     @unary
     def ListModels(self, request, context):

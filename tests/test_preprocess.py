@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import io
 import struct
-import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +23,9 @@ from serving.preprocess import (
     image_to_tensor,
 )
 from training.data.digits import digit_to_image, load_digits_split
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from decode_peaks import decode_peak_kib  # noqa: E402 - tools/ is not a package
 
 GRAY_SPEC = {"color_mode": "L", "height": 32, "width": 32, "resample": "bilinear",
              "scale": 1 / 255, "mean": [0.0], "std": [1.0], "background": [0]}  # fmt: skip
@@ -161,20 +164,6 @@ def test_big_images_are_reduced_before_conversion_and_read_the_same(digit, mode,
     assert np.abs(a - small).mean() < 0.03
 
 
-DECODE_PEAK = """
-import sys
-from serving.preprocess import ImageDecoder, ImageLimits
-def peak_kb():  # VmHWM: per address space, reset by exec (ru_maxrss is inherited)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1])
-data = open(sys.argv[1], "rb").read()
-before = peak_kb()
-ImageDecoder(ImageLimits(max_pixels={pixels})).tensor(data, {spec!r})
-print((peak_kb() - before) // 1024)
-"""
-
-
 def _near_limit(kind: str, side: int) -> tuple[bytes, int]:
     """Encoded bytes, and the size of the decoded image in Pillow's own storage."""
     if kind == "rgba":  # real transparency: the old path composited it at full size
@@ -197,10 +186,7 @@ def test_decoding_a_near_limit_image_costs_little_more_than_the_decoded_image(tm
     data, decoded = _near_limit(kind, side)
     path = tmp_path / "big.bin"
     path.write_bytes(data)
-    code = DECODE_PEAK.format(spec=GRAY_SPEC, pixels=side * side)
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
-                         text=True, check=True)  # fmt: skip
-    growth_mb = int(out.stdout.strip())
+    growth_mb = decode_peak_kib(path, side * side) // 1024  # a 32x32 L model, as GRAY_SPEC
     assert growth_mb < 1.25 * decoded / 2**20 + 16, growth_mb
 
 

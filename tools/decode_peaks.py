@@ -42,6 +42,14 @@ print(peak_kb() - before)
 """
 
 
+def decode_peak_kib(path: Path, max_pixels: int) -> int:
+    """How much one decode of the image at `path` grows a fresh process's peak RSS, KiB
+    (for a 32x32 grayscale model, through `ImageDecoder`)."""
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(max_pixels)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return int(out.stdout)
+
+
 def images(side: int) -> dict[str, bytes]:
     ramp = (np.arange(side)[None, :] % 4096 * 16).repeat(side, axis=0)[..., None]  # 16-bit
     gray8 = Image.fromarray((ramp[..., 0] >> 8).astype(np.uint8), "L")
@@ -80,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, data in images(args.side).items():
             path = Path(tmp) / "image"
             path.write_bytes(data)
-            out = subprocess.run([sys.executable, "-c", CHILD, str(path), str(pixels)],
-                                 capture_output=True, text=True, check=True)  # fmt: skip
-            kib = int(out.stdout)
+            kib = decode_peak_kib(path, pixels)
             print(f"| {name} | {kib / 1024:.0f} | {kib * 1024 / pixels:.1f} |")
     return 0
 
