@@ -194,7 +194,7 @@ class Caption(_Stream):
 
     @staticmethod
     def tokens_in(response) -> int:
-        return 1 if response.text else 0  # one word per message
+        return len(response.text.split())  # one or more words per message
 
     @staticmethod
     def requests(options, channel: grpc.Channel) -> list[pb.CaptionRequest]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from serving.batching import BatchingConfig
+from serving.engine import EngineConfig
 from serving.errors import DeviceError
 from serving.memory import DEFAULT_MMAP_THRESHOLD, fix_mmap_threshold
 from serving.preprocess import ImageLimits
@@ -42,8 +43,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--max-workers", type=int, default=16, help="threads serving RPCs")
-    p.add_argument("--max-streams", type=int, default=12, help="concurrent Generate streams")
+    defaults, engine = ServerConfig(), EngineConfig()
+    p.add_argument(
+        "--max-workers", type=_positive, default=defaults.max_workers, help="threads serving RPCs"
+    )
+    p.add_argument(
+        "--max-streams",
+        type=_positive,
+        default=defaults.max_streams,
+        help="concurrent Generate/Caption streams, all models together",
+    )
+    p.add_argument(
+        "--stream-batch-size",
+        type=_positive,
+        default=engine.max_batch_size,
+        help="streams of one step model run together per iteration (continuous batching; "
+        "1 turns batching off)",
+    )
+    p.add_argument(
+        "--prefill-tokens-per-iteration",
+        type=_positive,
+        default=engine.prefill_tokens_per_iteration,
+        help="prompt tokens consumed per iteration at most, so long prompts joining never "
+        "stall running streams for long",
+    )
     p.add_argument(
         "--max-streams-per-connection",
         type=_positive,
@@ -123,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         max_streams=args.max_streams,
         max_streams_per_connection=args.max_streams_per_connection,
         stream_stall_timeout_s=args.stream_stall_timeout,
+        engine=EngineConfig(
+            max_batch_size=args.stream_batch_size,
+            prefill_tokens_per_iteration=args.prefill_tokens_per_iteration,
+        ),
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,
             max_queue_delay_us=max(0, args.max_queue_delay_us),

@@ -31,6 +31,10 @@ class ResourceExhausted(ServingError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(ServingError):
+    code = "DEADLINE_EXCEEDED"
+
+
 class NonFiniteOutput(ServingError):
     """A graph produced NaN or infinity: never sent; INTERNAL unless the caller knows
     the client's input caused it."""

@@ -9,15 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from serving.errors import DeviceError, InvalidArgument, ModelLoadError, NonFiniteOutput, preview
 from serving.runtime import SessionFactory
-from serving.sampling import Sampler, SamplingParams, StopMatcher
 
 MODEL_CARD = "model.json"
 log = logging.getLogger(__name__)
@@ -96,71 +93,49 @@ class Classifier(Model):
         return np.stack(rows)
 
 
-@dataclass
-class GenerationEvent:
-    text: str
-    finish_reason: str = ""  # set on the last event: "length", "stop" or "eos"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seed: int = 0
-
-
 class StepDecoder(Model):
-    """A model run one token at a time through a step graph with explicit state."""
+    """A model run one token at a time through a step graph with explicit state.
+
+    Stateless batched calls only: `run(graph, tokens [B, T], state) -> (logits [B, V],
+    state)`. The decode loop, the batch and the sampling belong to `serving.engine`.
+    """
+
+    prefill_chunk = 256  # prompt tokens per prefill run: bounds activations per stream
 
     def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card)
-        self.step = self._session("step", sessions)
+        self.graphs = {"step": self._session("step", sessions)}
         self.vocab: list[str] = card["vocab"]
         self.eos = card["special_tokens"]["eos"]
         self.bos = card["special_tokens"].get("bos", self.eos)
         self.state = card["state"]  # [{input, output, dtype, shape}] fed back each step
+        # The batch axis of each state tensor: the card's one dynamic (-1) dimension.
+        self.state_axis = {s["input"]: list(s["shape"]).index(-1) for s in self.state}
         self.steps_run = itertools.count()  # graph runs, for tests and metrics
         # A start token of its own (the captioner's <start>) only ever opens a sequence.
         self.never_sampled = [self.bos] if self.bos != self.eos else []
 
-    def _run(self, session, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+    def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
+        return {
+            s["input"]: np.zeros([batch if d == -1 else d for d in s["shape"]], s["dtype"])
+            for s in self.state
+        }
+
+    def run(self, graph: str, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        """tokens: [B, T] int64, state: batched -> (logits of the last position [B, V],
+        the state after the last token)."""
         next(self.steps_run)
         names = ["logits", *(s["output"] for s in self.state)]
-        logits, *new = session.run(names, {"tokens": tokens, **state})
+        logits, *new = self.graphs[graph].run(names, {"tokens": tokens, **state})
         return logits, {s["input"]: v for s, v in zip(self.state, new, strict=True)}
-
-    def _decode(
-        self,
-        logits: np.ndarray,
-        state: dict,
-        sampler: Sampler,
-        max_tokens: int,
-        is_active: Callable[[], bool],
-    ) -> Iterator[int]:
-        """Sample up to max_tokens tokens, EOS included, running the step graph between.
-
-        Stops before sampling once `is_active()` turns false (a cancelled stream).
-        """
-        for produced in range(1, max_tokens + 1):
-            if not is_active():
-                return
-            scores = logits[0]
-            if not np.all(np.isfinite(scores)):
-                raise NonFiniteOutput(f"{self.name} produced non-finite logits")
-            if self.never_sampled:
-                scores = scores.copy()
-                scores[self.never_sampled] = -np.inf
-            token = sampler(scores)
-            yield token
-            if token == self.eos:
-                return
-            if produced < max_tokens:
-                logits, state = self._run(self.step, np.asarray([[token]], np.int64), state)
 
 
 class LanguageModel(StepDecoder):
     kind = "language_model"
-    prefill_chunk = 256  # prompt tokens per prefill run: bounds activations per stream
 
     def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card, sessions)
-        self.prefill = self._session("prefill", sessions)
+        self.graphs["prefill"] = self._session("prefill", sessions)
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
         self._alphabet = "".join(t for i, t in enumerate(self.vocab) if i != self.eos)
 
@@ -173,56 +148,6 @@ class LanguageModel(StepDecoder):
                 f"allowed: {preview(self._alphabet, 100)}",
             )
         return [self.index[ch] for ch in prompt]
-
-    def generate(
-        self,
-        prompt: str,
-        max_tokens: int,
-        params: SamplingParams,
-        stop: list[str] = (),
-        is_active: Callable[[], bool] = lambda: True,
-    ) -> Iterator[GenerationEvent]:
-        """Yield one event per sampled token; the last carries finish_reason and counts.
-
-        The prompt is consumed by the prefill graph (from zero state, after BOS) in
-        chunks of `prefill_chunk` tokens, so a long prompt's activations never exist
-        at once; then one step graph run per token.
-        """
-        ids = self.encode(prompt)
-        sampler = Sampler(params)
-        matcher = StopMatcher(list(stop))
-        state = {
-            s["input"]: np.zeros([1 if d == -1 else d for d in s["shape"]], s["dtype"])
-            for s in self.state
-        }
-        tokens = np.asarray([[self.bos, *ids]], dtype=np.int64)  # [1, T]
-        for start in range(0, tokens.shape[1], self.prefill_chunk):
-            logits, state = self._run(
-                self.prefill, tokens[:, start : start + self.prefill_chunk], state
-            )
-        finish, produced = "length", 0
-        for token in self._decode(logits, state, sampler, max_tokens, is_active):
-            produced += 1
-            if token == self.eos:
-                finish = "eos"
-                break
-            text, stopped = matcher.push(self.vocab[token])
-            if text:
-                yield GenerationEvent(text)
-            if stopped:
-                finish = "stop"
-                break
-        tail = "" if finish == "stop" else matcher.flush()
-        yield GenerationEvent(tail, finish, len(ids), produced, sampler.seed)
-
-
-@dataclass
-class CaptionEvent:
-    text: str  # the next word
-    finish_reason: str = ""  # set on the last event: "eos" or "length"
-    caption: str = ""  # set on the last event: every word
-    completion_tokens: int = 0
-    seed: int = 0
 
 
 class Captioner(StepDecoder):
@@ -242,27 +167,6 @@ class Captioner(StepDecoder):
         names = [s["input"] for s in self.state]
         outputs = self.encoder.run(names, {self.image_input: image[None]})
         return dict(zip(names, outputs, strict=True))
-
-    def caption(
-        self,
-        image: np.ndarray,
-        max_length: int,
-        params: SamplingParams,
-        is_active: Callable[[], bool] = lambda: True,
-    ) -> Iterator[CaptionEvent]:
-        """Yield one event per word; the last carries finish_reason and the caption."""
-        state = self.initial_state(image)
-        sampler = Sampler(params)
-        logits, state = self._run(self.step, np.asarray([[self.bos]], np.int64), state)
-        words, finish, produced = [], "length", 0
-        for token in self._decode(logits, state, sampler, max_length, is_active):
-            produced += 1
-            if token == self.eos:
-                finish = "eos"
-                break
-            words.append(self.vocab[token])
-            yield CaptionEvent(self.vocab[token])
-        yield CaptionEvent("", finish, " ".join(words), produced, sampler.seed)
 
 
 KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel, Captioner)}

@@ -13,7 +13,8 @@ from grpc_reflection.v1alpha import reflection
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.batching import BatchingConfig, DynamicBatcher
-from serving.models import Classifier
+from serving.engine import EngineConfig, StepEngine
+from serving.models import Classifier, StepDecoder
 from serving.preprocess import ImageDecoder, ImageLimits
 from serving.repository import ModelRegistry
 from serving.service import InferenceServicer, add_to_server
@@ -30,8 +31,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0 picks a free port
     device: str = "auto"  # cpu, cuda or auto
-    max_workers: int = 16  # threads serving RPCs; each stream holds one until it ends
-    max_streams: int = 12  # concurrent Generate/Caption streams; keep it below max_workers
+    # Threads serving RPCs; each stream holds one, waiting on its outbox, until it ends.
+    max_workers: int = 80
+    max_streams: int = 64  # concurrent Generate/Caption streams; keep it below max_workers
     max_streams_per_connection: int = 8  # so one connection cannot hold every stream
     # A stream whose client takes no message for this long (a flow-control window that
     # never reopens) is cancelled and frees its slot; 0 disables the watchdog.
@@ -47,6 +49,7 @@ class ServerConfig:
     max_concurrent_streams: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, any RPC
     images: ImageLimits = field(default_factory=ImageLimits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # continuous batching
 
 
 def create_server(
@@ -90,7 +93,12 @@ def create_server(
             for name, model in registry.models.items()
             if isinstance(model, Classifier)
         }
-    servicer = InferenceServicer(registry, streams, ImageDecoder(config.images), batchers)
+    engines = {
+        name: StepEngine(model, config.engine)
+        for name, model in registry.models.items()
+        if isinstance(model, StepDecoder)
+    }
+    servicer = InferenceServicer(registry, streams, ImageDecoder(config.images), engines, batchers)
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -112,4 +120,5 @@ def create_server(
     server.health = health_servicer
     server.streams = streams
     server.batchers = batchers
+    server.engines = engines
     return server, port

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +19,7 @@ import numpy as np
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.batching import DynamicBatcher
+from serving.engine import Delta, Sequence, StepEngine, caption_request, text_request
 from serving.errors import InvalidArgument, NonFiniteOutput, ServingError
 from serving.models import Captioner, Classifier, LanguageModel
 from serving.preprocess import ImageDecoder
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_TOKENS_DEFAULT, MAX_TOKENS_LIMIT = 256, 4096
 TEMPERATURE_LIMIT = 10.0
+REPETITION_PENALTY_LIMIT = 10.0
+MAX_LOGPROBS = 20
 MAX_STOPS, MAX_STOP_CHARS = 8, 64
 MAX_PROMPT_CHARS = 16_384
 MAX_CAPTION_WORDS = 64
@@ -196,8 +200,23 @@ def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, 
             raise InvalidArgument(
                 f"stop[{i}]", f"{len(s)} characters; allowed 1 to {MAX_STOP_CHARS}"
             )
+    penalty = request.repetition_penalty if request.HasField("repetition_penalty") else 1.0
+    if not 0 < penalty <= REPETITION_PENALTY_LIMIT:  # NaN fails too
+        raise InvalidArgument(
+            "repetition_penalty",
+            f"got {penalty}; allowed (0, {REPETITION_PENALTY_LIMIT}], 1 for off",
+        )
+    if not 0 <= request.min_tokens <= max_tokens:
+        raise InvalidArgument(
+            "min_tokens", f"got {request.min_tokens}; allowed 0 to max_tokens ({max_tokens})"
+        )
+    logprobs = request.logprobs if request.HasField("logprobs") else -1
+    if request.HasField("logprobs") and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise InvalidArgument("logprobs", f"got {logprobs}; allowed 0 to {MAX_LOGPROBS}")
     seed = request.seed if request.HasField("seed") else None
-    return max_tokens, SamplingParams(temperature, request.top_k, top_p, seed)
+    return max_tokens, SamplingParams(
+        temperature, request.top_k, top_p, seed, penalty, request.min_tokens, logprobs
+    )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -206,13 +225,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         registry: ModelRegistry,
         streams: StreamSlots,
         images: ImageDecoder,
+        engines: dict[str, StepEngine],
         batchers: dict[str, DynamicBatcher] | None = None,
     ):
         """The parts come from `create_server`, built from one ServerConfig."""
         self.registry = registry
         self.batchers = batchers or {}  # model name -> its dynamic batcher (unary calls)
-        # Each stream holds a worker thread until it ends; past the caps, new streams are
-        # refused at once so unary calls and health checks always find a thread.
+        self.engines = engines  # step model name -> its continuous-batching engine
+        # Each stream holds a worker thread (waiting on its outbox) until it ends; past the
+        # caps, new streams are refused at once so unary calls and health checks always
+        # find a thread.
         self.streams = streams
         self.images = images
 
@@ -286,16 +308,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def Generate(self, request, context):
         model: LanguageModel = self.registry.get(request.model, LanguageModel.kind)
         max_tokens, params = sampling_params(request, len(model.vocab))
-        events = model.generate(
-            request.prompt, max_tokens, params, list(request.stop), is_active=context.is_active
-        )
-        for event in self._in_a_stream_slot(events, context):
+        seq = text_request(model, request.prompt, max_tokens, params, list(request.stop))
+        for delta in self._in_a_stream_slot(model, lambda: seq, context):
             yield pb.GenerateResponse(
-                text=event.text,
-                finish_reason=event.finish_reason,
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                seed=event.seed,
+                text="".join(delta.pieces),
+                finish_reason=delta.finish_reason,
+                prompt_tokens=delta.prompt_tokens,
+                completion_tokens=delta.completion_tokens,
+                seed=delta.seed,
+                logprobs=[_token_logprob(model.vocab, lp) for lp in delta.logprobs],
+                queue_time_us=delta.queue_time_us,
+                time_to_first_token_us=delta.time_to_first_token_us,
             )
 
     @streaming
@@ -303,20 +326,52 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         model: Captioner = self.registry.get(request.model, Captioner.kind)
         max_length, params = caption_params(request, model.max_length)
 
-        def events():  # decoding, too, happens inside a stream slot
+        def sequence():  # decoding and encoding, too, happen inside a stream slot
             image = self.images.tensor(request.image, model.preprocess)
-            yield from model.caption(image, max_length, params, is_active=context.is_active)
+            return caption_request(model, image, max_length, params)
 
-        for event in self._in_a_stream_slot(events(), context):
+        words = []
+        for delta in self._in_a_stream_slot(model, sequence, context):
+            words += delta.pieces
             yield pb.CaptionResponse(
-                text=event.text,
-                finish_reason=event.finish_reason,
-                caption=event.caption,
-                completion_tokens=event.completion_tokens,
-                seed=event.seed,
+                text=" ".join(delta.pieces),
+                finish_reason=delta.finish_reason,
+                caption=" ".join(words) if delta.finished else "",
+                completion_tokens=delta.completion_tokens,
+                seed=delta.seed,
+                queue_time_us=delta.queue_time_us,
+                time_to_first_token_us=delta.time_to_first_token_us,
             )
 
-    def _in_a_stream_slot(self, events, context: grpc.ServicerContext):
-        """Run a stream's events holding a slot of its connection, or refuse it at once;
-        a client that stops reading is cancelled by the slots' watchdog."""
-        return self.streams.run(events, context.peer(), context.cancel)
+    def _in_a_stream_slot(self, model, sequence, context: grpc.ServicerContext):
+        """Hold a slot of the client's connection (or be refused at once), submit the
+        sequence to the model's engine and yield its deltas as they accumulate; a client
+        that stops reading is cancelled by the slots' watchdog, and a cancelled, timed
+        out or disconnected stream leaves the batch at the next iteration."""
+        engine = self.engines[model.name]
+
+        def deltas():
+            seq: Sequence = sequence()
+            remaining = context.time_remaining()
+            if remaining is not None:
+                seq.deadline = time.monotonic() + remaining
+            engine.submit(seq)
+            context.add_callback(lambda: engine.cancel(seq))
+            while True:
+                delta: Delta = seq.outbox.take()
+                if delta.error is not None:
+                    raise delta.error
+                yield delta
+                if delta.finished:
+                    return
+
+        return self.streams.run(deltas(), context.peer(), context.cancel)
+
+
+def _token_logprob(vocab: list[str], lp) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token=vocab[lp.token],
+        id=lp.token,
+        logprob=lp.logprob,
+        top=[pb.TopLogprob(token=vocab[t], id=t, logprob=v) for t, v in lp.top],
+    )

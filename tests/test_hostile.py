@@ -13,6 +13,7 @@ from PIL import Image
 from pngs import GRAY, write_png
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving.engine import run_alone, text_request
 from serving.sampling import SamplingParams
 from serving.service import MAX_STATUS_MESSAGE_BYTES, status_message
 from training.data.digits import digit_to_image, load_digits_split
@@ -138,7 +139,8 @@ def test_long_prompts_are_consumed_in_chunks_with_the_same_result(server):
         model.prefill_chunk = chunk
         try:
             start = next(model.steps_run)
-            text = "".join(e.text for e in model.generate(prompt, 30, greedy))
+            seq = text_request(model, prompt, 30, greedy)
+            text = "".join(p for d in run_alone(model, seq) for p in d.pieces)
             return text, next(model.steps_run) - start - 1
         finally:
             model.prefill_chunk = original

@@ -237,13 +237,13 @@ def test_stop_string_ends_generation_and_is_not_sent(client):
 def slow_lm(server, monkeypatch):
     """The served char_lstm, slowed to 5 ms a step so a 4000-token request takes 20 s."""
     model = server[0].registry.models["char_lstm"]
-    run = model._run
+    run = model.run
 
     def slow_run(*args):
         time.sleep(0.005)
         return run(*args)
 
-    monkeypatch.setattr(model, "_run", slow_run)
+    monkeypatch.setattr(model, "run", slow_run)
     return model
 
 
@@ -316,8 +316,8 @@ def test_too_many_streams_are_refused_and_health_still_answers(repository):
         ServerConfig(repository, port=0, device="cpu", max_workers=4, max_streams=2)
     )
     model = server.registry.models["char_lstm"]
-    run = model._run
-    model._run = lambda *args: (time.sleep(0.005), run(*args))[1]
+    run = model.run
+    model.run = lambda *args: (time.sleep(0.005), run(*args))[1]
     server.start()
     try:
         with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as c:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from export.__main__ import export_checkpoint
+from serving.engine import Scheduler, run_alone, text_request
 from serving.errors import DeviceError, InvalidArgument, NotFound
 from serving.models import load_model
 from serving.preprocess import decode_image, image_to_tensor
@@ -169,9 +170,10 @@ def test_eos_ends_generation(tmp_path):
         model.head.bias[0] = 50.0  # EOS always wins
     save_checkpoint(tmp_path / "eos.pt", "char_lstm", model, None, 1, {})
     lm = load_model(export_checkpoint(tmp_path / "eos.pt", tmp_path / "repo"), "cpu")
-    events = list(lm.generate("ab", 10, SamplingParams(temperature=0)))
+    events = list(run_alone(lm, text_request(lm, "ab", 10, SamplingParams(temperature=0))))
     assert len(events) == 1
-    assert (events[0].text, events[0].finish_reason, events[0].completion_tokens) == ("", "eos", 1)
+    last = events[0]
+    assert (last.pieces, last.finish_reason, last.completion_tokens) == ([], "eos", 1)
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
@@ -182,10 +184,15 @@ def test_auto_settles_on_cpu_after_the_first_cuda_failure(repository):
     assert sessions.device == "cpu"  # later graphs do not retry CUDA
 
 
-def test_generation_stops_once_the_caller_is_gone(repository):
+def test_a_cancelled_sequence_leaves_at_the_next_iteration(repository):
     lm = load_model(repository / "char_lstm" / "1", "cpu")
-    checks = iter([True, True, True])  # active for three steps, then gone
-    events = list(
-        lm.generate("KING", 500, SamplingParams(seed=0), is_active=lambda: next(checks, False))
-    )
-    assert sum(e.completion_tokens for e in events) == 3 and next(lm.steps_run) == 4
+    scheduler = Scheduler(lm)
+    seq = text_request(lm, "KING", 500, SamplingParams(seed=0))
+    scheduler.submit(seq)
+    for _ in range(3):  # prefill + first token, then two more tokens
+        scheduler.step()
+    scheduler.cancel(seq)
+    assert scheduler.step() == 0 and not scheduler.has_work()
+    delta = seq.outbox.take(timeout=0)
+    assert (delta.finish_reason, delta.completion_tokens, len(delta.tokens)) == ("cancelled", 3, 3)
+    assert next(lm.steps_run) == 3 and scheduler.stats.leaves == 1

@@ -102,8 +102,8 @@ def guarded(repository):
     )  # fmt: skip
     server, port = create_server(config)
     model = server.registry.models["char_lstm"]
-    run = model._run
-    model._run = lambda *args: (time.sleep(0.005), run(*args))[1]
+    run = model.run
+    model.run = lambda *args: (time.sleep(0.005), run(*args))[1]
     server.start()
     yield server, port
     server.stop(None)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from export.__main__ import export_checkpoint
+from serving.engine import caption_request, run_alone, text_request
 from serving.models import load_model
 from serving.preprocess import ImageDecoder
 from serving.sampling import SamplingParams
@@ -162,9 +163,10 @@ def test_dry_run_then_export_and_serve(name, dry_runs, tmp_path):
             image = io.BytesIO()
             make_scenes(1, seed=0)[0][0].save(image, "PNG")
             x = ImageDecoder().tensor(image.getvalue(), served.preprocess)
-            events = list(served.caption(x, 5, SamplingParams(temperature=0)))
+            seq = caption_request(served, x, 5, SamplingParams(temperature=0))
         else:
-            events = list(served.generate("The", 12, SamplingParams(temperature=0)))
+            seq = text_request(served, "The", 12, SamplingParams(temperature=0))
+        events = list(run_alone(served, seq))
         assert events[-1].completion_tokens >= 1 and events[-1].finish_reason
 
 

@@ -1,0 +1,116 @@
+"""A stream as a plain object: what it still has to feed, how it samples, where its
+output goes, and its status. No thread, no generator: the scheduler moves these
+between its queues and rebuilds the batch from them at every iteration.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serving.engine.output import Output
+from serving.sampling import Sampler, TokenLogprob
+
+_ids = itertools.count(1)
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, not yet in the batch
+    PREFILL = "prefill"  # in the batch, consuming its prompt
+    RUNNING = "running"  # in the batch, one sampled token per iteration
+    FINISHED = "finished"
+
+
+@dataclass
+class Delta:
+    """Everything a stream produced since its client last took from it."""
+
+    pieces: list[str] = field(default_factory=list)  # text of each token, stops applied
+    tokens: list[int] = field(default_factory=list)  # sampled ids, EOS included
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    # Set once finished:
+    finish_reason: str = ""  # "length", "stop", "eos", "cancelled", "deadline" or "error"
+    error: Exception | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seed: int = 0
+    queue_time_us: int = 0  # submitted -> joined the batch
+    time_to_first_token_us: int = 0  # submitted -> first token sampled
+
+
+class Outbox:
+    """Where the scheduler leaves a stream's output and the transport takes it: every
+    `take` returns all that accumulated since the previous one, so a client that reads
+    slower than tokens arrive gets several per message, never a token held back."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._delta = Delta()
+        self._ready = False
+        self._done = False
+        self.on_ready: Callable[[], None] | None = None  # called outside the lock
+
+    def put(self, update: Callable[[Delta], None]) -> None:
+        with self._cond:
+            if self._done:
+                return
+            update(self._delta)
+            self._ready = True
+            self._done = self._delta.finished
+            self._cond.notify_all()
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def take(self, timeout: float | None = None) -> Delta | None:
+        """The accumulated delta, waiting up to `timeout` for one; None if nothing came."""
+        with self._cond:
+            if not self._ready and not self._cond.wait_for(lambda: self._ready, timeout):
+                return None
+            delta, self._delta, self._ready = self._delta, Delta(), False
+            return delta
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generation: a prompt (or a captioner's <start>) to feed, then one sampled
+    token per iteration until EOS, a stop string, max_tokens, cancellation or a deadline."""
+
+    pending: np.ndarray  # int64 tokens still to feed: the prompt, then each sampled token
+    sampler: Sampler
+    max_tokens: int
+    output: Output
+    state: dict[str, np.ndarray] | None = None  # batch of 1; None: the model's zero state
+    deadline: float | None = None  # time.monotonic() after which the stream is dropped
+    id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    prompt_tokens: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    joined: float = 0.0
+    first_token: float = 0.0
+    outbox: Outbox = field(default_factory=Outbox)
+    cancelled: bool = False  # set by the transport; the scheduler drops it next iteration
+
+    def finish(self, reason: str, error: Exception | None = None) -> None:
+        self.status = Status.FINISHED
+        tail = self.output.flush() if reason in ("length", "eos") else ""
+        joined = self.joined or time.monotonic()
+
+        def close(d: Delta) -> None:
+            if tail:
+                d.pieces.append(tail)
+            d.finished, d.finish_reason, d.error = True, reason, error
+            d.prompt_tokens = self.prompt_tokens
+            d.completion_tokens = self.sampler.produced
+            d.seed = self.sampler.seed
+            d.queue_time_us = int((joined - self.submitted) * 1e6)
+            if self.first_token:
+                d.time_to_first_token_us = int((self.first_token - self.submitted) * 1e6)
+
+        self.outbox.put(close)

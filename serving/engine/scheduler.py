@@ -1,0 +1,327 @@
+"""Continuous (iteration-level) batching of one step model's streams.
+
+At every iteration (`Scheduler.step`):
+1. decide: waiting streams join while the batch has room (FIFO); cancelled and
+   timed-out streams leave; each stream still consuming its prompt gets its next chunk
+   (`model.prefill_chunk` tokens) while the iteration's prefill budget lasts, so a long
+   prompt never stalls the running streams for more than one chunk per iteration;
+2. run: one step-graph call for every stream that feeds one sampled token, one
+   prefill-graph call per group of equal chunk lengths, the state rows gathered from
+   the streams and scattered back (along the card's batch axis);
+3. deliver: the streams whose input is consumed sample their next token together
+   (`serving.sampling.sample_rows`, each with its own parameters and generator), and
+   each token goes through the stream's output processor into its outbox.
+
+A graph run that raises is retried one row at a time, so a request that breaks the
+graph fails alone; a row whose logits are not finite fails alone. No gRPC here: the
+transport submits `Sequence`s and takes from their outboxes; `StepEngine` runs the
+loop on a thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serving.engine.request import Delta, Sequence, Status
+from serving.errors import DeadlineExceeded, NonFiniteOutput, ResourceExhausted, ServingError
+from serving.sampling import sample_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 64  # streams stepped together per iteration
+    max_queue_size: int = 256  # streams waiting to join; past it RESOURCE_EXHAUSTED at once
+    prefill_tokens_per_iteration: int = 1024  # prompt tokens consumed per iteration, at most
+
+    def __post_init__(self):
+        if min(self.max_batch_size, self.max_queue_size, self.prefill_tokens_per_iteration) < 1:
+            raise ValueError(
+                "max_batch_size, max_queue_size and prefill_tokens_per_iteration must be >= 1"
+            )
+
+
+@dataclass
+class EngineStats:
+    """What the scheduler did, counted in one place for tests, metrics and benchmarks."""
+
+    iterations: int = 0
+    step_runs: int = 0
+    prefill_runs: int = 0
+    joins: int = 0
+    leaves: int = 0
+    refused: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)  # decode rows per step run -> runs
+    finish_reasons: Counter = field(default_factory=Counter)
+
+
+class Scheduler:
+    """Bookkeeping and one iteration at a time; `step()` is called by `StepEngine`'s
+    thread, or directly by tests and `run_alone`."""
+
+    def __init__(
+        self,
+        model,
+        config: EngineConfig = EngineConfig(),
+        wake: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.model, self.config, self.wake, self.clock = model, config, wake, clock
+        self.stats = EngineStats()
+        self._lock = threading.Lock()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._zero = model.zero_state(1)
+        self._axis = model.state_axis
+        self._prefill = "prefill" in model.graphs
+
+    @property
+    def live(self) -> int:
+        return len(self._waiting) + len(self._running)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if len(self._waiting) >= self.config.max_queue_size:
+                self.stats.refused += 1
+                raise ResourceExhausted(
+                    f"{self.model.name}: {len(self._running)} streams running and "
+                    f"{len(self._waiting)} queued, the most allowed; retry later"
+                )
+            self._waiting.append(seq)
+        self.wake()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Safe from any thread: the stream leaves at the start of the next iteration."""
+        seq.cancelled = True
+        self.wake()
+
+    # -- one iteration ------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Run one iteration; the number of streams that ran in it."""
+        now = self.clock()
+        self._running = [s for s in self._running if not self._gone(s, now)]
+        self._admit(now)
+        if not self._running:
+            return 0
+        self.stats.iterations += 1
+        ready: list[tuple[Sequence, np.ndarray]] = []
+        decode = [s for s in self._running if s.status is Status.RUNNING or not self._prefill]
+        if decode:
+            tokens = np.stack([s.pending[:1] for s in decode])  # [B, 1]
+            ready += self._run("step", decode, tokens)
+            self.stats.step_runs += 1
+            self.stats.batch_sizes[len(decode)] += 1
+        for length, group in self._prefill_groups().items():
+            tokens = np.stack([s.pending[:length] for s in group])  # [G, length]
+            ready += self._run("prefill", group, tokens)
+            self.stats.prefill_runs += 1
+        if ready:
+            self._sample(ready)
+        self._running = [s for s in self._running if s.status is not Status.FINISHED]
+        return len(decode) + sum(1 for s in self._running if s.status is Status.PREFILL)
+
+    def _gone(self, seq: Sequence, now: float) -> bool:
+        """Cancelled or past its deadline: the stream leaves (and says why)."""
+        if seq.cancelled:
+            self._leave(seq, "cancelled")
+        elif seq.deadline is not None and now > seq.deadline:
+            self._leave(seq, "deadline", DeadlineExceeded("the deadline passed"))
+        return seq.status is Status.FINISHED
+
+    def _admit(self, now: float) -> None:
+        with self._lock:
+            if any(s.cancelled or s.deadline is not None for s in self._waiting):
+                self._waiting = deque(s for s in self._waiting if not self._gone(s, now))
+            while self._waiting and len(self._running) < self.config.max_batch_size:
+                seq = self._waiting.popleft()
+                seq.status, seq.joined = Status.PREFILL, now
+                self._running.append(seq)
+                self.stats.joins += 1
+
+    def _prefill_groups(self) -> dict[int, list[Sequence]]:
+        """Streams consuming their prompt, oldest first while the budget lasts (at least
+        one), grouped by chunk length so each group is one [G, length] graph run."""
+        groups: dict[int, list[Sequence]] = {}
+        budget = self.config.prefill_tokens_per_iteration
+        for seq in self._running:
+            if seq.status is not Status.PREFILL or not self._prefill:
+                continue
+            length = min(len(seq.pending), self.model.prefill_chunk)
+            if groups and length > budget:
+                break
+            groups.setdefault(length, []).append(seq)
+            budget -= length
+        return groups
+
+    def _run(self, graph: str, rows: list[Sequence], tokens: np.ndarray):
+        """Run `rows` through `graph`; on an exception, each row alone. Returns the rows
+        whose input is now consumed, with their logits [V]."""
+        try:
+            logits, state = self.model.run(graph, tokens, self._gather(rows))
+        except Exception as exc:  # noqa: BLE001 - a row's failure must stay that row's
+            if len(rows) == 1:
+                log.error(
+                    "%s: %s graph failed for stream %d: %r", self.model.name, graph, rows[0].id, exc
+                )
+                self._leave(rows[0], "error", _internal(exc))
+                return []
+            ready = []
+            for i, seq in enumerate(rows):
+                ready += self._run(graph, [seq], tokens[i : i + 1])
+            return ready
+        ready = []
+        for i, seq in enumerate(rows):
+            seq.state = {name: _row(value, self._axis[name], i) for name, value in state.items()}
+            seq.pending = seq.pending[tokens.shape[1] :]
+            if not len(seq.pending):
+                ready.append((seq, logits[i]))
+        return ready
+
+    def _gather(self, rows: list[Sequence]) -> dict[str, np.ndarray]:
+        states = [s.state or self._zero for s in rows]
+        if len(rows) == 1:
+            return states[0]
+        return {
+            name: np.concatenate([s[name] for s in states], axis=axis)
+            for name, axis in self._axis.items()
+        }
+
+    def _sample(self, ready: list[tuple[Sequence, np.ndarray]]) -> None:
+        logits = np.stack([row for _, row in ready])  # [R, V]
+        finite = np.all(np.isfinite(logits), axis=1)
+        if self.model.never_sampled:
+            logits[:, self.model.never_sampled] = -np.inf
+        seqs = [s for (s, _), ok in zip(ready, finite, strict=True) if ok]
+        for (seq, _), ok in zip(ready, finite, strict=True):
+            if not ok:
+                self._leave(
+                    seq, "error", NonFiniteOutput(f"{self.model.name} produced non-finite logits")
+                )
+        if not seqs:
+            return
+        tokens, logprobs = sample_rows(logits[finite], [s.sampler for s in seqs], self.model.eos)
+        now = self.clock()
+        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+            self._deliver(seq, int(token), lp, now)
+
+    def _deliver(self, seq: Sequence, token: int, logprob, now: float) -> None:
+        seq.first_token = seq.first_token or now
+        seq.status = Status.RUNNING
+        text, stopped = ("", False) if token == self.model.eos else seq.output.push(token)
+
+        def add(d: Delta) -> None:
+            d.tokens.append(token)
+            if text:
+                d.pieces.append(text)
+            if logprob is not None:
+                d.logprobs.append(logprob)
+
+        seq.outbox.put(add)
+        if token == self.model.eos:
+            self._leave(seq, "eos")
+        elif stopped:
+            self._leave(seq, "stop")
+        elif seq.sampler.produced >= seq.max_tokens:
+            self._leave(seq, "length")
+        else:
+            seq.pending = np.asarray([token], np.int64)
+
+    def _leave(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
+        seq.finish(reason, error)
+        self.stats.leaves += 1
+        self.stats.finish_reasons[reason] += 1
+
+    def fail_all(self, error: Exception) -> None:
+        """Fail every stream (the loop itself broke); the scheduler stays usable."""
+        with self._lock:
+            everyone = [*self._running, *self._waiting]
+            self._running, self._waiting = [], deque()
+        for seq in everyone:
+            if seq.status is not Status.FINISHED:
+                self._leave(seq, "error", error)
+
+
+def _row(value: np.ndarray, axis: int, i: int) -> np.ndarray:
+    index = [slice(None)] * value.ndim
+    index[axis] = slice(i, i + 1)
+    return value[tuple(index)]
+
+
+def _internal(exc: Exception) -> ServingError:
+    if isinstance(exc, ServingError):
+        return exc
+    return ServingError(f"the model failed on this request: {type(exc).__name__}")
+
+
+class StepEngine:
+    """A scheduler and the thread that runs its iterations while there is work."""
+
+    def __init__(self, model, config: EngineConfig = EngineConfig()):
+        self._cond = threading.Condition()
+        self.scheduler = Scheduler(model, config, wake=self._wake)
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.scheduler.stats
+
+    def submit(self, seq: Sequence) -> None:
+        self.scheduler.submit(seq)
+        with self._cond:
+            if self._thread is None and not self._stopped:
+                self._thread = threading.Thread(
+                    target=self._loop, name=f"engine-{self.scheduler.model.name}", daemon=True
+                )
+                self._thread.start()
+
+    def cancel(self, seq: Sequence) -> None:
+        self.scheduler.cancel(seq)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopped or self.scheduler.has_work())
+                if self._stopped:
+                    return
+            try:
+                self.scheduler.step()
+            except Exception as exc:  # noqa: BLE001 - the engine must outlive any bug
+                log.exception("%s: scheduler iteration failed", self.scheduler.model.name)
+                self.scheduler.fail_all(_internal(exc))
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self.scheduler.fail_all(ServingError("the server is shutting down"))
+
+
+def run_alone(model, seq: Sequence, config: EngineConfig = EngineConfig()) -> Iterator[Delta]:
+    """Run one sequence to its end on a private scheduler in this thread, yielding each
+    delta as it is produced (tests, tools, and a reference for batch invariance)."""
+    scheduler = Scheduler(model, config)
+    scheduler.submit(seq)
+    while True:
+        scheduler.step()
+        delta = seq.outbox.take(timeout=0)
+        if delta is not None:
+            yield delta
+            if delta.finished:
+                return

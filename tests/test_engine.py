@@ -1,0 +1,323 @@
+"""The continuous-batching engine, directly: a fake step model for the bookkeeping (in
+microseconds), the real char_lstm for batch invariance."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+
+from serving.engine import (
+    EngineConfig,
+    Scheduler,
+    Sequence,
+    StepEngine,
+    run_alone,
+    text_request,
+)
+from serving.engine.output import TextOutput
+from serving.errors import DeadlineExceeded, NonFiniteOutput, ResourceExhausted
+from serving.models import load_model
+from serving.sampling import Sampler, SamplingParams, log_softmax, sample_rows
+
+V = 8  # fake vocabulary: token 0 is EOS
+
+
+class FakeStepModel:
+    """h: [1, B, 1] (batch axis 1, as the exported graphs). Each token adds to h; the
+    logits make (h mod (V - 1)) + 1 the greedy next token, so text never hits EOS unless
+    `eos_bias` says so. A batch holding `poison` raises; `nan_token` gives NaN logits."""
+
+    name = "fake"
+    prefill_chunk = 4
+    state = [{"input": "h", "output": "h_next", "shape": [1, -1, 1], "dtype": "float32"}]
+    state_axis = {"h": 1}
+    eos = 0
+    never_sampled: list[int] = []
+
+    def __init__(self, prefill: bool = True, poison: int = -1, nan_token: int = -1):
+        self.graphs = {"step": None, **({"prefill": None} if prefill else {})}
+        self.poison, self.nan_token = poison, nan_token
+        self.runs: list[tuple[str, tuple[int, ...]]] = []  # (graph, tokens shape)
+        self.eos_bias = 0.0
+
+    def zero_state(self, batch: int = 1):
+        return {"h": np.zeros((1, batch, 1), np.float32)}
+
+    def run(self, graph, tokens, state):
+        self.runs.append((graph, tokens.shape))
+        if (tokens == self.poison).any():
+            raise RuntimeError("poisoned batch")
+        h = state["h"] + tokens.sum(axis=1).astype(np.float32)[None, :, None]  # [1, B, 1]
+        target = (h[0, :, 0].astype(np.int64) % (V - 1)) + 1  # [B]
+        logits = -((np.arange(V)[None] - target[:, None]) ** 2).astype(np.float32)
+        logits[:, 0] += self.eos_bias
+        logits[(tokens == self.nan_token).any(axis=1)] = np.nan
+        return logits, {"h": h}
+
+
+def fake_request(prompt: list[int], max_tokens: int = 5, **params) -> Sequence:
+    params.setdefault("temperature", 0)
+    stop = params.pop("stop", ())
+    vocab = [str(i) for i in range(V)]
+    return Sequence(
+        pending=np.asarray(prompt, np.int64),
+        sampler=Sampler(SamplingParams(**params), V),
+        max_tokens=max_tokens,
+        output=TextOutput(vocab, stop, params.get("min_tokens", 0)),
+        prompt_tokens=len(prompt),
+    )
+
+
+def drain(seq: Sequence):
+    delta = seq.outbox.take(timeout=0)
+    return delta, [int(t) for t in delta.tokens]
+
+
+def test_streams_join_at_the_next_iteration_and_leave_at_once():
+    model = FakeStepModel(prefill=False)
+    s = Scheduler(model, EngineConfig(max_batch_size=8))
+    a = fake_request([1], max_tokens=3)
+    s.submit(a)
+    s.step()
+    b = fake_request([2], max_tokens=5)
+    s.submit(b)  # joins while a is running
+    while s.has_work():
+        s.step()
+    assert [shape[0] for _, shape in model.runs] == [1, 2, 2, 1, 1, 1]  # a leaves after 3
+    assert dict(s.stats.batch_sizes) == {1: 4, 2: 2}
+    assert (s.stats.joins, s.stats.leaves) == (2, 2)
+    (da, ta), (db, tb) = drain(a), drain(b)
+    assert ta == [2, 4, 1] and tb == [3, 6, 5, 3, 6]  # greedy: each token adds to h
+    assert da.finish_reason == db.finish_reason == "length"
+    assert db.pieces == ["3", "6", "5", "3", "6"]
+
+
+def test_max_batch_size_bounds_each_run_and_the_queue_is_bounded():
+    model = FakeStepModel(prefill=False)
+    s = Scheduler(model, EngineConfig(max_batch_size=2, max_queue_size=3))
+    seqs = [fake_request([1], max_tokens=2) for _ in range(3)]
+    for seq in seqs:
+        s.submit(seq)
+    with pytest.raises(ResourceExhausted, match="queued"):
+        s.submit(fake_request([1]))
+    assert s.stats.refused == 1
+    while s.has_work():
+        s.step()
+    assert max(shape[0] for _, shape in model.runs) == 2
+    assert all(drain(seq)[0].finish_reason == "length" for seq in seqs)
+
+
+def test_a_long_prompt_is_consumed_in_chunks_between_decode_iterations():
+    model = FakeStepModel()
+    s = Scheduler(model, EngineConfig(prefill_tokens_per_iteration=4))
+    runner = fake_request([1], max_tokens=50)
+    s.submit(runner)
+    s.step()  # runner: prefill of its one token, first token sampled
+    long = fake_request(list(range(1, 8)) * 6, max_tokens=1)  # 42 tokens: 11 chunks of <= 4
+    s.submit(long)
+    before = len(drain(runner)[1])
+    iterations = 0
+    while s.has_work() and long.outbox.take(timeout=0) is None:
+        s.step()
+        iterations += 1
+    assert iterations == 11
+    # The running stream got a token at every one of those iterations.
+    assert len(drain(runner)[1]) == iterations
+    prefills = [shape for graph, shape in model.runs if graph == "prefill"]
+    assert prefills[1:] == [(1, 4)] * 10 + [(1, 2)] and before == 1
+
+
+def test_equal_chunks_are_prefilled_together_and_results_match_alone():
+    model = FakeStepModel()
+    prompts = [[1, 2, 3], [4, 5, 6], [1, 1]]
+    alone = [[int(t) for d in run_alone(model, fake_request(p)) for t in d.tokens] for p in prompts]
+    model.runs.clear()
+    s = Scheduler(model)
+    seqs = [fake_request(p) for p in prompts]
+    for seq in seqs:
+        s.submit(seq)
+    while s.has_work():
+        s.step()
+    assert ("prefill", (2, 3)) in model.runs and ("prefill", (1, 2)) in model.runs
+    assert [drain(seq)[1] for seq in seqs] == alone
+
+
+def test_a_request_that_breaks_the_graph_fails_alone():
+    model = FakeStepModel(prefill=False, poison=7)
+    s = Scheduler(model)
+    good = [fake_request([1], max_tokens=4) for _ in range(3)]
+    bad = fake_request([7], max_tokens=4)
+    for seq in [*good, bad]:
+        s.submit(seq)
+    while s.has_work():
+        s.step()
+    delta, _ = drain(bad)
+    assert delta.finish_reason == "error" and "RuntimeError" in str(delta.error)
+    assert all(drain(seq)[0].finish_reason == "length" for seq in good)
+    assert s.stats.finish_reasons == {"error": 1, "length": 3}
+
+
+def test_non_finite_logits_fail_that_row_alone():
+    model = FakeStepModel(prefill=False, nan_token=3)
+    s = Scheduler(model)
+    bad, good = fake_request([3]), fake_request([1])
+    s.submit(bad)
+    s.submit(good)
+    while s.has_work():
+        s.step()
+    assert isinstance(drain(bad)[0].error, NonFiniteOutput)
+    assert drain(good)[0].finish_reason == "length"
+
+
+def test_cancelled_and_timed_out_streams_leave_and_free_their_row():
+    now = [0.0]
+    model = FakeStepModel(prefill=False)
+    s = Scheduler(model, EngineConfig(max_batch_size=2), clock=lambda: now[0])
+    cancelled, timed, waiting = (fake_request([1], max_tokens=100) for _ in range(3))
+    timed.deadline = 5.0
+    for seq in (cancelled, timed, waiting):
+        s.submit(seq)
+    s.step()
+    s.cancel(cancelled)
+    now[0] = 6.0
+    s.step()  # both leave; the waiting stream takes a row in the same iteration
+    assert drain(cancelled)[0].finish_reason == "cancelled"
+    delta, _ = drain(timed)
+    assert delta.finish_reason == "deadline" and isinstance(delta.error, DeadlineExceeded)
+    assert model.runs[-1] == ("step", (1, 1)) and drain(waiting)[1] == [2]
+    queued = fake_request([1])
+    s.submit(queued)
+    s.cancel(queued)  # cancelled before it ever ran
+    s.step()
+    delta, tokens = drain(queued)
+    assert delta.finish_reason == "cancelled" and tokens == [] and delta.completion_tokens == 0
+
+
+def test_a_slow_reader_gets_every_token_since_its_last_read_in_one_delta():
+    model = FakeStepModel(prefill=False)
+    s = Scheduler(model)
+    seq = fake_request([1], max_tokens=6)
+    s.submit(seq)
+    for _ in range(3):
+        s.step()
+    first = seq.outbox.take(timeout=0)
+    assert first.tokens == [2, 4, 1] and first.pieces == ["2", "4", "1"] and not first.finished
+    while s.has_work():
+        s.step()
+    last = seq.outbox.take(timeout=0)
+    assert last.tokens == [2, 4, 1] and last.finished and last.completion_tokens == 6
+    assert seq.outbox.take(timeout=0) is None
+
+
+def test_min_tokens_keeps_eos_away_and_stop_strings_apply():
+    model = FakeStepModel(prefill=False)
+    model.eos_bias = 100.0  # EOS would win every time
+    s = Scheduler(model)
+    seq = fake_request([1], max_tokens=10, min_tokens=4)
+    stopped = fake_request([1], max_tokens=10, stop=["41"])
+    s.submit(seq)
+    while s.has_work():
+        s.step()
+    delta, tokens = drain(seq)
+    assert tokens[-1] == 0 and len(tokens) == 5 and delta.finish_reason == "eos"
+    model.eos_bias = 0.0
+    s.submit(stopped)
+    while s.has_work():
+        s.step()
+    delta, tokens = drain(stopped)
+    assert delta.finish_reason == "stop" and "".join(delta.pieces) == "2" and tokens == [2, 4, 1]
+
+
+def test_the_engine_thread_serves_many_submitters_and_survives_a_broken_iteration():
+    model = FakeStepModel(prefill=False)
+    engine = StepEngine(model, EngineConfig(max_batch_size=4))
+    real_sample = engine.scheduler._sample
+    calls = itertools.count()
+
+    def sample_once_broken(ready):
+        if next(calls) == 0:
+            raise RuntimeError("a bug in one iteration")
+        return real_sample(ready)
+
+    engine.scheduler._sample = sample_once_broken
+    first = fake_request([1])
+    engine.submit(first)
+    delta = first.outbox.take(timeout=5)
+    assert delta.finish_reason == "error" and "RuntimeError" in str(delta.error)
+    seqs = [fake_request([i % 7 + 1], max_tokens=20) for i in range(12)]
+    threads = [threading.Thread(target=engine.submit, args=(seq,)) for seq in seqs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = []
+    for seq in seqs:
+        tokens = []
+        while True:
+            delta = seq.outbox.take(timeout=5)
+            tokens += delta.tokens
+            if delta.finished:
+                break
+        results.append((delta.finish_reason, len(tokens)))
+    engine.close()
+    assert results == [("length", 20)] * 12
+    assert max(engine.stats.batch_sizes) == 4
+
+
+def test_batched_sampling_is_row_for_row_the_same_as_alone():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 50)).astype(np.float32) * 3
+    params = [
+        SamplingParams(temperature=t, top_k=k, top_p=p, seed=i, repetition_penalty=r)
+        for i, (t, k, p, r) in enumerate(
+            itertools.product([0, 0.7, 1.3], [0, 5], [1.0, 0.8], [1.0, 1.3])
+        )
+    ][:16]
+    alone = [Sampler(p, 50) for p in params]
+    batched = [Sampler(p, 50) for p in params]
+    for s in (*alone, *batched):
+        s.see([1, 2, 3])
+    for _ in range(20):
+        one = [sample_rows(logits[i : i + 1], [s])[0][0] for i, s in enumerate(alone)]
+        many, _ = sample_rows(logits, batched)
+        assert list(many) == one
+
+
+def test_repetition_penalty_and_logprobs():
+    logits = np.log(np.array([[0.1, 0.5, 0.4]]))
+    plain = Sampler(SamplingParams(temperature=0, logprobs=2), 3)
+    penalised = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), 3)
+    penalised.see([1])
+    # log(0.5) * 2 < log(0.4): the seen token loses its lead
+    assert sample_rows(logits, [penalised])[0][0] == 2
+    tokens, (lp,) = sample_rows(logits, [plain])
+    assert tokens[0] == 1 and lp.token == 1
+    assert lp.logprob == pytest.approx(np.log(0.5))
+    assert [t for t, _ in lp.top] == [1, 2]
+    assert [v for _, v in lp.top] == pytest.approx([np.log(0.5), np.log(0.4)])
+    assert np.allclose(np.exp(log_softmax(logits)).sum(), 1)
+
+
+def test_seeded_text_is_identical_alone_and_among_63_others(repository):
+    lm = load_model(repository / "char_lstm" / "1", "cpu")
+
+    def request(i: int):
+        prompt = "KING.\n" * (i % 4 + 1) + "Lo" * (i % 3)
+        return text_request(lm, prompt, 30, SamplingParams(temperature=0.9, top_p=0.95, seed=i))
+
+    alone = ["".join(p for d in run_alone(lm, request(i)) for p in d.pieces) for i in range(64)]
+    s = Scheduler(lm, EngineConfig(max_batch_size=64))
+    seqs = []
+    for i in range(64):  # joining early and late, prompts of different lengths
+        seqs.append(request(i))
+        s.submit(seqs[-1])
+        if i % 3 == 0:
+            s.step()
+    while s.has_work():
+        s.step()
+    batched = ["".join(seq.outbox.take(timeout=0).pieces) for seq in seqs]
+    assert batched == alone
+    assert max(s.stats.batch_sizes) > 32  # they really ran together
