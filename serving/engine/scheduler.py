@@ -41,6 +41,12 @@ class EngineConfig:
     max_batch_size: int = 64  # streams stepped together per iteration
     max_queue_size: int = 256  # streams waiting to join; past it RESOURCE_EXHAUSTED at once
     prefill_tokens_per_iteration: int = 1024  # prompt tokens consumed per iteration, at most
+    # Run every graph call at exactly max_batch_size rows (zero rows fill the rest), so a
+    # row's arithmetic never depends on how many others run with it. The CPU provider is
+    # row-invariant as it is; on CUDA the GEMM kernels change with the batch size and a
+    # seeded stream's text could change with its company (measured: tools/cuda_check.py).
+    # None: pad when the model runs on CUDA.
+    pad_batches: bool | None = None
 
     def __post_init__(self):
         if min(self.max_batch_size, self.max_queue_size, self.prefill_tokens_per_iteration) < 1:
@@ -82,6 +88,8 @@ class Scheduler:
         self._zero = model.zero_state(1)
         self._axis = model.state_axis
         self._prefill = "prefill" in model.graphs
+        pad = config.pad_batches
+        self.pad_to = config.max_batch_size if (pad is None and _on_cuda(model)) or pad else 0
 
     @property
     def live(self) -> int:
@@ -169,7 +177,7 @@ class Scheduler:
         """Run `rows` through `graph`; on an exception, each row alone. Returns the rows
         whose input is now consumed, with their logits [V]."""
         try:
-            logits, state = self.model.run(graph, tokens, self._gather(rows))
+            logits, state = self._padded_run(graph, tokens, self._gather(rows))
         except Exception as exc:  # noqa: BLE001 - a row's failure must stay that row's
             if len(rows) == 1:
                 log.error(
@@ -188,6 +196,19 @@ class Scheduler:
             if not len(seq.pending):
                 ready.append((seq, logits[i]))
         return ready
+
+    def _padded_run(self, graph: str, tokens: np.ndarray, state: dict):
+        n = len(tokens)
+        if not self.pad_to or n >= self.pad_to:
+            return self.model.run(graph, tokens, state)
+        fill = self.pad_to - n
+        tokens = np.concatenate([tokens, np.full((fill, tokens.shape[1]), self.model.eos)])
+        state = {
+            name: np.concatenate([value, self.model.zero_state(fill)[name]], axis=self._axis[name])
+            for name, value in state.items()
+        }
+        logits, new = self.model.run(graph, tokens, state)
+        return logits[:n], new  # state rows past n are never scattered
 
     def _gather(self, rows: list[Sequence]) -> dict[str, np.ndarray]:
         states = [s.state or self._zero for s in rows]
@@ -251,6 +272,10 @@ class Scheduler:
         for seq in everyone:
             if seq.status is not Status.FINISHED:
                 self._leave(seq, "error", error)
+
+
+def _on_cuda(model) -> bool:
+    return getattr(model, "provider", "") == "CUDAExecutionProvider"
 
 
 def _row(value: np.ndarray, axis: int, i: int) -> np.ndarray:
