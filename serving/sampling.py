@@ -86,16 +86,17 @@ def distributions(
     greedy = temperature == 0
     z = z - z.max(axis=1, keepdims=True)  # shift first: a tiny temperature gives -inf, not NaN
     z = z / np.where(greedy, 1.0, temperature)[:, None]
-    # Ranks by a stable sort: exactly k candidates, ties at the k-th go to the lower id.
-    order = np.argsort(-z, axis=1, kind="stable")
     top_k = np.array([r.params.top_k for r in rows])
+    top_p = np.array([r.params.top_p for r in rows])
+    if np.any(top_k > 0) or np.any(top_p < 1):
+        # Ranks by a stable sort: exactly k candidates, ties at the k-th go to the lower id.
+        order = np.argsort(-z, axis=1, kind="stable")
     if np.any(top_k > 0):
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(z.shape[1])[None], axis=1)
         z = np.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -np.inf, z)
     probs = np.exp(z - z.max(axis=1, keepdims=True))
     probs /= _row_totals(probs)
-    top_p = np.array([r.params.top_p for r in rows])
     if np.any(top_p < 1):
         sorted_probs = np.take_along_axis(probs, order, axis=1)
         cumulative = np.cumsum(sorted_probs, axis=1)
@@ -107,7 +108,7 @@ def distributions(
         probs /= _row_totals(probs)
     if np.any(greedy):
         one_hot = np.zeros_like(probs)
-        one_hot[np.arange(len(rows)), order[:, 0]] = 1.0
+        one_hot[np.arange(len(rows)), np.argmax(z, axis=1)] = 1.0  # the first maximum
         probs = np.where(greedy[:, None], one_hot, probs)
     return probs
 
@@ -134,16 +135,15 @@ def sample_rows(
             banned[i, eos] = r.produced < r.params.min_tokens
     probs = distributions(logits, rows, banned)
     cdf = np.cumsum(probs, axis=1)
-    tokens = np.empty(len(rows), np.int64)
-    for i, r in enumerate(rows):
-        if r.params.temperature == 0:
-            tokens[i] = int(np.argmax(probs[i]))
-        else:
-            draw = np.searchsorted(cdf[i], r._rng.random() * cdf[i, -1], side="right")
-            tokens[i] = min(int(draw), cdf.shape[1] - 1)
+    greedy = np.array([r.params.temperature == 0 for r in rows])
+    u = np.array([0.0 if g else r._rng.random() for r, g in zip(rows, greedy, strict=True)])
+    # The first index whose running sum exceeds u * total (searchsorted, side="right").
+    drawn = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), cdf.shape[1] - 1)
+    tokens = np.where(greedy, np.argmax(probs, axis=1), drawn).astype(np.int64)
+    for r, token in zip(rows, tokens, strict=True):
         r.produced += 1
         if r.seen is not None:
-            r.seen[tokens[i]] = True
+            r.seen[token] = True
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs >= 0]
     if wanted:

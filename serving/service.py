@@ -204,7 +204,7 @@ def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, 
     if not 0 < penalty <= REPETITION_PENALTY_LIMIT:  # NaN fails too
         raise InvalidArgument(
             "repetition_penalty",
-            f"got {penalty}; allowed (0, {REPETITION_PENALTY_LIMIT}], 1 for off",
+            f"got {penalty:g}; allowed (0, {REPETITION_PENALTY_LIMIT:g}], 1 for off",
         )
     if not 0 <= request.min_tokens <= max_tokens:
         raise InvalidArgument(

@@ -182,6 +182,12 @@ BAD_GENERATE = [
     (dict(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]", "1 to 64"),
     (dict(stop=["a"] * 9), grpc.StatusCode.INVALID_ARGUMENT, "stop", "at most 8"),
     (dict(prompt="KING " * 4000), grpc.StatusCode.INVALID_ARGUMENT, "prompt", "at most 16384"),
+    (dict(repetition_penalty=0), grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty", "(0, 10]"),
+    (dict(repetition_penalty=11), grpc.StatusCode.INVALID_ARGUMENT, "repetition_penalty", "1 for"),
+    (dict(max_tokens=5, min_tokens=6), grpc.StatusCode.INVALID_ARGUMENT, "min_tokens", "(5)"),
+    (dict(min_tokens=-1), grpc.StatusCode.INVALID_ARGUMENT, "min_tokens", "0 to max_tokens"),
+    (dict(logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "logprobs", "0 to 20"),
+    (dict(logprobs=-1), grpc.StatusCode.INVALID_ARGUMENT, "logprobs", "0 to 20"),
 ]
 
 
@@ -342,3 +348,90 @@ def test_a_busy_port_is_an_error_not_a_shared_socket(repository, server):
 
     with pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
         create_server(ServerConfig(repository, port=server[1], device="cpu"))
+
+
+def test_logprobs_name_each_sampled_token_and_its_alternatives(client):
+    responses = list(
+        client.generate_stream("KING.\n", max_tokens=12, temperature=0, logprobs=3, seed=1)
+    )
+    entries = [lp for r in responses for lp in r.logprobs]
+    text = "".join(r.text for r in responses)
+    assert len(entries) == responses[-1].completion_tokens == 12
+    assert "".join(e.token for e in entries) == text
+    for e in entries:
+        assert len(e.top) == 3 and e.top[0].id == e.id  # greedy: the most likely one
+        assert e.logprob <= 0 and [t.logprob for t in e.top] == sorted(
+            [t.logprob for t in e.top], reverse=True
+        )
+    assert all(not r.logprobs for r in client.generate_stream("KING", max_tokens=3))
+
+
+def test_the_last_message_reports_queue_time_and_time_to_first_token(client):
+    *_, last = client.generate_stream("KING.\n", max_tokens=5, seed=3)
+    assert 0 <= last.queue_time_us <= last.time_to_first_token_us < 10_000_000
+    assert last.time_to_first_token_us > 0
+
+
+def test_min_tokens_and_repetition_penalty_change_what_is_sampled(client):
+    greedy = dict(max_tokens=40, temperature=0)
+    plain, _ = _generate(client, prompt="KING.\n", **greedy)
+    penalised, _ = _generate(client, prompt="KING.\n", repetition_penalty=3.0, **greedy)
+    assert penalised != plain
+    assert len(set(penalised)) > len(set(plain))  # seen characters are pushed away
+    text, last = _generate(client, prompt="KING.\n", max_tokens=30, min_tokens=30, seed=4)
+    assert last.finish_reason == "length" and last.completion_tokens == 30
+
+
+def test_seeded_streams_are_identical_alone_and_batched_together(server, target):
+    """16 concurrent streams on 4 connections run in one continuous batch and produce
+    byte for byte what each produces alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+
+    def run(i: int, channel) -> str:
+        request = pb.GenerateRequest(
+            model="char_lstm", prompt="KING.\n" * (i % 3 + 1), max_tokens=60,
+            temperature=0.9, top_k=20, seed=100 + i,
+        )  # fmt: skip
+        stream = pb_grpc.InferenceStub(channel).Generate(request, timeout=30)
+        return "".join(r.text for r in stream)
+
+    # Four connections of their own (not the process-wide shared subchannel), so the
+    # per-connection stream cap (8) is not what is tested here.
+    channels = [
+        grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(4)
+    ]
+    try:
+        alone = [run(i, channels[0]) for i in range(16)]
+        engine = server[0].engines["char_lstm"]
+        shared = lambda: sum(n for size, n in engine.stats.batch_sizes.items() if size >= 4)  # noqa: E731
+        before = shared()
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(lambda i: run(i, channels[i % 4]), range(16)))
+    finally:
+        for ch in channels:
+            ch.close()
+    assert together == alone
+    assert shared() > before  # they really shared iterations, four or more at a time
+
+
+def test_a_deadline_ends_the_stream_and_frees_its_row(client, server, slow_lm):
+    engine = server[0].engines["char_lstm"]
+    stream = client.stub.Generate(
+        pb.GenerateRequest(model="char_lstm", prompt="KING.\n", max_tokens=4000), timeout=0.5
+    )
+    err = _error(lambda: list(stream))
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert _eventually(lambda: engine.scheduler.live == 0)
+    assert sum(engine.stats.finish_reasons[r] for r in ("cancelled", "deadline")) >= 1
+
+
+def _eventually(predicate, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
