@@ -236,6 +236,22 @@ def main(argv: list[str] | None = None) -> int:
         batched.stop()
         servers.remove(batched)
 
+        off = Server(
+            "stepwise, continuous batching off",
+            ["serving", "--model-repository", str(repo), *flags.split()]
+            + ["--stream-batch-size", "1"],
+            out / "stepwise_unbatched.log",
+        )
+        servers.append(off)
+        print("stepwise served, continuous batching off", flush=True)
+        runs["unbatched generate char_lstm"] = load(
+            off, "unbatched_generate", out, generate, stream
+        )
+        if (repo / "captioner").is_dir():
+            runs["unbatched caption"] = load(off, "unbatched_caption", out, caption, unary)
+        off.stop()
+        servers.remove(off)
+
         echo = Server("echo", ["bench.echo_server"], out / "echo.log")
         servers.append(echo)
         print("the transport ceiling", flush=True)

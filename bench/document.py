@@ -234,6 +234,41 @@ def render(report: dict, plots: list[str]) -> str:
         ],
         rows,
     )
+    off = _by_level(runs.get("unbatched generate char_lstm"))
+    rows = [
+        [
+            c,
+            f"{lv['tokens_per_s']:,.0f}",
+            _ms(lv, "ttft_us"),
+            _ms(lv, "itl_us"),
+            f"{served[c]['tokens_per_s']:,.0f}",
+            _ms(served[c], "ttft_us"),
+            _ms(served[c], "itl_us"),
+            _ratio(served[c]["tokens_per_s"], lv["tokens_per_s"]),
+        ]
+        for c, lv in off.items()
+        if c in served
+    ]
+    if rows:
+        out += [
+            "",
+            "Continuous batching (the default, `--stream-batch-size 64`) against batching off "
+            "(`--stream-batch-size 1`: the same engine, one stream per graph run):",
+            "",
+        ]
+        out += _table(
+            [
+                "streams",
+                "off tokens/s",
+                "off TTFT p50 ms",
+                "off ITL p50 ms",
+                "on tokens/s",
+                "on TTFT p50 ms",
+                "on ITL p50 ms",
+                "on/off",
+            ],
+            rows,
+        )
     out += [
         "",
         "Transport ceiling (a stream of one-character messages): "
