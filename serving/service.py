@@ -20,6 +20,7 @@ from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.batching import DynamicBatcher
 from serving.engine import Delta, Sequence, StepEngine, caption_request, text_request
+from serving.engine.beam import beam_search
 from serving.errors import InvalidArgument, NonFiniteOutput, ServingError
 from serving.models import Captioner, Classifier, LanguageModel
 from serving.preprocess import ImageDecoder
@@ -36,6 +37,7 @@ MAX_LOGPROBS = 20
 MAX_STOPS, MAX_STOP_CHARS = 8, 64
 MAX_PROMPT_CHARS = 16_384
 MAX_CAPTION_WORDS = 64
+MAX_BEAMS = 16
 CLASSIFY_TOP_K_DEFAULT = 5
 TENSOR_DTYPES = {"float32": np.float32}
 MAX_TENSOR_DIMS = 8  # far above any model's rank; numpy itself stops at 64
@@ -175,7 +177,16 @@ def caption_params(request: pb.CaptionRequest, model_max: int) -> tuple[int, Sam
     if not 1 <= max_length <= MAX_CAPTION_WORDS:
         raise InvalidArgument("max_length", f"got {max_length}; allowed 1 to {MAX_CAPTION_WORDS}")
     seed = request.seed if request.HasField("seed") else None
-    return max_length, SamplingParams(_temperature(request, default=0.0), seed=seed)
+    temperature = _temperature(request, default=0.0)
+    if not 0 <= request.beam_size <= MAX_BEAMS:
+        raise InvalidArgument(
+            "beam_size", f"got {request.beam_size}; allowed 0 or 1 (off) to {MAX_BEAMS}"
+        )
+    if request.beam_size > 1 and temperature > 0:
+        raise InvalidArgument(
+            "beam_size", "beam search is deterministic; leave temperature unset or 0"
+        )
+    return max_length, SamplingParams(temperature, seed=seed)
 
 
 def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, SamplingParams]:
@@ -325,6 +336,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def Caption(self, request, context):
         model: Captioner = self.registry.get(request.model, Captioner.kind)
         max_length, params = caption_params(request, model.max_length)
+        if request.beam_size > 1:
+            yield from self._beam_caption(model, request, max_length, context)
+            return
 
         def sequence():  # decoding and encoding, too, happen inside a stream slot
             image = self.images.tensor(request.image, model.preprocess)
@@ -341,6 +355,40 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 seed=delta.seed,
                 queue_time_us=delta.queue_time_us,
                 time_to_first_token_us=delta.time_to_first_token_us,
+            )
+
+    def _beam_caption(self, model: Captioner, request, max_length: int, context):
+        """Beam search on this stream's own thread (a batch of beam_size rows), inside a
+        stream slot like every stream."""
+
+        def events():
+            image = self.images.tensor(request.image, model.preprocess)
+            state = model.initial_state(image)
+            yield from beam_search(model, state, request.beam_size, max_length, context.is_active)
+
+        words, start, first = [], time.monotonic(), 0.0
+        for event in self.streams.run(events(), context.peer(), context.cancel):
+            words += event.words
+            first = first or (time.monotonic() if event.words else 0.0)
+            if event.beams is None:
+                yield pb.CaptionResponse(text=" ".join(event.words))
+                continue
+            best = event.beams[0] if event.beams else None
+            yield pb.CaptionResponse(
+                text=" ".join(event.words),
+                finish_reason=("eos" if best.finished else "length") if best else "length",
+                caption=" ".join(words),
+                completion_tokens=best.tokens if best else 0,
+                time_to_first_token_us=int(((first or time.monotonic()) - start) * 1e6),
+                beams=[
+                    pb.Beam(
+                        caption=" ".join(b.words),
+                        score=b.score,
+                        completion_tokens=b.tokens,
+                        finish_reason="eos" if b.finished else "length",
+                    )
+                    for b in event.beams
+                ],
             )
 
     def _in_a_stream_slot(self, model, sequence, context: grpc.ServicerContext):

@@ -107,6 +107,12 @@ def test_seeded_sampling_repeats_differs_across_seeds_and_never_says_start(capti
      "temperature"),
     (dict(model="captioner", image=b"x", temperature=float("nan")),
      grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (dict(model="captioner", image=b"x", beam_size=17), grpc.StatusCode.INVALID_ARGUMENT,
+     "beam_size"),
+    (dict(model="captioner", image=b"x", beam_size=-1), grpc.StatusCode.INVALID_ARGUMENT,
+     "beam_size"),
+    (dict(model="captioner", image=b"x", beam_size=3, temperature=1.0),
+     grpc.StatusCode.INVALID_ARGUMENT, "beam_size"),
 ])  # fmt: skip
 def test_caption_errors_name_the_field(captioner, fields, code, field):
     client = captioner[0]
@@ -161,3 +167,58 @@ def test_caption_streams_share_the_stream_limit(captioner):
             assert last.caption == " ".join(words) and last.finish_reason
     finally:
         server.stop(None)
+
+
+def _sequence_scores(model, state, max_length: int) -> dict[tuple[str, ...], float]:
+    """Every caption of at most `max_length` tokens with its mean log-probability per
+    token (<end> included when it ends), by brute force over the decoder step graph."""
+    import numpy as np
+
+    from serving.sampling import log_softmax
+
+    vocab, eos = model.vocab, model.eos
+    scores = {}
+    frontier = [((), 0.0, state, model.bos)]
+    for depth in range(max_length):
+        grown = []
+        for ids, total, st, token in frontier:
+            logits, nxt = model.run("step", np.asarray([[token]], np.int64), st)
+            logp = log_softmax(logits)[0]
+            for t in range(len(vocab)):
+                if t in model.never_sampled:
+                    continue
+                if t == eos:
+                    scores[tuple(vocab[i] for i in ids)] = (total + logp[t]) / (len(ids) + 1)
+                elif depth == max_length - 1:
+                    cut = tuple(vocab[i] for i in (*ids, t))
+                    scores.setdefault(cut, (total + logp[t]) / (len(ids) + 1))
+                else:
+                    grown.append(((*ids, t), total + logp[t], nxt, t))
+        frontier = grown
+    return scores
+
+
+def test_beam_search_finds_the_best_caption_and_streams_only_decided_words(captioner):
+    from serving.models import load_model
+    from serving.preprocess import ImageDecoder
+
+    client, _, version, _ = captioner
+    model = load_model(version, "cpu")
+    for image, _, _ in make_scenes(3, seed=321):
+        data = png(image)
+        responses = list(client.caption_stream(data, max_length=2, beam_size=16))
+        last = responses[-1]
+        state = model.initial_state(ImageDecoder().tensor(data, model.preprocess))
+        every = _sequence_scores(model, state, max_length=2)
+        best = max(every.items(), key=lambda kv: kv[1])
+        # 16 beams over 2 steps cover every candidate: the search is exhaustive here.
+        assert tuple(last.caption.split()) == best[0]
+        assert last.beams[0].score == pytest.approx(best[1], abs=1e-4)
+        scores = [b.score for b in last.beams]
+        assert scores == sorted(scores, reverse=True) and len(last.beams) == 16
+        for b in last.beams:
+            assert b.score == pytest.approx(every[tuple(b.caption.split())], abs=1e-4)
+        assert " ".join(r.text for r in responses if r.text).split() == last.caption.split()
+    deep = list(client.caption_stream(data, beam_size=3))
+    assert deep[-1].caption and len(deep[-1].beams) <= 3
+    assert " ".join(r.text for r in deep if r.text) == deep[-1].caption

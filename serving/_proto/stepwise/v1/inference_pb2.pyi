@@ -164,21 +164,35 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., queue_time_us: _Optional[int] = ..., time_to_first_token_us: _Optional[int] = ...) -> None: ...
 
 class CaptionRequest(_message.Message):
-    __slots__ = ("model", "image", "max_length", "temperature", "seed")
+    __slots__ = ("model", "image", "max_length", "temperature", "seed", "beam_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: bytes
     max_length: int
     temperature: float
     seed: int
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    beam_size: int
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., max_length: _Optional[int] = ..., temperature: _Optional[float] = ..., seed: _Optional[int] = ..., beam_size: _Optional[int] = ...) -> None: ...
+
+class Beam(_message.Message):
+    __slots__ = ("caption", "score", "completion_tokens", "finish_reason")
+    CAPTION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    caption: str
+    score: float
+    completion_tokens: int
+    finish_reason: str
+    def __init__(self, caption: _Optional[str] = ..., score: _Optional[float] = ..., completion_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class CaptionResponse(_message.Message):
-    __slots__ = ("text", "finish_reason", "caption", "completion_tokens", "seed", "queue_time_us", "time_to_first_token_us")
+    __slots__ = ("text", "finish_reason", "caption", "completion_tokens", "seed", "queue_time_us", "time_to_first_token_us", "beams")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     CAPTION_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +200,7 @@ class CaptionResponse(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_US_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_US_FIELD_NUMBER: _ClassVar[int]
+    BEAMS_FIELD_NUMBER: _ClassVar[int]
     text: str
     finish_reason: str
     caption: str
@@ -193,4 +208,5 @@ class CaptionResponse(_message.Message):
     seed: int
     queue_time_us: int
     time_to_first_token_us: int
-    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., caption: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., queue_time_us: _Optional[int] = ..., time_to_first_token_us: _Optional[int] = ...) -> None: ...
+    beams: _containers.RepeatedCompositeFieldContainer[Beam]
+    def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., caption: _Optional[str] = ..., completion_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., queue_time_us: _Optional[int] = ..., time_to_first_token_us: _Optional[int] = ..., beams: _Optional[_Iterable[_Union[Beam, _Mapping]]] = ...) -> None: ...
