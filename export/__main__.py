@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from export.onnx_export import EXPORTERS, stamp_model_card
-from export.repository import METRICS, MODEL_CARD, staged_version, write_json
+from export.repository import METRICS, MODEL_CARD, staged_version, write_json, write_model_config
 from export.verify import VerificationError
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.registry import get_arch
@@ -50,6 +50,7 @@ def export_checkpoint(
         write_json(staging / MODEL_CARD, card)
         write_json(staging / METRICS, ckpt["metrics"])
     target = Path(repository) / name / version
+    write_model_config(target.parent, card)
     log.info("exported %s (%s) to %s: %s", name, arch_name, target, card["verification"])
     return target
 

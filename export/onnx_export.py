@@ -27,15 +27,19 @@ OPSET = 17
 
 
 class _LastStep(nn.Module):
-    """Adapts `forward(tokens, state)` to named tensors: logits at the last position."""
+    """Adapts `forward(tokens, state)` to named tensors: logits at the last position.
+
+    The graph's state is batch-first, [B, L, H], as Triton's batchers expect (they
+    batch along the first dimension); PyTorch's recurrent modules keep [L, B, H]."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, tokens, *state):
+        state = tuple(s.transpose(0, 1) for s in state)  # [B, L, H] -> [L, B, H]
         logits, state = self.model(tokens, state)  # logits: [B, T, V]
-        return logits[:, -1], *state
+        return logits[:, -1], *(s.transpose(0, 1) for s in state)
 
 
 def _export(
@@ -126,8 +130,8 @@ def _export_decoder(model: nn.Module, out_dir: Path, with_prefill: bool) -> dict
     nexts = [f"{name}_next" for name in states]
     step = _LastStep(model.for_export()).eval()
     inputs, outputs = ["tokens", *states], ["logits", *nexts]
-    state_axes = {name: {1: "batch"} for name in states + nexts}
-    zeros = tuple(torch.zeros(layers, 2, hidden) for _ in states)
+    state_axes = {name: {0: "batch"} for name in states + nexts}
+    zeros = tuple(torch.zeros(2, layers, hidden) for _ in states)
     graphs = {"step": ("model.onnx", 1, {0: "batch"})}
     if with_prefill:
         graphs["prefill"] = ("prefill.onnx", 3, {0: "batch", 1: "time"})
@@ -135,7 +139,7 @@ def _export_decoder(model: nn.Module, out_dir: Path, with_prefill: bool) -> dict
         axes = {"tokens": token_axes, "logits": {0: "batch"}, **state_axes}
         tokens = torch.zeros(2, length, dtype=torch.long)
         _export(step, (tokens, *zeros), out_dir / graph, inputs, outputs, axes)
-    state_shape = [layers, -1, hidden]
+    state_shape = [-1, layers, hidden]  # batch-first
     state_specs = [{"name": n, "dtype": "float32", "shape": state_shape} for n in states]
     return {
         "graphs": {name: spec[0] for name, spec in graphs.items()},
@@ -170,7 +174,7 @@ class _Encoder(nn.Module):
         self.model = model
 
     def forward(self, image):
-        return self.model.encode(image)
+        return tuple(s.transpose(0, 1) for s in self.model.encode(image))  # batch-first
 
 
 def export_captioner(model: nn.Module, out_dir: Path) -> dict:
@@ -180,7 +184,7 @@ def export_captioner(model: nn.Module, out_dir: Path) -> dict:
     card = {"kind": "captioner"}
     card.update(_export_decoder(model.decoder, out_dir, with_prefill=False))
     shape = [cfg.in_channels, cfg.image_size, cfg.image_size]
-    axes = {"image": {0: "batch"}, "h": {1: "batch"}, "c": {1: "batch"}}
+    axes = {"image": {0: "batch"}, "h": {0: "batch"}, "c": {0: "batch"}}
     _export(_Encoder(model).eval(), (torch.zeros(2, *shape),), out_dir / "encoder.onnx",
             ["image"], ["h", "c"], axes)  # fmt: skip
     card["graphs"]["encoder"] = "encoder.onnx"

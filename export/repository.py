@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -41,3 +42,19 @@ def staged_version(root: Path, name: str, version: str) -> Iterator[Path]:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_config(model_dir: Path, card: dict) -> Path:
+    """`<root>/<name>/config.pbtxt` (Triton's ModelConfig) for the model's graph, unless
+    one is there already: an operator's edits (dynamic batching, instance groups) belong
+    to the model, not to one version. Written to a temporary file and renamed into place."""
+    from serving.model_config import CONFIG_FILE, config_for_card, to_text
+
+    path = Path(model_dir) / CONFIG_FILE
+    if path.exists():
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=".config-", dir=model_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(to_text(config_for_card(card)))
+    os.replace(tmp, path)
+    return path

@@ -70,8 +70,10 @@ def check_step_parity(model, graphs: dict, shapes, gen: torch.Generator) -> None
             logits, state = model(tokens, state0)
         feeds = {
             "tokens": tokens.numpy(),
-            **{n: s.numpy() for n, s in zip(states, state0, strict=True)},
+            # The graphs' state is batch-first: [B, L, H].
+            **{n: s.transpose(0, 1).numpy() for n, s in zip(states, state0, strict=True)},
         }
+        state = tuple(s.transpose(0, 1) for s in state)
         want = dict(zip(outputs, (logits[:, -1], *state), strict=True))
         for graph, session in graphs.items():
             if graph == "step" and length != 1:
@@ -90,7 +92,7 @@ def verify_char_lm(model, step_path: Path, prefill_path: Path, rollout_steps: in
     check_step_parity(model, {"prefill": prefill, "step": step}, shapes, gen)
     prompt = torch.randint(1, model.config.vocab_size, (2, 7), generator=gen)
     torch_tokens = _torch_rollout(model, prompt, rollout_steps)
-    zeros = np.zeros((model.config.num_layers, 2, model.config.hidden_size), np.float32)
+    zeros = np.zeros((2, model.config.num_layers, model.config.hidden_size), np.float32)
     feeds = {"tokens": prompt.numpy(), **dict.fromkeys(model.state_names, zeros)}
     logits, *state = prefill.run(None, feeds)
     onnx_tokens = onnx_greedy(step, model.state_names, logits, state, rollout_steps)
@@ -140,8 +142,8 @@ def verify_captioner(model, encoder_path: Path, step_path: Path, images: int = 6
         with torch.no_grad():
             h, c = model.encode(x[:batch])
         got_h, got_c = encoder.run(["h", "c"], {"image": x[:batch].numpy()})
-        assert_close(f"encoder h at batch {batch}", got_h, h)
-        assert_close(f"encoder c at batch {batch}", got_c, c)
+        assert_close(f"encoder h at batch {batch}", got_h, h.transpose(0, 1))  # batch-first
+        assert_close(f"encoder c at batch {batch}", got_c, c.transpose(0, 1))
     check_step_parity(
         model.decoder, {"step": step}, ((1, 1), (4, 1)), torch.Generator().manual_seed(3)
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.errors import DeviceError, InvalidArgument, ModelLoadError, NonFiniteOutput, preview
+from serving.model_config import read_model_config
 from serving.runtime import SessionFactory
 
 MODEL_CARD = "model.json"
@@ -28,6 +29,8 @@ class Model:
     def __init__(self, directory: Path, card: dict):
         self.directory = directory
         self.card = card
+        # Triton's config.pbtxt beside the versions (defaults when absent): read once.
+        self.config = read_model_config(directory.parent, card)
         self.name = card["name"]
         self.version = directory.name  # the repository layout decides, as in Triton
         self.provider = ""
@@ -183,7 +186,7 @@ def load_model(directory: Path, sessions: SessionFactory | str) -> Model:
         raise ModelLoadError(f"{directory}: unreadable {MODEL_CARD} ({exc!r})") from exc
     try:
         return cls(directory, card, sessions)
-    except DeviceError:
-        raise  # the operator demanded a device we cannot give: not a per-model problem
+    except (DeviceError, ModelLoadError):
+        raise  # a device we cannot give is not a per-model problem; the other says why
     except Exception as exc:
         raise ModelLoadError(f"{directory}: {type(exc).__name__}: {exc}") from exc

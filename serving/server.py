@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -52,6 +53,30 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # continuous batching
 
 
+def model_batching(model_config, default: BatchingConfig) -> BatchingConfig:
+    """A classifier's dynamic batching: its config.pbtxt's `dynamic_batching` block
+    (Triton's semantics, up to its `max_batch_size`) when present, else the flags'."""
+    if not model_config.HasField("dynamic_batching") or model_config.max_batch_size < 1:
+        return default
+    block = model_config.dynamic_batching
+    return dataclasses.replace(
+        default,
+        max_batch_size=model_config.max_batch_size,
+        max_queue_delay_us=block.max_queue_delay_microseconds,
+        preferred_batch_sizes=tuple(block.preferred_batch_size),
+    )
+
+
+def model_engine(model_config, default: EngineConfig) -> EngineConfig:
+    """A step model's continuous batch: the flags' size, capped by its config.pbtxt's
+    `max_batch_size` when that is set."""
+    if model_config.max_batch_size < 1:
+        return default
+    return dataclasses.replace(
+        default, max_batch_size=min(default.max_batch_size, model_config.max_batch_size)
+    )
+
+
 def create_server(
     config: ServerConfig,
     registry: ModelRegistry | None = None,
@@ -87,14 +112,13 @@ def create_server(
         config.max_streams, config.max_streams_per_connection, config.stream_stall_timeout_s
     )
     batchers = {}
-    if config.batching.max_batch_size > 1:
-        batchers = {
-            name: DynamicBatcher(name, model.rows, config.batching)
-            for name, model in registry.models.items()
-            if isinstance(model, Classifier)
-        }
+    for name, model in registry.models.items():
+        if isinstance(model, Classifier):
+            batching = model_batching(model.config, config.batching)
+            if batching.max_batch_size > 1:
+                batchers[name] = DynamicBatcher(name, model.rows, batching)
     engines = {
-        name: StepEngine(model, config.engine)
+        name: StepEngine(model, model_engine(model.config, config.engine))
         for name, model in registry.models.items()
         if isinstance(model, StepDecoder)
     }

@@ -50,7 +50,9 @@ def test_language_model_step_and_prefill_graphs(repository):
 
     step, prefill = io_shapes("model.onnx"), io_shapes("prefill.onnx")
     assert step["tokens"][1] == 1 and isinstance(prefill["tokens"][1], str)
-    assert step["h"] == [2, step["h"][1], 48] and step["logits"][1] == len(card["vocab"])
+    # Batch-first state, as Triton batches: [B, L, H], and the card says so.
+    assert step["h"] == [step["h"][0], 2, 48] and isinstance(step["h"][0], str)
+    assert card["state"][0]["shape"] == [-1, 2, 48] and step["logits"][1] == len(card["vocab"])
     assert set(step) == set(prefill) == {"tokens", "h", "c", "logits", "h_next", "c_next"}
 
 
