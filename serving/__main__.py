@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         args.drain_delay,
         args.grace_period,
     )
-    server.health.enter_graceful_shutdown()
+    server.enter_graceful_shutdown()
     time.sleep(args.drain_delay)
     server.stop(grace=args.grace_period).wait()
     log.info("stopped")

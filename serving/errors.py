@@ -31,6 +31,10 @@ class ResourceExhausted(ServingError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Cancelled(ServingError):
+    code = "CANCELLED"
+
+
 class DeadlineExceeded(ServingError):
     code = "DEADLINE_EXCEEDED"
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import threading
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # health.aio: the servicer
 from grpc_reflection.v1alpha import reflection
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
@@ -32,9 +34,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0 picks a free port
     device: str = "auto"  # cpu, cuda or auto
-    # Threads serving RPCs; each stream holds one, waiting on its outbox, until it ends.
-    max_workers: int = 80
-    max_streams: int = 64  # concurrent Generate/Caption streams; keep it below max_workers
+    # Threads for blocking work (decoding images, running graphs); streams hold none.
+    max_workers: int = 16
+    max_streams: int = 256  # concurrent Generate/Caption streams, all models together
     max_streams_per_connection: int = 8  # so one connection cannot hold every stream
     # A stream whose client takes no message for this long (a flow-control window that
     # never reopens) is cancelled and frees its slot; 0 disables the watchdog.
@@ -77,72 +79,125 @@ def model_engine(model_config, default: EngineConfig) -> EngineConfig:
     )
 
 
+class Server:
+    """The running server: a `grpc.aio` server on an event loop of its own thread, and
+    the parts it serves (the composition root owns them, for operators and tests).
+
+    The same shape as `grpc.Server` where callers need it: `start()`, `stop(grace)`
+    returning an event that is set once stopped, `wait_for_termination()`.
+    """
+
+    def __init__(self, config: ServerConfig, registry: ModelRegistry):
+        self.config, self.registry = config, registry
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
+        self._thread.start()
+        # Blocking work (decoding, graph runs, batcher waits) runs here, never on the loop.
+        self.workers = futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="work")
+        self.streams = StreamSlots(
+            config.max_streams, config.max_streams_per_connection, config.stream_stall_timeout_s
+        )
+        self.batchers: dict[str, DynamicBatcher] = {}
+        for name, model in registry.models.items():
+            if isinstance(model, Classifier):
+                batching = model_batching(model.config, config.batching)
+                if batching.max_batch_size > 1:
+                    self.batchers[name] = DynamicBatcher(name, model.rows, batching)
+        self.engines = {
+            name: StepEngine(model, model_engine(model.config, config.engine))
+            for name, model in registry.models.items()
+            if isinstance(model, StepDecoder)
+        }
+        self.servicer = InferenceServicer(
+            registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
+            self.workers,
+        )  # fmt: skip
+        self.health = health.aio.HealthServicer()
+        self._stopped = threading.Event()
+        self.port = self._call(self._build())
+
+    def _call(self, coroutine, timeout: float | None = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    async def _build(self) -> int:
+        c = self.config
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", c.max_message_bytes),
+                ("grpc.max_send_message_length", c.max_message_bytes),
+                ("grpc.so_reuseport", 0),  # a second server on a busy port fails, not shares
+                ("grpc.keepalive_time_ms", c.keepalive_time_ms),
+                ("grpc.keepalive_timeout_ms", c.keepalive_timeout_ms),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients' pings
+                ("grpc.max_connection_idle_ms", c.max_connection_idle_ms),
+                ("grpc.max_connection_age_ms", c.max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", c.max_connection_age_grace_ms),
+                ("grpc.max_concurrent_streams", c.max_concurrent_streams),
+            ],
+        )
+        add_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        try:
+            port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+        except RuntimeError as exc:  # grpcio raises this when the address is taken or invalid
+            raise OSError(f"cannot listen on {c.host}:{c.port}: {exc}") from None
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.registry.models
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+        return port
+
+    def start(self) -> None:
+        self._call(self.server.start())
+
+    def enter_graceful_shutdown(self) -> None:
+        """Health turns NOT_SERVING for every service; the server goes on serving."""
+        self._call(self.health.enter_graceful_shutdown())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new RPCs, give in-flight ones `grace` seconds (None: none), then stop
+        the engines, the pool and the loop. Returns an event set once all is stopped."""
+
+        async def stop():
+            await self.server.stop(grace)
+
+        def finish(_):
+            for engine in self.engines.values():
+                engine.close()
+            for batcher in self.batchers.values():
+                batcher.close()
+            self.streams.close()
+            self.workers.shutdown(wait=False, cancel_futures=True)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._stopped.set()
+
+        if self._stopped.is_set():
+            return self._stopped
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).add_done_callback(finish)
+        return self._stopped
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+
 def create_server(
     config: ServerConfig,
     registry: ModelRegistry | None = None,
-) -> tuple[grpc.Server, int]:
-    """Load the models (unless given), bind, and return the started-ready server."""
-    if not 0 < config.max_streams < config.max_workers:
-        raise ValueError(
-            f"max_streams ({config.max_streams}) must be at least 1 and below max_workers "
-            f"({config.max_workers}), so unary calls and health checks always find a thread"
-        )
+) -> tuple[Server, int]:
+    """Load the models (unless given), bind, and return the server ready to start."""
+    if not 0 < config.max_streams:
+        raise ValueError(f"max_streams must be at least 1, not {config.max_streams}")
     if config.max_streams_per_connection < 1 or config.stream_stall_timeout_s < 0:
         raise ValueError(
             "max_streams_per_connection must be at least 1 and stream_stall_timeout_s >= 0"
         )
     registry = registry or ModelRegistry.load(config.model_repository, config.device)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on a busy port fails, not shares
-            ("grpc.keepalive_time_ms", config.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", config.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # clients' keepalives
-            ("grpc.max_connection_idle_ms", config.max_connection_idle_ms),
-            ("grpc.max_connection_age_ms", config.max_connection_age_ms),
-            ("grpc.max_connection_age_grace_ms", config.max_connection_age_grace_ms),
-            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-        ],
-    )
-    streams = StreamSlots(
-        config.max_streams, config.max_streams_per_connection, config.stream_stall_timeout_s
-    )
-    batchers = {}
-    for name, model in registry.models.items():
-        if isinstance(model, Classifier):
-            batching = model_batching(model.config, config.batching)
-            if batching.max_batch_size > 1:
-                batchers[name] = DynamicBatcher(name, model.rows, batching)
-    engines = {
-        name: StepEngine(model, model_engine(model.config, config.engine))
-        for name, model in registry.models.items()
-        if isinstance(model, StepDecoder)
-    }
-    servicer = InferenceServicer(registry, streams, ImageDecoder(config.images), engines, batchers)
-    add_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
-    except RuntimeError as exc:  # grpcio raises this when the address is taken or invalid
-        raise OSError(f"cannot listen on {config.host}:{config.port}: {exc}") from None
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if registry.models
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for service in ("", SERVICE_NAME):
-        health_servicer.set(service, status)
-    server.registry = registry  # for operators' introspection and tests
-    server.health = health_servicer
-    server.streams = streams
-    server.batchers = batchers
-    server.engines = engines
-    return server, port
+    server = Server(config, registry)
+    return server, server.port

@@ -7,10 +7,13 @@ becomes INTERNAL and is logged, and the server carries on.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
+import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import grpc
@@ -21,7 +24,7 @@ from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.batching import DynamicBatcher
 from serving.engine import Delta, Sequence, StepEngine, caption_request, text_request
 from serving.engine.beam import beam_search
-from serving.errors import InvalidArgument, NonFiniteOutput, ServingError
+from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput, ServingError
 from serving.models import Captioner, Classifier, LanguageModel
 from serving.preprocess import ImageDecoder
 from serving.repository import ModelRegistry
@@ -55,13 +58,14 @@ def status_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
     return f"{cut}... ({len(data) - len(cut.encode())} more bytes)"
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and message an exception becomes (logged when INTERNAL)."""
     if isinstance(exc, ServingError):
         if exc.code == "INTERNAL":
             log.error("%s: %s", type(exc).__name__, exc)
-        context.abort(grpc.StatusCode[exc.code], status_message(str(exc)))
-    log.exception("unexpected error")
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        return grpc.StatusCode[exc.code], status_message(str(exc))
+    log.error("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
 @dataclass(frozen=True)
@@ -110,27 +114,35 @@ def add_to_server(servicer: pb_grpc.InferenceServicer, server: grpc.Server) -> N
 
 
 def unary(handler):
+    """An async unary handler whose errors become their status codes."""
+
     @functools.wraps(handler)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
             if isinstance(request, Undecodable):
                 request.check()
-            return handler(self, request, context)
+            return await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            _abort(context, exc)
+            code, message = _status(exc)
+        await context.abort(code, message)
 
     return wrapper
 
 
 def streaming(handler):
+    """An async streaming handler whose errors become their status codes."""
+
     @functools.wraps(handler)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
             if isinstance(request, Undecodable):
                 request.check()
-            yield from handler(self, request, context)
+            async for response in handler(self, request, context):
+                yield response
+            return
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            _abort(context, exc)
+            code, message = _status(exc)
+        await context.abort(code, message)
 
     return wrapper
 
@@ -238,19 +250,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         images: ImageDecoder,
         engines: dict[str, StepEngine],
         batchers: dict[str, DynamicBatcher] | None = None,
+        workers: Executor | None = None,
     ):
-        """The parts come from `create_server`, built from one ServerConfig."""
+        """The parts come from `create_server`, built from one ServerConfig.
+
+        Handlers run on the server's event loop and never block it: decoding, graph runs
+        and dynamic-batcher waits go to `workers` (a thread pool); a stream holds no
+        thread at all, only a slot (`streams`) and a row in its model's engine."""
         self.registry = registry
         self.batchers = batchers or {}  # model name -> its dynamic batcher (unary calls)
         self.engines = engines  # step model name -> its continuous-batching engine
-        # Each stream holds a worker thread (waiting on its outbox) until it ends; past the
-        # caps, new streams are refused at once so unary calls and health checks always
-        # find a thread.
-        self.streams = streams
+        self.streams = streams  # admission: global and per-connection caps, stall watchdog
         self.images = images
+        self.workers = workers
+
+    async def _blocking(self, fn, *args):
+        """Run `fn(*args)` on the worker pool; the event loop goes on serving."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
 
     @unary
-    def ListModels(self, request, context):
+    async def ListModels(self, request, context):
         models = []
         for name, model in sorted(self.registry.models.items()):
             metrics = {
@@ -271,7 +290,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ListModelsResponse(models=models)
 
     @unary
-    def Classify(self, request, context):
+    async def Classify(self, request, context):
+        return await self._blocking(self._classify, request)
+
+    def _classify(self, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
         model: Classifier = self.registry.get(request.model, Classifier.kind)
         which = request.WhichOneof("input")
         if which == "image":
@@ -316,11 +338,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         )
 
     @streaming
-    def Generate(self, request, context):
+    async def Generate(self, request, context):
         model: LanguageModel = self.registry.get(request.model, LanguageModel.kind)
         max_tokens, params = sampling_params(request, len(model.vocab))
         seq = text_request(model, request.prompt, max_tokens, params, list(request.stop))
-        for delta in self._in_a_stream_slot(model, lambda: seq, context):
+        async for delta in self._stream(model, lambda: seq, context):
             yield pb.GenerateResponse(
                 text="".join(delta.pieces),
                 finish_reason=delta.finish_reason,
@@ -333,11 +355,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             )
 
     @streaming
-    def Caption(self, request, context):
+    async def Caption(self, request, context):
         model: Captioner = self.registry.get(request.model, Captioner.kind)
         max_length, params = caption_params(request, model.max_length)
         if request.beam_size > 1:
-            yield from self._beam_caption(model, request, max_length, context)
+            async for response in self._beam_caption(model, request, max_length, context):
+                yield response
             return
 
         def sequence():  # decoding and encoding, too, happen inside a stream slot
@@ -345,7 +368,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return caption_request(model, image, max_length, params)
 
         words = []
-        for delta in self._in_a_stream_slot(model, sequence, context):
+        async for delta in self._stream(model, sequence, context):
             words += delta.pieces
             yield pb.CaptionResponse(
                 text=" ".join(delta.pieces),
@@ -357,17 +380,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 time_to_first_token_us=delta.time_to_first_token_us,
             )
 
-    def _beam_caption(self, model: Captioner, request, max_length: int, context):
-        """Beam search on this stream's own thread (a batch of beam_size rows), inside a
-        stream slot like every stream."""
+    async def _beam_caption(self, model: Captioner, request, max_length: int, context):
+        """Beam search, one step at a time on the worker pool (a batch of beam_size
+        rows of its own), inside a stream slot like every stream."""
+        state = {"active": True}
 
-        def events():
-            image = self.images.tensor(request.image, model.preprocess)
-            state = model.initial_state(image)
-            yield from beam_search(model, state, request.beam_size, max_length, context.is_active)
+        def cancel():  # the watchdog's thread
+            state["active"] = False
+
+        async def events():
+            image = await self._blocking(self.images.tensor, request.image, model.preprocess)
+            initial = await self._blocking(model.initial_state, image)
+            search = beam_search(
+                model, initial, request.beam_size, max_length, lambda: state["active"]
+            )
+            try:
+                while (event := await self._blocking(next, search, None)) is not None:
+                    yield event
+            finally:
+                state["active"] = False
 
         words, start, first = [], time.monotonic(), 0.0
-        for event in self.streams.run(events(), context.peer(), context.cancel):
+        async for event in self.streams.run(events(), context.peer(), cancel):
+            if not state["active"]:
+                raise Cancelled(STALLED)
             words += event.words
             first = first or (time.monotonic() if event.words else 0.0)
             if event.beams is None:
@@ -391,29 +427,53 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 ],
             )
 
-    def _in_a_stream_slot(self, model, sequence, context: grpc.ServicerContext):
-        """Hold a slot of the client's connection (or be refused at once), submit the
-        sequence to the model's engine and yield its deltas as they accumulate; a client
-        that stops reading is cancelled by the slots' watchdog, and a cancelled, timed
-        out or disconnected stream leaves the batch at the next iteration."""
+    def _stream(self, model, sequence, context: grpc.aio.ServicerContext):
+        """Hold a slot of the client's connection (or be refused at once), build the
+        sequence (on the worker pool: it may decode an image), submit it to the model's
+        engine and yield its deltas as they accumulate. A cancelled, timed-out or
+        disconnected stream (its task cancelled) leaves the batch at the next iteration;
+        a client that stops reading is cancelled by the slots' watchdog."""
         engine = self.engines[model.name]
+        stalled, live = threading.Event(), {}
 
-        def deltas():
-            seq: Sequence = sequence()
+        def cancel():  # the watchdog's thread: free the row now, tell the client later
+            stalled.set()
+            if "seq" in live:
+                engine.cancel(live["seq"])
+
+        async def deltas():
+            seq: Sequence = await self._blocking(sequence)
+            live["seq"] = seq
             remaining = context.time_remaining()
             if remaining is not None:
                 seq.deadline = time.monotonic() + remaining
+            loop, ready = asyncio.get_running_loop(), asyncio.Event()
+            seq.outbox.on_ready = lambda: loop.call_soon_threadsafe(ready.set)
             engine.submit(seq)
-            context.add_callback(lambda: engine.cancel(seq))
-            while True:
-                delta: Delta = seq.outbox.take()
-                if delta.error is not None:
-                    raise delta.error
-                yield delta
-                if delta.finished:
-                    return
+            try:
+                while True:
+                    ready.clear()
+                    delta: Delta | None = seq.outbox.take(timeout=0)
+                    if delta is None:
+                        await ready.wait()
+                        continue
+                    if delta.error is not None:
+                        raise delta.error
+                    yield delta
+                    if stalled.is_set():
+                        raise Cancelled(STALLED)
+                    if delta.finished:
+                        return
+            finally:
+                engine.cancel(seq)  # a no-op once it finished; else it leaves at once
 
-        return self.streams.run(deltas(), context.peer(), context.cancel)
+        return self.streams.run(deltas(), context.peer(), cancel)
+
+
+# An asyncio server cannot reset one HTTP/2 stream, and a status queues behind the
+# messages the client has not taken: the stalled stream's slot and batch row are freed
+# at once, and the client gets this status as soon as it reads again.
+STALLED = "the client took no message for too long; the stream was cancelled"
 
 
 def _token_logprob(vocab: list[str], lp) -> pb.TokenLogprob:

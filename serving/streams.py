@@ -1,6 +1,6 @@
 """Admission and liveness for long-lived response streams, without gRPC.
 
-Each `Generate` or `Caption` stream holds a slot until it ends. Three rules keep one
+Each `Generate` or `Caption` stream holds a slot (not a thread) until it ends. Three rules keep one
 client from holding them all:
 - a global cap (`max_streams`): past it, a new stream is refused at once;
 - a per-connection cap (`max_per_connection`): one connection cannot take every slot;
@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from serving.errors import ResourceExhausted
@@ -64,12 +64,15 @@ class StreamSlots:
     def live(self) -> int:
         return len(self._live)
 
-    def run(self, events: Iterator, connection: str, cancel: Callable[[], None]) -> Iterator:
+    async def run(
+        self, events: AsyncIterator, connection: str, cancel: Callable[[], None]
+    ) -> AsyncIterator:
         """Yield `events` while holding a slot for `connection`; refuse at once
-        (ResourceExhausted) when the global or the connection's cap is reached."""
+        (ResourceExhausted) when the global or the connection's cap is reached.
+        `cancel` must be safe to call from the watchdog's thread."""
         stream = self._admit(connection, cancel)
         try:
-            for event in events:
+            async for event in events:
                 stream.waiting_since = self.clock()
                 yield event
                 stream.waiting_since = None
@@ -124,6 +127,7 @@ class StreamSlots:
                 self.stall_timeout_s,
             )
             stream.cancel()
+            self._release(stream)  # the slot is free now, whenever the transport notices
         return len(stalled)
 
     def _watch(self) -> None:

@@ -435,3 +435,70 @@ def _eventually(predicate, timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def test_hundreds_of_streams_hold_no_thread_each_and_health_stays_responsive(repository):
+    """200 concurrent Generate streams (an asyncio client, so neither side has a thread
+    per stream): all finish with their text, the server's threads stay a handful, and
+    health checks and unary calls answer while they run."""
+    import asyncio
+    import threading
+
+    from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+    from serving.server import ServerConfig, create_server
+
+    server, port = create_server(
+        ServerConfig(
+            repository, port=0, device="cpu", max_streams=256, max_streams_per_connection=256
+        )
+    )
+    model = server.registry.models["char_lstm"]
+    run = model.run
+    model.run = lambda *args: (time.sleep(0.002), run(*args))[1]  # streams overlap
+    server.start()
+    threads_before = threading.active_count()
+    peak, answered = [0], []
+
+    async def main():
+        # Four connections of 50 streams: under HTTP/2's 100 streams per connection.
+        channels = [
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(4)
+        ]
+        stubs = [pb_grpc.InferenceStub(ch) for ch in channels]
+        stub, health = stubs[0], health_pb2_grpc.HealthStub(channels[0])
+        try:
+
+            async def one(i: int) -> str:
+                request = pb.GenerateRequest(
+                    model="char_lstm", prompt="KING.\n", max_tokens=40, min_tokens=40, seed=i
+                )
+                stream = stubs[i % 4].Generate(request, timeout=60)
+                return "".join([r.text async for r in stream])
+
+            async def probe():
+                while len(answered) < 5:
+                    peak[0] = max(peak[0], threading.active_count())
+                    start = time.monotonic()
+                    await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    await stub.ListModels(pb.ListModelsRequest(), timeout=5)
+                    answered.append(time.monotonic() - start)
+                    await asyncio.sleep(0.05)
+
+            texts = await asyncio.gather(*(one(i) for i in range(200)), probe())
+            return texts[:-1]
+        finally:
+            for ch in channels:
+                await ch.close()
+
+    try:
+        texts = asyncio.run(main())
+    finally:
+        server.stop(None)
+    assert len(texts) == 200 and all(len(t) == 40 for t in texts)
+    assert len(answered) == 5 and max(answered) < 5
+    # The pool (16), the loop, the engine and gRPC's own: far below one per stream.
+    assert peak[0] - threads_before < 40, (threads_before, peak[0])
+    assert max(server.engines["char_lstm"].stats.batch_sizes) == 64  # the batch was full
