@@ -295,6 +295,19 @@ def render(report: dict, plots: list[str]) -> str:
                 for c, lv in _by_level(runs["served caption"]).items()
             ],
         )
+    caption_off = _by_level(runs.get("unbatched caption"))
+    if runs.get("served caption") and caption_off:
+        caption_on = _by_level(runs["served caption"])
+        out += [
+            "",
+            "Continuous batching off (`--stream-batch-size 1`): "
+            + ", ".join(
+                f"c={c} {lv['tokens_per_s']:,.0f} words/s (on/off "
+                f"{_ratio((caption_on.get(c) or {}).get('tokens_per_s'), lv['tokens_per_s'])})"
+                for c, lv in caption_off.items()
+            )
+            + ".",
+        ]
     out += ["", "### Step-wise against recompute (char_lstm, in process, batch 1)", ""]
     out += _table(
         ["tokens", "step graph s", "recompute the prefix s", "recompute/step-wise"],

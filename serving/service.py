@@ -453,7 +453,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 while True:
                     ready.clear()
-                    delta: Delta | None = seq.outbox.take(timeout=0)
+                    delta: Delta | None = seq.outbox.take_or_arm()
                     if delta is None:
                         await ready.wait()
                         continue

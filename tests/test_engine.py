@@ -341,3 +341,17 @@ def test_padded_batches_run_at_full_size_and_change_nothing():
     assert results[0] == results[1]
     assert {shape[0] for _, shape in padded.runs} == {4}
     assert {shape[0] for _, shape in plain.runs} == {1, 2}
+
+
+def test_an_armed_outbox_wakes_its_consumer_once_per_wait():
+    wakes = []
+    seq = fake_request([1])
+    seq.outbox.on_ready = lambda: wakes.append(1)
+    assert seq.outbox.take_or_arm() is None  # nothing yet: armed
+    for token in (2, 3, 4):
+        seq.outbox.put(lambda d, t=token: d.tokens.append(t))
+    assert len(wakes) == 1  # three tokens, one wake-up
+    assert seq.outbox.take_or_arm().tokens == [2, 3, 4]
+    seq.outbox.put(lambda d: d.tokens.append(5))
+    assert len(wakes) == 1  # not armed: the consumer is busy and will take it
+    assert seq.outbox.take_or_arm().tokens == [5]

@@ -55,6 +55,7 @@ class Outbox:
         self._delta = Delta()
         self._ready = False
         self._done = False
+        self._armed = False  # a consumer found nothing and waits for `on_ready`
         self.on_ready: Callable[[], None] | None = None  # called outside the lock
 
     def put(self, update: Callable[[Delta], None]) -> None:
@@ -65,8 +66,19 @@ class Outbox:
             self._ready = True
             self._done = self._delta.finished
             self._cond.notify_all()
-        if self.on_ready is not None:
-            self.on_ready()
+            wake, self._armed = self._armed, False
+        if wake and self.on_ready is not None:
+            self.on_ready()  # once per wait, not once per token
+
+    def take_or_arm(self) -> Delta | None:
+        """The accumulated delta, or None having armed `on_ready` for the next put (an
+        event loop's consumer: one wake-up per wait, however many tokens arrive)."""
+        with self._cond:
+            if not self._ready:
+                self._armed = True
+                return None
+            delta, self._delta, self._ready = self._delta, Delta(), False
+            return delta
 
     def take(self, timeout: float | None = None) -> Delta | None:
         """The accumulated delta, waiting up to `timeout` for one; None if nothing came."""
