@@ -1,8 +1,8 @@
 """Turn a trained model into verified ONNX graphs plus the metadata serving needs.
 
 Classifiers: one graph `model.onnx`, `input` [B, C, H, W] -> `logits` [B, K].
-Language models: a step graph `model.onnx` (`tokens` [B, 1], `h`, `c` [L, B, H] ->
-`logits` [B, V], `h_next`, `c_next`) and a prefill graph `prefill.onnx` with the
+Language models: a step graph `model.onnx` (`tokens` [B, 1], `h`, `c` [B, L, H],
+batch-first as Triton batches -> `logits` [B, V], `h_next`, `c_next`) and a prefill graph `prefill.onnx` with the
 same names and a dynamic T axis on `tokens`, to consume a whole prompt in one call.
 """
 
