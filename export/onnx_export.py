@@ -2,8 +2,9 @@
 
 Classifiers: one graph `model.onnx`, `input` [B, C, H, W] -> `logits` [B, K].
 Language models: a step graph `model.onnx` (`tokens` [B, 1], `h`, `c` [B, L, H],
-batch-first as Triton batches -> `logits` [B, V], `h_next`, `c_next`) and a prefill graph `prefill.onnx` with the
-same names and a dynamic T axis on `tokens`, to consume a whole prompt in one call.
+batch-first as Triton batches -> `logits` [B, V], `h_next`, `c_next`) and a prefill
+graph `prefill.onnx` with the same names and a dynamic T axis on `tokens`, to consume
+a whole prompt in one call.
 """
 
 from __future__ import annotations
