@@ -355,3 +355,31 @@ def test_an_armed_outbox_wakes_its_consumer_once_per_wait():
     seq.outbox.put(lambda d: d.tokens.append(5))
     assert len(wakes) == 1  # not armed: the consumer is busy and will take it
     assert seq.outbox.take_or_arm().tokens == [5]
+
+
+def test_step_requests_join_the_batch_and_reproduce_greedy_generation(repository):
+    """A client-driven sequence (feed a token, get logits, keep the state) run through
+    the same scheduler, batched with a generation, gives the greedy text token for token."""
+    from serving.engine import step_request
+
+    lm = load_model(repository / "char_lstm" / "1", "cpu")
+    greedy = SamplingParams(temperature=0)
+    want = [t for d in run_alone(lm, text_request(lm, "KING.\n", 25, greedy)) for t in d.tokens]
+    s = Scheduler(lm)
+    company = text_request(lm, "QUEEN.\n", 100, SamplingParams(seed=1))
+    s.submit(company)
+    tokens, state, got = [lm.bos, *lm.encode("KING.\n")], None, []
+    for _ in range(25):
+        seq = step_request(lm, tokens, state)
+        s.submit(seq)
+        while (delta := seq.outbox.take(timeout=0)) is None:
+            s.step()
+        assert delta.finish_reason == "stepped" and delta.logits.shape == (len(lm.vocab),)
+        tokens, state = [int(np.argmax(delta.logits))], delta.state
+        got.append(tokens[0])
+        if tokens[0] == lm.eos:
+            break
+    assert got == want
+    assert s.stats.batch_sizes[2] > 0  # steps ran beside the generation
+    with pytest.raises(Exception, match="tokens"):
+        step_request(lm, [len(lm.vocab)])

@@ -13,6 +13,7 @@ import numpy as np
 from serving.engine.output import Output, TextOutput, WordOutput
 from serving.engine.request import Delta, Outbox, Sequence, Status
 from serving.engine.scheduler import EngineConfig, EngineStats, Scheduler, StepEngine, run_alone
+from serving.errors import InvalidArgument
 from serving.models import Captioner, LanguageModel
 from serving.sampling import Sampler, SamplingParams
 
@@ -28,8 +29,22 @@ __all__ = [
     "StepEngine",
     "caption_request",
     "run_alone",
+    "step_request",
     "text_request",
 ]
+
+
+def step_request(model, tokens, state: dict[str, np.ndarray] | None = None) -> Sequence:
+    """Feed `tokens` (ids) from `state` (batch of 1; None: zeros) and get back the logits
+    after the last one and the new state: the transport-free form of a client-driven
+    sequence (Triton's sequence batcher with implicit state keeps `state` between calls).
+    It joins the model's continuous batch like any stream."""
+    ids = np.asarray(tokens, np.int64).reshape(-1)
+    if not len(ids) or ids.min() < 0 or ids.max() >= len(model.vocab):
+        raise InvalidArgument(
+            "tokens", f"{len(ids)} ids; need at least one, each 0 to {len(model.vocab) - 1}"
+        )
+    return Sequence(pending=ids, sampler=None, max_tokens=0, output=Output(), state=state)
 
 
 def text_request(

@@ -43,6 +43,10 @@ class Delta:
     seed: int = 0
     queue_time_us: int = 0  # submitted -> joined the batch
     time_to_first_token_us: int = 0  # submitted -> first token sampled
+    # A step request's result (no sampling): logits [V] after its last token, and the
+    # state after it (batch of 1), for the caller to keep (server-held sequence state).
+    logits: np.ndarray | None = None
+    state: dict[str, np.ndarray] | None = None
 
 
 class Outbox:
@@ -92,10 +96,12 @@ class Outbox:
 @dataclass(eq=False)
 class Sequence:
     """One generation: a prompt (or a captioner's <start>) to feed, then one sampled
-    token per iteration until EOS, a stop string, max_tokens, cancellation or a deadline."""
+    token per iteration until EOS, a stop string, max_tokens, cancellation or a deadline.
+    Without a sampler, a step request: its tokens are fed (in the same batch as the
+    generations) and it ends with the logits and the state after the last one."""
 
     pending: np.ndarray  # int64 tokens still to feed: the prompt, then each sampled token
-    sampler: Sampler
+    sampler: Sampler | None  # None: a step request, which returns logits and state
     max_tokens: int
     output: Output
     state: dict[str, np.ndarray] | None = None  # batch of 1; None: the model's zero state
@@ -119,8 +125,9 @@ class Sequence:
                 d.pieces.append(tail)
             d.finished, d.finish_reason, d.error = True, reason, error
             d.prompt_tokens = self.prompt_tokens
-            d.completion_tokens = self.sampler.produced
-            d.seed = self.sampler.seed
+            if self.sampler is not None:
+                d.completion_tokens = self.sampler.produced
+                d.seed = self.sampler.seed
             d.queue_time_us = int((joined - self.submitted) * 1e6)
             if self.first_token:
                 d.time_to_first_token_us = int((self.first_token - self.submitted) * 1e6)

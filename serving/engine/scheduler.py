@@ -125,13 +125,14 @@ class Scheduler:
             return 0
         self.stats.iterations += 1
         ready: list[tuple[Sequence, np.ndarray]] = []
-        decode = [s for s in self._running if s.status is Status.RUNNING or not self._prefill]
+        decode = [s for s in self._running if self._by_step(s)]
+        prefill = self._prefill_groups()  # decided before the decode run moves anything
         if decode:
             tokens = np.stack([s.pending[:1] for s in decode])  # [B, 1]
             ready += self._run("step", decode, tokens)
             self.stats.step_runs += 1
             self.stats.batch_sizes[len(decode)] += 1
-        for length, group in self._prefill_groups().items():
+        for length, group in prefill.items():
             tokens = np.stack([s.pending[:length] for s in group])  # [G, length]
             ready += self._run("prefill", group, tokens)
             self.stats.prefill_runs += 1
@@ -164,7 +165,7 @@ class Scheduler:
         groups: dict[int, list[Sequence]] = {}
         budget = self.config.prefill_tokens_per_iteration
         for seq in self._running:
-            if seq.status is not Status.PREFILL or not self._prefill:
+            if self._by_step(seq):
                 continue
             length = min(len(seq.pending), self.model.prefill_chunk)
             if groups and length > budget:
@@ -172,6 +173,16 @@ class Scheduler:
             groups.setdefault(length, []).append(seq)
             budget -= length
         return groups
+
+    def _by_step(self, seq: Sequence) -> bool:
+        """Whether the stream feeds one token through the step graph this iteration: a
+        sampled token, any input of a model without a prefill graph, or a step request's
+        single token (so client-driven sequences share the decode batch)."""
+        return (
+            seq.status is Status.RUNNING
+            or not self._prefill
+            or (seq.sampler is None and len(seq.pending) == 1)
+        )
 
     def _run(self, graph: str, rows: list[Sequence], tokens: np.ndarray):
         """Run `rows` through `graph`; on an exception, each row alone. Returns the rows
@@ -230,12 +241,27 @@ class Scheduler:
                 self._leave(
                     seq, "error", NonFiniteOutput(f"{self.model.name} produced non-finite logits")
                 )
+        now = self.clock()
+        rows = {id(s): i for i, (s, _) in enumerate(ready)}
+        for seq in [s for s in seqs if s.sampler is None]:  # step requests: logits back
+            self._answer(seq, logits[rows[id(seq)]], now)
+        seqs = [s for s in seqs if s.sampler is not None]
         if not seqs:
             return
-        tokens, logprobs = sample_rows(logits[finite], [s.sampler for s in seqs], self.model.eos)
-        now = self.clock()
+        picked = [rows[id(s)] for s in seqs]
+        tokens, logprobs = sample_rows(logits[picked], [s.sampler for s in seqs], self.model.eos)
         for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
             self._deliver(seq, int(token), lp, now)
+
+    def _answer(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
+        seq.first_token = seq.first_token or now
+        state = seq.state
+
+        def add(d: Delta) -> None:
+            d.logits, d.state = logits.copy(), state
+
+        seq.outbox.put(add)
+        self._leave(seq, "stepped")
 
     def _deliver(self, seq: Sequence, token: int, logprob, now: float) -> None:
         seq.first_token = seq.first_token or now
