@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.errors import ResourceExhausted
+from serving.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,12 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, x: np.ndarray, timeout: float | None = None):
-        """One input row -> its result (raises the row's exception)."""
+    def enqueue(self, x: np.ndarray) -> Future:
+        """Queue one input row; its future gets the row's result or exception."""
         future: Future = Future()
         with self._cond:
+            if self._closed:
+                raise Unavailable(f"{self.name}: the server is shutting down")
             if len(self._queue) >= self.config.max_queue_size:
                 raise ResourceExhausted(
                     f"{self.name}: {self.config.max_queue_size} requests are already queued; "
@@ -75,12 +77,20 @@ class DynamicBatcher:
                 )
             self._queue.append(_Request(x, time.monotonic(), future))
             self._cond.notify()
-        return future.result(timeout)
+        return future
+
+    def submit(self, x: np.ndarray, timeout: float | None = None):
+        """One input row -> its result (raises the row's exception), waiting for it."""
+        return self.enqueue(x).result(timeout)
 
     def close(self) -> None:
+        """Stop the thread; requests still queued fail with UNAVAILABLE."""
         with self._cond:
             self._closed = True
+            queued, self._queue = list(self._queue), deque()
             self._cond.notify()
+        for request in queued:
+            request.future.set_exception(Unavailable(f"{self.name}: the server is shutting down"))
 
     def _take(self) -> list[_Request] | None:
         """Wait for a batch by the rules above; None once closed."""

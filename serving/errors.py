@@ -31,6 +31,10 @@ class ResourceExhausted(ServingError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class Unavailable(ServingError):
+    code = "UNAVAILABLE"
+
+
 class Cancelled(ServingError):
     code = "CANCELLED"
 

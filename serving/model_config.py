@@ -63,11 +63,16 @@ def _check(config: ModelConfig, card: dict, directory: str) -> str:
         return f"backend: {config.backend!r}; stepwise serves 'onnxruntime' only"
     if config.max_batch_size < 0:
         return f"max_batch_size: {config.max_batch_size}; allowed 0 or more"
-    names = {t["name"] for t in card["inputs"]} | {t["name"] for t in card["outputs"]}
+    shapes = {t["name"]: t["shape"][1:] for t in [*card["inputs"], *card["outputs"]]}
     for field, tensors in (("input", config.input), ("output", config.output)):
         for i, tensor in enumerate(tensors):
-            if tensor.name not in names:
+            if tensor.name not in shapes:
                 return f"{field}[{i}].name: {tensor.name!r} is not a tensor of the graph"
+            if tensor.dims and list(tensor.dims) != shapes[tensor.name]:
+                return (
+                    f"{field}[{i}].dims: {list(tensor.dims)}; the graph's {tensor.name!r} "
+                    f"is {shapes[tensor.name]} (without the batch axis)"
+                )
     if config.HasField("dynamic_batching"):
         for size in config.dynamic_batching.preferred_batch_size:
             if not 1 <= size <= max(config.max_batch_size, 1):

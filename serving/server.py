@@ -58,8 +58,12 @@ class ServerConfig:
 def model_batching(model_config, default: BatchingConfig) -> BatchingConfig:
     """A classifier's dynamic batching: its config.pbtxt's `dynamic_batching` block
     (Triton's semantics, up to its `max_batch_size`) when present, else the flags'."""
-    if not model_config.HasField("dynamic_batching") or model_config.max_batch_size < 1:
+    if model_config.max_batch_size < 1:  # 0, proto3's default: not set
         return default
+    if not model_config.HasField("dynamic_batching"):  # the flags', within the model's cap
+        return dataclasses.replace(
+            default, max_batch_size=min(default.max_batch_size, model_config.max_batch_size)
+        )
     block = model_config.dynamic_batching
     return dataclasses.replace(
         default,
@@ -71,7 +75,7 @@ def model_batching(model_config, default: BatchingConfig) -> BatchingConfig:
 
 def model_engine(model_config, default: EngineConfig) -> EngineConfig:
     """A step model's continuous batch: the flags' size, capped by its config.pbtxt's
-    `max_batch_size` when that is set."""
+    `max_batch_size` when that is set (0, proto3's default, reads as not set)."""
     if model_config.max_batch_size < 1:
         return default
     return dataclasses.replace(

@@ -291,51 +291,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @unary
     async def Classify(self, request, context):
-        return await self._blocking(self._classify, request)
-
-    def _classify(self, request: pb.ClassifyRequest) -> pb.ClassifyResponse:
         model: Classifier = self.registry.get(request.model, Classifier.kind)
-        which = request.WhichOneof("input")
-        if which == "image":
-            x = self.images.tensor(request.image, model.preprocess)
-        elif which == "tensor":
-            x = model.check_tensor(tensor_to_array(request.tensor))
-        else:
-            raise InvalidArgument("input", "set one of image (encoded PNG/JPEG) or tensor")
-        classes = len(model.labels)
-        top_k = request.top_k or min(CLASSIFY_TOP_K_DEFAULT, classes)
-        if not 1 <= top_k <= classes:
-            raise InvalidArgument(
-                "top_k",
-                f"got {request.top_k}; allowed 0 (default "
-                f"{min(CLASSIFY_TOP_K_DEFAULT, classes)}) to {classes}",
-            )
         batcher = self.batchers.get(model.name)
+        if batcher is None:  # decode and run on a worker
+            return await self._blocking(self._classify_here, model, request)
+        # Decode on a worker, then wait for the batch on the loop (no worker held).
+        x, top_k = await self._blocking(_classify_input, self.images, model, request)
         try:
-            if batcher is not None:
-                probs = batcher.submit(x)
-            else:
-                probs = model.probabilities(x[None])[0]
+            probs = await asyncio.wrap_future(batcher.enqueue(x))
         except NonFiniteOutput as exc:
-            if which != "tensor":
-                raise  # a preprocessed image is in range: the model is at fault
-            largest = float(np.max(np.abs(x)))
-            raise InvalidArgument(
-                "tensor.raw_data",
-                f"values up to magnitude {largest:.3g} overflow {model.name} ({exc}); send the "
-                "preprocessed range the model was trained on",
-            ) from None
-        order = np.argsort(-probs, kind="stable")[:top_k]
-        return pb.ClassifyResponse(
-            model=model.name,
-            version=model.version,
-            classes=[
-                pb.ClassProbability(
-                    index=int(i), label=model.labels[i], probability=float(probs[i])
-                )
-                for i in order
-            ],
-        )
+            raise _overflow(model, request, x, exc) from None
+        return _classify_response(model, probs, top_k)
+
+    def _classify_here(self, model: Classifier, request) -> pb.ClassifyResponse:
+        x, top_k = _classify_input(self.images, model, request)
+        try:
+            probs = model.probabilities(x[None])[0]
+        except NonFiniteOutput as exc:
+            raise _overflow(model, request, x, exc) from None
+        return _classify_response(model, probs, top_k)
 
     @streaming
     async def Generate(self, request, context):
@@ -383,10 +357,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _beam_caption(self, model: Captioner, request, max_length: int, context):
         """Beam search, one step at a time on the worker pool (a batch of beam_size
         rows of its own), inside a stream slot like every stream."""
-        state = {"active": True}
+        state = {"active": True, "stalled": False}
 
         def cancel():  # the watchdog's thread
-            state["active"] = False
+            state["active"], state["stalled"] = False, True
 
         async def events():
             image = await self._blocking(self.images.tensor, request.image, model.preprocess)
@@ -402,8 +376,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         words, start, first = [], time.monotonic(), 0.0
         async for event in self.streams.run(events(), context.peer(), cancel):
-            if not state["active"]:
-                raise Cancelled(STALLED)
+            if state["stalled"]:
+                break
             words += event.words
             first = first or (time.monotonic() if event.words else 0.0)
             if event.beams is None:
@@ -426,6 +400,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     for b in event.beams
                 ],
             )
+        if state["stalled"]:  # the watchdog stopped the search: never end it OK
+            raise Cancelled(STALLED)
 
     def _stream(self, model, sequence, context: grpc.aio.ServicerContext):
         """Hold a slot of the client's connection (or be refused at once), build the
@@ -474,6 +450,51 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 # messages the client has not taken: the stalled stream's slot and batch row are freed
 # at once, and the client gets this status as soon as it reads again.
 STALLED = "the client took no message for too long; the stream was cancelled"
+
+
+def _classify_input(images: ImageDecoder, model: Classifier, request) -> tuple[np.ndarray, int]:
+    """The request's input as the model's tensor [C, H, W], and its validated top_k."""
+    which = request.WhichOneof("input")
+    if which == "image":
+        x = images.tensor(request.image, model.preprocess)
+    elif which == "tensor":
+        x = model.check_tensor(tensor_to_array(request.tensor))
+    else:
+        raise InvalidArgument("input", "set one of image (encoded PNG/JPEG) or tensor")
+    classes = len(model.labels)
+    top_k = request.top_k or min(CLASSIFY_TOP_K_DEFAULT, classes)
+    if not 1 <= top_k <= classes:
+        raise InvalidArgument(
+            "top_k",
+            f"got {request.top_k}; allowed 0 (default "
+            f"{min(CLASSIFY_TOP_K_DEFAULT, classes)}) to {classes}",
+        )
+    return x, top_k
+
+
+def _overflow(model: Classifier, request, x: np.ndarray, exc: NonFiniteOutput) -> Exception:
+    """A tensor the client sent that overflows the network is the client's error; a
+    preprocessed image is in range, so there the model is at fault (INTERNAL)."""
+    if request.WhichOneof("input") != "tensor":
+        return exc
+    largest = float(np.max(np.abs(x)))
+    return InvalidArgument(
+        "tensor.raw_data",
+        f"values up to magnitude {largest:.3g} overflow {model.name} ({exc}); send the "
+        "preprocessed range the model was trained on",
+    )
+
+
+def _classify_response(model: Classifier, probs: np.ndarray, top_k: int) -> pb.ClassifyResponse:
+    order = np.argsort(-probs, kind="stable")[:top_k]
+    return pb.ClassifyResponse(
+        model=model.name,
+        version=model.version,
+        classes=[
+            pb.ClassProbability(index=int(i), label=model.labels[i], probability=float(probs[i]))
+            for i in order
+        ],
+    )
 
 
 def _token_logprob(vocab: list[str], lp) -> pb.TokenLogprob:

@@ -36,6 +36,7 @@ class _Stream:
     cancel: Callable[[], None]
     waiting_since: float | None = None  # a message is out and not yet taken
     cancelled: bool = False
+    released: bool = False  # its connection's share is given back
 
 
 class StreamSlots:
@@ -102,8 +103,12 @@ class StreamSlots:
             return stream
 
     def _release(self, stream: _Stream) -> None:
+        """The stream ended: its global slot (if the watchdog has not freed it already)
+        and its connection's share."""
         with self._lock:
-            if self._live.pop(stream.id, None) is not None:
+            self._live.pop(stream.id, None)
+            if not stream.released:
+                stream.released = True
                 self._per_connection[stream.connection] -= 1
                 if not self._per_connection[stream.connection]:
                     del self._per_connection[stream.connection]
@@ -127,7 +132,11 @@ class StreamSlots:
                 self.stall_timeout_s,
             )
             stream.cancel()
-            self._release(stream)  # the slot is free now, whenever the transport notices
+            # Its global slot is free now; its connection keeps the share until the
+            # transport ends the stream (when that client reads again or goes away), so
+            # a client that never reads cannot open streams without bound.
+            with self._lock:
+                self._live.pop(stream.id, None)
         return len(stalled)
 
     def _watch(self) -> None:

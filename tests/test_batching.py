@@ -159,3 +159,28 @@ def test_batched_classify_answers_what_unbatched_classify_answers(repository):
         assert a.keys() == b.keys()
         np.testing.assert_allclose([a[i] for i in range(10)], [b[i] for i in range(10)],
                                    rtol=1e-5, atol=1e-7)  # fmt: skip
+
+
+def test_closing_fails_queued_requests_as_unavailable():
+    import threading
+
+    from serving.errors import Unavailable
+
+    release = threading.Event()
+
+    def slow(x):
+        release.wait(5)
+        return list(x)
+
+    batcher = DynamicBatcher("slow", slow, BatchingConfig(max_batch_size=1))
+    first = batcher.enqueue(np.zeros(2, np.float32))
+    time.sleep(0.1)  # the thread has taken the first and waits in the model
+    queued = [batcher.enqueue(np.ones(2, np.float32)) for _ in range(3)]
+    batcher.close()
+    release.set()
+    assert first.result(5) is not None
+    for future in queued:
+        with pytest.raises(Unavailable):
+            future.result(5)
+    with pytest.raises(Unavailable):
+        batcher.enqueue(np.zeros(2, np.float32))

@@ -383,3 +383,21 @@ def test_step_requests_join_the_batch_and_reproduce_greedy_generation(repository
     assert s.stats.batch_sizes[2] > 0  # steps ran beside the generation
     with pytest.raises(Exception, match="tokens"):
         step_request(lm, [len(lm.vocab)])
+
+
+def test_beam_search_refuses_non_finite_logits():
+    from serving.engine.beam import beam_search
+
+    model = FakeStepModel(prefill=False, nan_token=3)
+    model.vocab, model.bos = [str(i) for i in range(V)], 3  # <start> = 3 gives NaN
+    with pytest.raises(NonFiniteOutput):
+        list(beam_search(model, model.zero_state(1), 2, 4))
+
+
+def test_a_closed_engine_refuses_new_streams_as_unavailable():
+    from serving.errors import Unavailable
+
+    engine = StepEngine(FakeStepModel(prefill=False))
+    engine.close()
+    with pytest.raises(Unavailable):
+        engine.submit(fake_request([1]))

@@ -64,6 +64,7 @@ def test_an_inconsistent_config_names_the_field(tmp_path, repository):
         'name: "other"': "name:",
         'platform: "tensorflow_savedmodel"': "platform:",
         'input { name: "pixels" }': "input[0].name",
+        'input { name: "input" dims: [3, 32, 32] }': "input[0].dims",
         'sequence_batching { state { input_name: "h" output_name: "c_next" } }':
             "sequence_batching.state[0]",
     }  # fmt: skip

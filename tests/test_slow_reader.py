@@ -145,6 +145,9 @@ def test_a_client_that_never_reads_cannot_lock_others_out(guarded):
             # reset one HTTP/2 stream), so the client learns it once it reads again.
             assert _wait(lambda: server.streams.stalled == 2, 10), hostile.statuses
             assert _wait(lambda: server.streams.live == 0, 5)
+            # Until they end, they still count against their connection: no new ones.
+            again = hostile.generate(request)
+            assert _wait(lambda: hostile.statuses.get(again) == exhausted, 10)
             hostile.open_windows(held)
             assert _wait(lambda: all(s in hostile.statuses for s in held), 10), hostile.statuses
             assert {hostile.statuses[s] for s in held} == {"1"}  # 1: CANCELLED
@@ -193,8 +196,10 @@ def test_stalled_streams_are_cancelled_by_the_watchdog_without_grpc():
             await anext(reader)
             slots.check_stalls()
         assert cancelled == ["stuck"] and slots.stalled == 1
+        with pytest.raises(ResourceExhausted, match="this connection already has 2"):
+            await anext(slots.run(numbers(3), "conn-a", lambda: None))  # stuck still counts
         await stuck.aclose()  # what the transport does once the cancellation lands
-        assert slots.live == 1 and (slots.admitted, slots.refused) == (3, 2)
+        assert slots.live == 1 and (slots.admitted, slots.refused) == (3, 3)
         await anext(slots.run(numbers(3), "conn-a", lambda: None))  # conn-a has room again
 
     asyncio.run(scenario())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.errors import NonFiniteOutput
 from serving.sampling import log_softmax
 
 
@@ -59,6 +60,8 @@ def beam_search(
         if not is_active():
             return
         logits, state = model.run("step", tokens, state)
+        if not np.all(np.isfinite(logits)):
+            raise NonFiniteOutput(f"{model.name} produced non-finite logits")
         logp = log_softmax(logits)  # [k, V]
         logp[:, model.never_sampled] = -np.inf
         totals = np.asarray([s for _, s in live])[:, None] + logp  # [k, V]

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving.engine.request import Delta, Sequence, Status
-from serving.errors import DeadlineExceeded, NonFiniteOutput, ResourceExhausted, ServingError
+from serving.errors import (
+    DeadlineExceeded,
+    NonFiniteOutput,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+)
 from serving.sampling import sample_rows
 
 log = logging.getLogger(__name__)
@@ -297,7 +303,10 @@ class Scheduler:
             self._running, self._waiting = [], deque()
         for seq in everyone:
             if seq.status is not Status.FINISHED:
-                self._leave(seq, "error", error)
+                try:
+                    self._leave(seq, "error", error)
+                except Exception:  # noqa: BLE001 - one stream's outbox must not stop the rest
+                    log.exception("%s: could not fail stream %d", self.model.name, seq.id)
 
 
 def _on_cuda(model) -> bool:
@@ -330,9 +339,12 @@ class StepEngine:
         return self.scheduler.stats
 
     def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._stopped:
+                raise Unavailable(f"{self.scheduler.model.name}: the server is shutting down")
         self.scheduler.submit(seq)
         with self._cond:
-            if self._thread is None and not self._stopped:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name=f"engine-{self.scheduler.model.name}", daemon=True
                 )
@@ -355,13 +367,16 @@ class StepEngine:
                 self.scheduler.step()
             except Exception as exc:  # noqa: BLE001 - the engine must outlive any bug
                 log.exception("%s: scheduler iteration failed", self.scheduler.model.name)
-                self.scheduler.fail_all(_internal(exc))
+                try:
+                    self.scheduler.fail_all(_internal(exc))
+                except Exception:  # noqa: BLE001 - nor may failing its streams end it
+                    log.exception("%s: failing the batch failed", self.scheduler.model.name)
 
     def close(self) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self.scheduler.fail_all(ServingError("the server is shutting down"))
+        self.scheduler.fail_all(Unavailable("the server is shutting down"))
 
 
 def run_alone(model, seq: Sequence, config: EngineConfig = EngineConfig()) -> Iterator[Delta]:
