@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # health.aio: the servicer
 from grpc_reflection.v1alpha import reflection
 
+from serving import kserve
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.batching import BatchingConfig, DynamicBatcher
 from serving.engine import EngineConfig, StepEngine
@@ -116,6 +117,7 @@ class Server:
             registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
             self.workers,
         )  # fmt: skip
+        self.kserve = kserve.KServeServicer(registry)  # the KServe V2 protocol
         self.health = health.aio.HealthServicer()
         self._stopped = threading.Event()
         self.port = self._call(self._build())
@@ -141,9 +143,11 @@ class Server:
             ],
         )
         add_to_server(self.servicer, self.server)
+        kserve.add_to_server(self.kserve, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, kserve.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         try:
             port = self.server.add_insecure_port(f"{c.host}:{c.port}")
@@ -154,7 +158,7 @@ class Server:
             if self.registry.models
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, kserve.SERVICE_NAME):
             await self.health.set(service, status)
         return port
 
@@ -162,7 +166,9 @@ class Server:
         self._call(self.server.start())
 
     def enter_graceful_shutdown(self) -> None:
-        """Health turns NOT_SERVING for every service; the server goes on serving."""
+        """Health turns NOT_SERVING for every service (and KServe's ServerReady false);
+        the server goes on serving."""
+        self.kserve.accepting = False
         self._call(self.health.enter_graceful_shutdown())
 
     def stop(self, grace: float | None) -> threading.Event:

@@ -91,21 +91,24 @@ def _lenient_parser(message_cls):
     return parse
 
 
-def add_to_server(servicer: pb_grpc.InferenceServicer, server: grpc.Server) -> None:
-    """`add_InferenceServicer_to_server`, but requests that fail to parse reach the
-    handler as `Undecodable` (and become INVALID_ARGUMENT) instead of INTERNAL."""
-    service = pb.DESCRIPTOR.services_by_name["Inference"]
+def add_to_server(servicer, server, module=pb, service_name: str = "Inference") -> None:
+    """`add_<Service>Servicer_to_server`, but requests that fail to parse reach the
+    handler as `Undecodable` (and become INVALID_ARGUMENT) instead of INTERNAL.
+    `module` is the generated `_pb2` module that defines the service."""
+    service = module.DESCRIPTOR.services_by_name[service_name]
+    makers = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     handlers = {}
     for method in service.methods:
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        make = makers[method.client_streaming, method.server_streaming]
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
-            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+            request_deserializer=_lenient_parser(getattr(module, method.input_type.name)),
+            response_serializer=getattr(module, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
