@@ -2,17 +2,23 @@
 on the same port as `stepwise.v1.Inference`: the first step of issue 9.
 
 Served so far: liveness and readiness (server and models), server and model metadata,
-each model's `config.pbtxt` as Triton's `ModelConfigResponse`, and the repository
-index. Inference (`ModelInfer`, `ModelStreamInfer`), statistics and repository
-load/unload answer UNIMPLEMENTED until they land, and `ServerMetadata.extensions`
-lists only what is served.
+each model's `config.pbtxt` as Triton's `ModelConfigResponse`, the repository index,
+and `ModelInfer` on each model's `model.onnx` as plain tensors (a step graph's state is
+an ordinary input and output). Server-held sequence state, `ModelStreamInfer`,
+statistics and repository load/unload answer UNIMPLEMENTED until they land, and
+`ServerMetadata.extensions` lists only what is served.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+
+import numpy as np
+
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving.errors import NotFound, ServingError
+from serving.errors import InvalidArgument, NotFound, ServingError
 from serving.model_config import PLATFORM, config_for_card
 from serving.repository import ModelRegistry
 from serving.service import add_to_server as _add
@@ -36,8 +42,9 @@ DATATYPES = {
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, workers=None):
         self.registry = registry
+        self.workers = workers  # graph runs happen here, never on the event loop
         self.accepting = True  # false once shutdown begins: ServerReady says so at once
 
     def _model(self, name: str, version: str):
@@ -112,10 +119,41 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             ]
         return kpb.RepositoryIndexResponse(models=models)
 
-    # Not served yet (issue 9 goes on): UNIMPLEMENTED, naming what is missing.
     @unary
     async def ModelInfer(self, request, context):
-        raise Unimplemented("ModelInfer")
+        """Run the model's graph (`model.onnx`: a classifier, or a step model's step
+        graph with its state as plain inputs and outputs) on the request's tensors."""
+        model = self._model(request.model_name, request.model_version)
+        feeds = decode_inputs(request, model.card["inputs"])
+        names = [t["name"] for t in model.card["outputs"]]
+        wanted = [o.name for o in request.outputs] or names
+        for i, name in enumerate(wanted):
+            if name not in names:
+                raise InvalidArgument(
+                    f"outputs[{i}].name", f"{name!r} is not an output of {model.name}: {names}"
+                )
+        loop = asyncio.get_running_loop()
+        session = model.graphs["step"] if hasattr(model, "graphs") else model.session
+        try:
+            values = await loop.run_in_executor(self.workers, session.run, wanted, feeds)
+        except Exception as exc:  # noqa: BLE001 - ORT rejects what its graph cannot take
+            raise InvalidArgument("inputs", f"the graph refused them: {exc}"[:400]) from None
+        if any(v.dtype.kind == "f" and not np.all(np.isfinite(v)) for v in values):
+            raise InvalidArgument(
+                "inputs", f"{model.name} produced non-finite values from them (out of range?)"
+            )
+        response = kpb.ModelInferResponse(
+            model_name=model.name, model_version=model.version, id=request.id
+        )
+        for name, value in zip(wanted, values, strict=True):
+            value = np.ascontiguousarray(value)
+            response.outputs.add(name=name, datatype=DATATYPES[value.dtype.name], shape=value.shape)
+            response.raw_output_contents.append(
+                value.astype(value.dtype.newbyteorder("<")).tobytes()
+            )
+        return response
+
+    # Not served yet (issue 9 goes on): UNIMPLEMENTED, naming what is missing.
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
@@ -133,6 +171,88 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def RepositoryModelUnload(self, request, context):
         raise Unimplemented("RepositoryModelUnload")
+
+
+# The protocol's datatypes -> (numpy dtype, the typed-contents field that carries them).
+NUMPY = {
+    "BOOL": (np.bool_, "bool_contents"),
+    "UINT8": (np.uint8, "uint_contents"),
+    "UINT16": (np.uint16, "uint_contents"),
+    "UINT32": (np.uint32, "uint_contents"),
+    "UINT64": (np.uint64, "uint64_contents"),
+    "INT8": (np.int8, "int_contents"),
+    "INT16": (np.int16, "int_contents"),
+    "INT32": (np.int32, "int_contents"),
+    "INT64": (np.int64, "int64_contents"),
+    "FP16": (np.float16, None),  # raw only
+    "FP32": (np.float32, "fp32_contents"),
+    "FP64": (np.float64, "fp64_contents"),
+}
+MAX_DIMS = 8
+
+
+def decode_inputs(request, specs: list[dict]) -> dict[str, np.ndarray]:
+    """The request's input tensors as numpy arrays, checked against the graph's inputs:
+    every input present once, its datatype and shape, and its bytes (raw) or values
+    (typed contents); raw and typed contents never mixed in one request."""
+    by_name = {s["name"]: s for s in specs}
+    raw = list(request.raw_input_contents)
+    typed = [t.name for t in request.inputs if t.HasField("contents")]
+    if raw and typed:
+        raise InvalidArgument(
+            "raw_input_contents", f"set, and inputs {typed} carry typed contents: use one form"
+        )
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            "raw_input_contents", f"{len(raw)} entries for {len(request.inputs)} inputs"
+        )
+    feeds = {}
+    for i, tensor in enumerate(request.inputs):
+        field = f"inputs[{i}]"
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            raise InvalidArgument(
+                f"{field}.name", f"{tensor.name!r}; the inputs are {list(by_name)}"
+            )
+        if tensor.name in feeds:
+            raise InvalidArgument(f"{field}.name", f"{tensor.name!r} given twice")
+        want = DATATYPES[spec["dtype"]]
+        if tensor.datatype != want:
+            raise InvalidArgument(
+                f"{field}.datatype", f"{tensor.name!r} is {want}, not {tensor.datatype!r}"
+            )
+        shape = list(tensor.shape)
+        allowed = spec["shape"]
+        if len(shape) != len(allowed) or any(
+            d < 0 or (a != -1 and d != a) for d, a in zip(shape, allowed, strict=False)
+        ):
+            raise InvalidArgument(
+                f"{field}.shape", f"{tensor.name!r}: got {shape}; allowed {allowed} (-1: any)"
+            )
+        dtype, contents_field = NUMPY[want]
+        count = math.prod(shape)
+        if raw:
+            data = raw[i]
+            need = count * np.dtype(dtype).itemsize
+            if len(data) != need:
+                raise InvalidArgument(
+                    f"raw_input_contents[{i}]",
+                    f"{tensor.name!r}: {len(data)} bytes; shape {shape} of {want} needs {need}",
+                )
+            array = np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).astype(dtype)
+        else:
+            values = getattr(tensor.contents, contents_field) if contents_field else []
+            if len(values) != count:
+                raise InvalidArgument(
+                    f"{field}.contents",
+                    f"{tensor.name!r}: {len(values)} values; shape {shape} needs {count}",
+                )
+            array = np.asarray(values, dtype)
+        feeds[tensor.name] = array.reshape(shape)
+    missing = [n for n in by_name if n not in feeds]
+    if missing:
+        raise InvalidArgument("inputs", f"missing {missing}; the graph needs {list(by_name)}")
+    return feeds
 
 
 class Unimplemented(ServingError):

@@ -117,7 +117,7 @@ class Server:
             registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
             self.workers,
         )  # fmt: skip
-        self.kserve = kserve.KServeServicer(registry)  # the KServe V2 protocol
+        self.kserve = kserve.KServeServicer(registry, self.workers)  # the KServe V2 protocol
         self.health = health.aio.HealthServicer()
         self._stopped = threading.Event()
         self.port = self._call(self._build())

@@ -97,3 +97,126 @@ def test_reflection_lists_it_and_shutdown_turns_server_ready_false(repository):
             assert stub.ServerLive(kpb.ServerLiveRequest()).live  # still alive, draining
     finally:
         server.stop(None)
+
+
+def _raw(name: str, array, datatype: str):
+    return (
+        kpb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=array.shape),
+        array.astype(array.dtype.newbyteorder("<")).tobytes(),
+    )
+
+
+def _infer(kserve, model: str, arrays: dict, **fields):
+    import numpy as np
+
+    request = kpb.ModelInferRequest(model_name=model, **fields)
+    for name, array in arrays.items():
+        datatype = {np.float32: "FP32", np.int64: "INT64"}[array.dtype.type]
+        tensor, data = _raw(name, array, datatype)
+        request.inputs.append(tensor)
+        request.raw_input_contents.append(data)
+    return kserve.ModelInfer(request)
+
+
+def _outputs(response) -> dict:
+    import numpy as np
+
+    kinds = {"FP32": np.float32, "INT64": np.int64}
+    return {
+        o.name: np.frombuffer(raw, kinds[o.datatype]).reshape(list(o.shape))
+        for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+
+
+def test_model_infer_on_a_classifier_batch_equals_classify(kserve, client, repository):
+    import numpy as np
+
+    from serving._proto.stepwise.v1 import inference_pb2 as pb
+
+    x = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    response = _infer(kserve, "lenet5", {"input": x}, id="req-7")
+    assert (response.model_name, response.model_version, response.id) == ("lenet5", "1", "req-7")
+    logits = _outputs(response)["logits"]
+    assert logits.shape == (3, 10)
+    for row, lg in zip(x, logits, strict=True):
+        tensor = pb.Tensor(dtype="float32", shape=row.shape, raw_data=row.tobytes())
+        got = client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor, top_k=10))
+        probs = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
+        for c in got.classes:
+            assert c.probability == pytest.approx(probs[c.index], abs=1e-5)
+
+
+def test_a_client_runs_the_recurrence_through_the_plain_step_graph(kserve, client, repository):
+    """Greedy decoding with the state as ordinary tensors, one token per call, equals
+    Generate at temperature 0."""
+    import json
+
+    import numpy as np
+
+    vocab = json.loads((repository / "char_lstm" / "1" / "model.json").read_text())["vocab"]
+    prompt = "KING.\n"
+    want = "".join(r.text for r in client.generate_stream(prompt, max_tokens=20, temperature=0))
+    meta = kserve.ModelMetadata(kpb.ModelMetadataRequest(name="char_lstm"))
+    shape = {t.name: list(t.shape) for t in meta.inputs}["h"]  # [-1, L, H]: batch-first
+    h = c = np.zeros([1, *shape[1:]], np.float32)
+    feed, got = [0, *(vocab.index(ch) for ch in prompt)], ""  # <eos> opens a document
+    while len(got) < len(want):
+        for token in feed:
+            out = _outputs(_infer(kserve, "char_lstm", {
+                "tokens": np.asarray([[token]], np.int64), "h": h, "c": c}))  # fmt: skip
+            h, c = out["h_next"], out["c_next"]
+        token = int(np.argmax(out["logits"][0]))
+        if token == 0:
+            break
+        got, feed = got + vocab[token], [token]
+    assert got == want
+
+
+def test_model_infer_typed_contents_and_output_filtering(kserve):
+    import numpy as np
+
+    x = np.zeros((1, 1, 32, 32), np.float32)
+    request = kpb.ModelInferRequest(model_name="lenet5")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 32, 32])
+    tensor.contents.fp32_contents.extend(x.ravel().tolist())
+    request.outputs.add(name="logits")
+    typed = _outputs(kserve.ModelInfer(request))["logits"]
+    raw = _outputs(_infer(kserve, "lenet5", {"input": x}))["logits"]
+    assert np.array_equal(typed, raw)
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        (lambda r: setattr(r.inputs[0], "datatype", "FP64"), "inputs[0].datatype"),
+        (lambda r: r.inputs[0].shape.__setitem__(1, 3), "inputs[0].shape"),
+        (lambda r: r.raw_input_contents.__setitem__(0, b"\\0" * 8), "raw_input_contents[0]"),
+        (lambda r: setattr(r.inputs[0], "name", "pixels"), "inputs[0].name"),
+        (lambda r: r.inputs[0].contents.fp32_contents.append(1.0), "raw_input_contents"),
+        (lambda r: r.outputs.add(name="probabilities"), "outputs[0].name"),
+    ],
+)
+def test_model_infer_errors_name_the_tensor(kserve, change, field):
+    import numpy as np
+
+    request = kpb.ModelInferRequest(model_name="lenet5")
+    tensor, data = _raw("input", np.zeros((1, 1, 32, 32), np.float32), "FP32")
+    request.inputs.append(tensor)
+    request.raw_input_contents.append(data)
+    change(request)
+    with pytest.raises(grpc.RpcError) as info:
+        kserve.ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field), info.value.details()
+
+
+def test_model_infer_missing_input_and_unknown_model(kserve):
+    import numpy as np
+
+    with pytest.raises(grpc.RpcError) as info:
+        _infer(kserve, "char_lstm", {"tokens": np.zeros((1, 1), np.int64)})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "missing ['h', 'c']" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        _infer(kserve, "nope", {})
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
