@@ -3,23 +3,29 @@ on the same port as `stepwise.v1.Inference`: the first step of issue 9.
 
 Served so far: liveness and readiness (server and models), server and model metadata,
 each model's `config.pbtxt` as Triton's `ModelConfigResponse`, the repository index,
-and `ModelInfer` on each model's `model.onnx` as plain tensors (a step graph's state is
-an ordinary input and output). Server-held sequence state, `ModelStreamInfer`,
-statistics and repository load/unload answer UNIMPLEMENTED until they land, and
+`ModelInfer` on each model's `model.onnx` as plain tensors (a step graph's state is an
+ordinary input and output), and server-held sequence state (`sequence_id`,
+`sequence_start`, `sequence_end` parameters: the client sends `tokens`, gets `logits`,
+and its step joins the model's continuous batch). `ModelStreamInfer`, statistics and
+repository load/unload answer UNIMPLEMENTED until they land, and
 `ServerMetadata.extensions` lists only what is served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving.errors import InvalidArgument, NotFound, ServingError
-from serving.model_config import PLATFORM, config_for_card
+from serving.engine import step_request
+from serving.errors import InvalidArgument, NotFound, ResourceExhausted, ServingError
+from serving.model_config import DEFAULT_SEQUENCE_IDLE_US, PLATFORM, config_for_card
 from serving.repository import ModelRegistry
 from serving.service import add_to_server as _add
 from serving.service import streaming, unary
@@ -27,7 +33,8 @@ from serving.service import streaming, unary
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "stepwise"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ("model_configuration",)  # exactly what is served (Triton's extension names)
+# Exactly what is served, in Triton's extension names.
+EXTENSIONS = ("model_configuration", "sequence")
 # numpy dtype names (model.json) -> the protocol's datatypes.
 DATATYPES = {
     "bool": "BOOL",
@@ -42,9 +49,11 @@ DATATYPES = {
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, workers=None):
+    def __init__(self, registry: ModelRegistry, workers=None, engines=None):
         self.registry = registry
         self.workers = workers  # graph runs happen here, never on the event loop
+        self.engines = engines or {}  # step model name -> its continuous-batching engine
+        self.sequences: dict[str, SequenceStore] = {}  # model name -> server-held state
         self.accepting = True  # false once shutdown begins: ServerReady says so at once
 
     def _model(self, name: str, version: str):
@@ -122,8 +131,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelInfer(self, request, context):
         """Run the model's graph (`model.onnx`: a classifier, or a step model's step
-        graph with its state as plain inputs and outputs) on the request's tensors."""
+        graph with its state as plain inputs and outputs) on the request's tensors; with
+        a `sequence_id` parameter on a step model, the server holds the state."""
         model = self._model(request.model_name, request.model_version)
+        if "sequence_id" in request.parameters:
+            return await self._sequence_step(model, request)
         feeds = decode_inputs(request, model.card["inputs"])
         names = [t["name"] for t in model.card["outputs"]]
         wanted = [o.name for o in request.outputs] or names
@@ -151,6 +163,45 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             response.raw_output_contents.append(
                 value.astype(value.dtype.newbyteorder("<")).tobytes()
             )
+        return response
+
+    async def _sequence_step(self, model, request) -> kpb.ModelInferResponse:
+        """Triton's sequence batcher with implicit state: the client sends `tokens`, the
+        server keeps `h`/`c` under the sequence id between calls; each call is a step
+        request in the model's continuous batch."""
+        engine = self.engines.get(model.name)
+        if engine is None:
+            raise InvalidArgument(
+                "parameters.sequence_id", f"{model.name} is not a step model (no state)"
+            )
+        key, start, end = _sequence_parameters(request.parameters)
+        token_spec = [t for t in model.card["inputs"] if t["name"] == "tokens"]
+        feeds = decode_inputs(request, token_spec)
+        if feeds["tokens"].shape[0] != 1:
+            raise InvalidArgument("inputs[0].shape", "a sequence steps one row at a time: [1, 1]")
+        store = self.sequences.setdefault(model.name, SequenceStore(_idle_us(model)))
+        async with store.hold(key, start) as entry:
+            seq = step_request(model, feeds["tokens"][0], entry.state)
+            loop, ready = asyncio.get_running_loop(), asyncio.Event()
+            seq.outbox.on_ready = lambda: loop.call_soon_threadsafe(ready.set)
+            engine.submit(seq)
+            try:
+                while (delta := seq.outbox.take_or_arm()) is None:
+                    await ready.wait()
+                    ready.clear()
+            finally:
+                engine.cancel(seq)
+            if delta.error is not None:
+                raise delta.error
+            entry.state = delta.state
+            if end:
+                store.end(key)
+        logits = np.ascontiguousarray(delta.logits[None], np.float32)  # [1, V]
+        response = kpb.ModelInferResponse(
+            model_name=model.name, model_version=model.version, id=request.id
+        )
+        response.outputs.add(name="logits", datatype="FP32", shape=logits.shape)
+        response.raw_output_contents.append(logits.astype("<f4").tobytes())
         return response
 
     # Not served yet (issue 9 goes on): UNIMPLEMENTED, naming what is missing.
@@ -253,6 +304,89 @@ def decode_inputs(request, specs: list[dict]) -> dict[str, np.ndarray]:
     if missing:
         raise InvalidArgument("inputs", f"missing {missing}; the graph needs {list(by_name)}")
     return feeds
+
+
+MAX_SEQUENCES = 1024  # live server-held sequences per model; past it RESOURCE_EXHAUSTED
+EXPIRED_KEPT = 4096  # expired ids remembered, so a late call hears "expired"
+
+
+def _idle_us(model) -> int:
+    idle = model.config.sequence_batching.max_sequence_idle_microseconds
+    return idle or DEFAULT_SEQUENCE_IDLE_US
+
+
+def _sequence_parameters(params) -> tuple[str, bool, bool]:
+    """(the sequence id as text, sequence_start, sequence_end) from request parameters."""
+    value = params["sequence_id"]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("uint64_param", "int64_param", "string_param"):
+        raise InvalidArgument("parameters.sequence_id", "must be a uint64, int64 or string")
+    key = str(getattr(value, kind))
+    if key in ("", "0"):
+        raise InvalidArgument("parameters.sequence_id", "0 and empty are not sequence ids")
+    flags = []
+    for name in ("sequence_start", "sequence_end"):
+        flag = params[name] if name in params else None
+        if flag is not None and flag.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidArgument(f"parameters.{name}", "must be a bool")
+        flags.append(bool(flag and flag.bool_param))
+    return key, flags[0], flags[1]
+
+
+@dataclass
+class _Entry:
+    state: dict | None
+    last_used: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class SequenceStore:
+    """Server-held state by sequence id, for one model, used from the event loop only.
+    Idle sequences expire after `idle_us`; at most MAX_SEQUENCES live at once."""
+
+    def __init__(self, idle_us: int, clock=time.monotonic):
+        self.idle_s, self.clock = idle_us / 1e6, clock
+        self.live: dict[str, _Entry] = {}
+        self.expired: dict[str, float] = {}
+
+    def _sweep(self, now: float) -> None:
+        for key in [k for k, e in self.live.items() if now - e.last_used > self.idle_s]:
+            if not self.live[key].lock.locked():
+                del self.live[key]
+                self.expired[key] = now
+        while len(self.expired) > EXPIRED_KEPT:
+            self.expired.pop(next(iter(self.expired)))
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str, start: bool):
+        now = self.clock()
+        self._sweep(now)
+        entry = self.live.get(key)
+        if start:
+            if entry is not None:
+                raise InvalidArgument(
+                    "parameters.sequence_start", f"sequence {key} is already in use"
+                )
+            if len(self.live) >= MAX_SEQUENCES:
+                raise ResourceExhausted(f"{MAX_SEQUENCES} sequences are live; end one first")
+            entry = self.live[key] = _Entry(None, now)
+            self.expired.pop(key, None)
+        elif entry is None:
+            if key in self.expired:
+                raise InvalidArgument(
+                    "parameters.sequence_id",
+                    f"sequence {key} expired after {self.idle_s:g} s idle; start it again",
+                )
+            raise InvalidArgument(
+                "parameters.sequence_id",
+                f"sequence {key} does not exist; send sequence_start with its first step",
+            )
+        async with entry.lock:  # one step of a sequence at a time, in arrival order
+            yield entry
+            entry.last_used = self.clock()
+
+    def end(self, key: str) -> None:
+        self.live.pop(key, None)
 
 
 class Unimplemented(ServingError):

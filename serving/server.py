@@ -117,7 +117,8 @@ class Server:
             registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
             self.workers,
         )  # fmt: skip
-        self.kserve = kserve.KServeServicer(registry, self.workers)  # the KServe V2 protocol
+        # The KServe V2 protocol; its server-held sequences join the same engines.
+        self.kserve = kserve.KServeServicer(registry, self.workers, self.engines)
         self.health = health.aio.HealthServicer()
         self._stopped = threading.Event()
         self.port = self._call(self._build())

@@ -27,7 +27,7 @@ def test_live_ready_and_model_ready(kserve, server):
 
 def test_server_metadata_lists_exactly_what_is_served(kserve):
     meta = kserve.ServerMetadata(kpb.ServerMetadataRequest())
-    assert meta.name == "stepwise" and list(meta.extensions) == ["model_configuration"]
+    assert meta.name == "stepwise" and list(meta.extensions) == ["model_configuration", "sequence"]
     with pytest.raises(grpc.RpcError) as info:  # not in the list: not served
         kserve.ModelStatistics(kpb.ModelStatisticsRequest(name="lenet5"))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -220,3 +220,109 @@ def test_model_infer_missing_input_and_unknown_model(kserve):
     with pytest.raises(grpc.RpcError) as info:
         _infer(kserve, "nope", {})
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _seq_step(kserve, key, token: int, start=False, end=False, model="char_lstm"):
+    import numpy as np
+
+    request = kpb.ModelInferRequest(model_name=model)
+    if isinstance(key, str):
+        request.parameters["sequence_id"].string_param = key
+    else:
+        request.parameters["sequence_id"].uint64_param = key
+    if start:
+        request.parameters["sequence_start"].bool_param = True
+    if end:
+        request.parameters["sequence_end"].bool_param = True
+    tensor, data = _raw("tokens", np.asarray([[token]], np.int64), "INT64")
+    request.inputs.append(tensor)
+    request.raw_input_contents.append(data)
+    return _outputs(kserve.ModelInfer(request))["logits"][0]
+
+
+def _greedy_by_sequence(kserve, key, vocab: list[str], prompt: str, n: int) -> str:
+    import numpy as np
+
+    feed, got, first = [0, *(vocab.index(ch) for ch in prompt)], "", True
+    while len(got) < n:
+        for token in feed:
+            logits = _seq_step(kserve, key, token, start=first)
+            first = False
+        token = int(np.argmax(logits))
+        if token == 0:
+            break
+        got, feed = got + vocab[token], [token]
+    _seq_step(kserve, key, 0, end=True)
+    return got
+
+
+def test_server_held_sequence_state_equals_generate(kserve, client, repository):
+    import json
+
+    vocab = json.loads((repository / "char_lstm" / "1" / "model.json").read_text())["vocab"]
+    want = "".join(r.text for r in client.generate_stream("KING.\n", max_tokens=20, temperature=0))
+    assert _greedy_by_sequence(kserve, 4242, vocab, "KING.\n", len(want)) == want
+    assert _greedy_by_sequence(kserve, "a-string-id", vocab, "KING.\n", len(want)) == want
+
+
+def test_sequence_errors_name_the_id(kserve):
+    def error(call):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        return info.value
+
+    err = error(lambda: _seq_step(kserve, 999, 1))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "999 does not exist" in err.details()
+    _seq_step(kserve, 1000, 0, start=True)
+    err = error(lambda: _seq_step(kserve, 1000, 0, start=True))
+    assert "1000 is already in use" in err.details()
+    _seq_step(kserve, 1000, 1, end=True)
+    err = error(lambda: _seq_step(kserve, 1000, 1))  # ended: gone
+    assert "1000 does not exist" in err.details()
+    err = error(lambda: _seq_step(kserve, 7, 0, start=True, model="lenet5"))
+    assert (
+        err.details().startswith("parameters.sequence_id") and "not a step model" in err.details()
+    )
+
+
+def test_idle_sequences_expire_and_many_clients_interleave(tmp_path, repository):
+    import json
+    import shutil
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.server import ServerConfig, create_server
+
+    root = tmp_path / "repo"
+    shutil.copytree(repository / "char_lstm", root / "char_lstm")
+    config = (root / "char_lstm" / "config.pbtxt").read_text()
+    (root / "char_lstm" / "config.pbtxt").write_text(
+        config.replace(
+            "max_sequence_idle_microseconds: 60000000", "max_sequence_idle_microseconds: 1000000"
+        )  # fmt: skip
+    )
+    vocab = json.loads((root / "char_lstm" / "1" / "model.json").read_text())["vocab"]
+    server, port = create_server(ServerConfig(root, port=0, device="cpu"))
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            _seq_step(stub, 5, 0, start=True)
+            time.sleep(1.3)
+            with pytest.raises(grpc.RpcError) as info:
+                _seq_step(stub, 5, 1)
+            assert "5 expired after 1 s idle" in info.value.details()
+            prompts = ["KING.\n", "QUEEN.\n", "Now ", "What "] * 2
+            alone = [
+                _greedy_by_sequence(stub, 100 + i, vocab, p, 15) for i, p in enumerate(prompts)
+            ]
+            engine = server.engines["char_lstm"]
+            before = sum(n for size, n in engine.stats.batch_sizes.items() if size > 1)
+            with ThreadPoolExecutor(8) as pool:
+                together = list(pool.map(
+                    lambda ip: _greedy_by_sequence(stub, 200 + ip[0], vocab, ip[1], 15),
+                    enumerate(prompts)))  # fmt: skip
+            assert together == alone
+            assert sum(n for size, n in engine.stats.batch_sizes.items() if size > 1) > before
+    finally:
+        server.stop(None)
