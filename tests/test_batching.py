@@ -107,16 +107,17 @@ def test_a_full_queue_refuses_at_once():
     model = Model()
     batcher = DynamicBatcher("fake", model, BatchingConfig(max_batch_size=1, max_queue_size=2))
     model.gate.clear()
-    threads = [threading.Thread(target=lambda: batcher.submit(np.asarray([1.0]), timeout=20))
-               for _ in range(3)]  # fmt: skip
-    for t in threads:
-        t.start()
-    time.sleep(0.3)  # one running, two queued
-    with pytest.raises(ResourceExhausted, match="2 requests are already queued"):
-        batcher.submit(np.asarray([1.0]), timeout=1)
-    model.gate.set()
-    for t in threads:
-        t.join(10)
+    running = batcher.enqueue(np.asarray([1.0]))
+    deadline = time.monotonic() + 10
+    while batcher._queue and time.monotonic() < deadline:  # the thread takes it, then waits
+        time.sleep(0.01)
+    queued = [batcher.enqueue(np.asarray([1.0])) for _ in range(2)]  # the queue is full
+    try:
+        with pytest.raises(ResourceExhausted, match="2 requests are already queued"):
+            batcher.submit(np.asarray([1.0]), timeout=1)
+    finally:
+        model.gate.set()
+    assert [f.result(10)[0] for f in [running, *queued]] == [2, 2, 2]
     assert batcher.submit(np.asarray([1.0]), timeout=5)[0] == 2  # drained, serving again
 
 
