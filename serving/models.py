@@ -103,7 +103,10 @@ class StepDecoder(Model):
     state)`. The decode loop, the batch and the sampling belong to `serving.engine`.
     """
 
-    prefill_chunk = 256  # prompt tokens per prefill run: bounds activations per stream
+    # Prompt tokens per prefill run. A recurrent prefill is sequential in time, so a chunk
+    # costs about its length in steps: small chunks keep running streams flowing while
+    # long prompts join (docs/BENCHMARKS.md), and bound activations per stream.
+    prefill_chunk = 32
 
     def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card)

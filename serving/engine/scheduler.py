@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_batch_size: int = 64  # streams stepped together per iteration
     max_queue_size: int = 256  # streams waiting to join; past it RESOURCE_EXHAUSTED at once
-    prefill_tokens_per_iteration: int = 1024  # prompt tokens consumed per iteration, at most
+    prefill_tokens_per_iteration: int = 128  # prompt tokens consumed per iteration, at most
     # Run every graph call at exactly max_batch_size rows (zero rows fill the rest), so a
     # row's arithmetic never depends on how many others run with it. The CPU provider is
     # row-invariant as it is; on CUDA the GEMM kernels change with the batch size and a
