@@ -23,29 +23,31 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from serving._proto.inference import model_config_pb2 as mc
 from serving.engine import step_request
 from serving.errors import InvalidArgument, NotFound, ResourceExhausted, ServingError
-from serving.model_config import DEFAULT_SEQUENCE_IDLE_US, PLATFORM, config_for_card
+from serving.model_config import DATA_TYPES, DEFAULT_SEQUENCE_IDLE_US, PLATFORM, config_for_card
 from serving.repository import ModelRegistry
+from serving.service import OutboxReader, streaming, unary
 from serving.service import add_to_server as _add
-from serving.service import streaming, unary
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "stepwise"
 SERVER_VERSION = "0.1.0"
 # Exactly what is served, in Triton's extension names.
 EXTENSIONS = ("model_configuration", "sequence")
-# numpy dtype names (model.json) -> the protocol's datatypes.
+# numpy dtype names (model.json) -> the protocol's datatypes: Triton's TYPE_* names
+# without the prefix (TYPE_FP32 -> "FP32"), from the one table config.pbtxt uses.
 DATATYPES = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "int8": "INT8",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
+    name: mc.DataType.Name(value).removeprefix("TYPE_") for name, value in DATA_TYPES.items()
 }
+
+
+def _add_output(response: kpb.ModelInferResponse, name: str, value: np.ndarray) -> None:
+    """One output tensor, its bytes little-endian in raw_output_contents."""
+    value = np.ascontiguousarray(value)
+    response.outputs.add(name=name, datatype=DATATYPES[value.dtype.name], shape=value.shape)
+    response.raw_output_contents.append(value.astype(value.dtype.newbyteorder("<")).tobytes())
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
@@ -158,11 +160,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             model_name=model.name, model_version=model.version, id=request.id
         )
         for name, value in zip(wanted, values, strict=True):
-            value = np.ascontiguousarray(value)
-            response.outputs.add(name=name, datatype=DATATYPES[value.dtype.name], shape=value.shape)
-            response.raw_output_contents.append(
-                value.astype(value.dtype.newbyteorder("<")).tobytes()
-            )
+            _add_output(response, name, value)
         return response
 
     async def _sequence_step(self, model, request) -> kpb.ModelInferResponse:
@@ -182,13 +180,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         store = self.sequences.setdefault(model.name, SequenceStore(_idle_us(model)))
         async with store.hold(key, start) as entry:
             seq = step_request(model, feeds["tokens"][0], entry.state)
-            loop, ready = asyncio.get_running_loop(), asyncio.Event()
-            seq.outbox.on_ready = lambda: loop.call_soon_threadsafe(ready.set)
+            reader = OutboxReader(seq.outbox)
             engine.submit(seq)
             try:
-                while (delta := seq.outbox.take_or_arm()) is None:
-                    await ready.wait()
-                    ready.clear()
+                delta = await reader.next()  # a step request ends with its one delta
             finally:
                 engine.cancel(seq)
             if delta.error is not None:
@@ -196,12 +191,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             entry.state = delta.state
             if end:
                 store.end(key)
-        logits = np.ascontiguousarray(delta.logits[None], np.float32)  # [1, V]
         response = kpb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
-        response.outputs.add(name="logits", datatype="FP32", shape=logits.shape)
-        response.raw_output_contents.append(logits.astype("<f4").tobytes())
+        _add_output(response, "logits", delta.logits[None])  # [1, V]
         return response
 
     # Not served yet (issue 9 goes on): UNIMPLEMENTED, naming what is missing.

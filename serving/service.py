@@ -426,16 +426,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             remaining = context.time_remaining()
             if remaining is not None:
                 seq.deadline = time.monotonic() + remaining
-            loop, ready = asyncio.get_running_loop(), asyncio.Event()
-            seq.outbox.on_ready = lambda: loop.call_soon_threadsafe(ready.set)
+            reader = OutboxReader(seq.outbox)
             engine.submit(seq)
             try:
                 while True:
-                    ready.clear()
-                    delta: Delta | None = seq.outbox.take_or_arm()
-                    if delta is None:
-                        await ready.wait()
-                        continue
+                    delta = await reader.next()
                     if delta.error is not None:
                         raise delta.error
                     yield delta
@@ -447,6 +442,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 engine.cancel(seq)  # a no-op once it finished; else it leaves at once
 
         return self.streams.run(deltas(), context.peer(), cancel)
+
+
+class OutboxReader:
+    """Awaits an engine outbox from the event loop: the engine's thread wakes the loop
+    once per wait (the outbox is armed only while nothing is there to take)."""
+
+    def __init__(self, outbox):
+        loop, self._outbox, self._ready = asyncio.get_running_loop(), outbox, asyncio.Event()
+        outbox.on_ready = lambda: loop.call_soon_threadsafe(self._ready.set)
+
+    async def next(self) -> Delta:
+        """Everything the sequence produced since the previous call, waiting for some."""
+        while True:
+            self._ready.clear()
+            delta = self._outbox.take_or_arm()
+            if delta is not None:
+                return delta
+            await self._ready.wait()
 
 
 # An asyncio server cannot reset one HTTP/2 stream, and a status queues behind the

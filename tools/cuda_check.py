@@ -38,36 +38,22 @@ def _text(lm, seq, config: EngineConfig | None = None) -> str:
     return "".join(p for d in run_alone(lm, seq, config or EngineConfig()) for p in d.pieces)
 
 
-def step_invariance(lm: LanguageModel, batch: int = 64) -> dict:
+def step_invariance(lm: LanguageModel, batch: int = 64, pad: bool = False) -> dict:
+    """Is each row of a batch-`batch` step run bit-identical to the same row run alone
+    (padded to `batch` rows with zero rows when `pad`, as EngineConfig.pad_batches does)?"""
     rng = np.random.default_rng(0)
     state = lm.zero_state(batch)
     state = {k: rng.normal(size=v.shape).astype(np.float32) * 0.5 for k, v in state.items()}
     tokens = rng.integers(1, len(lm.vocab), size=(batch, 1)).astype(np.int64)
     logits, _ = lm.run("step", tokens, state)
-    axis = lm.state_axis
+    run = Scheduler(lm, EngineConfig(max_batch_size=batch, pad_batches=pad))._padded_run
     worst, identical = 0.0, 0
     for i in range(batch):
-        row = {k: np.take(v, [i], axis=axis[k]) for k, v in state.items()}
-        alone, _ = lm.run("step", tokens[i : i + 1], row)
+        row = {k: np.take(v, [i], axis=lm.state_axis[k]) for k, v in state.items()}
+        alone, _ = run("step", tokens[i : i + 1], row)
         identical += bool(np.array_equal(alone[0], logits[i]))
         worst = max(worst, float(np.max(np.abs(alone[0] - logits[i]))))
     return {"rows_bit_identical": identical, "of": batch, "max_abs_diff": worst}
-
-
-def padded_step_invariance(lm: LanguageModel, batch: int = 64) -> dict:
-    """As step_invariance, but the lone row runs padded to `batch` rows (pad_batches)."""
-    rng = np.random.default_rng(0)
-    state = {k: rng.normal(size=v.shape).astype(np.float32) * 0.5
-             for k, v in lm.zero_state(batch).items()}  # fmt: skip
-    tokens = rng.integers(1, len(lm.vocab), size=(batch, 1)).astype(np.int64)
-    logits, _ = lm.run("step", tokens, state)
-    identical = 0
-    for i in range(batch):
-        rows = {k: np.take(v, [i], axis=lm.state_axis[k]) for k, v in state.items()}
-        pad = Scheduler(lm, EngineConfig(max_batch_size=batch, pad_batches=True))
-        alone, _ = pad._padded_run("step", tokens[i : i + 1], rows)
-        identical += bool(np.array_equal(alone[0], logits[i]))
-    return {"rows_bit_identical": identical, "of": batch}
 
 
 def engine_invariance(lm: LanguageModel, n: int = 64, pad: bool | None = None) -> dict:
@@ -182,7 +168,7 @@ def main(argv=None) -> int:
         if lm is None:
             continue
         section(f"step_invariance_{device}", lambda lm=lm: step_invariance(lm))
-        section(f"padded_step_invariance_{device}", lambda lm=lm: padded_step_invariance(lm))
+        section(f"padded_step_invariance_{device}", lambda lm=lm: step_invariance(lm, pad=True))
         section(
             f"engine_invariance_{device}_unpadded", lambda lm=lm: engine_invariance(lm, pad=False)
         )

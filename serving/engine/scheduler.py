@@ -220,8 +220,9 @@ class Scheduler:
             return self.model.run(graph, tokens, state)
         fill = self.pad_to - n
         tokens = np.concatenate([tokens, np.full((fill, tokens.shape[1]), self.model.eos)])
+        zeros = self.model.zero_state(fill)
         state = {
-            name: np.concatenate([value, self.model.zero_state(fill)[name]], axis=self._axis[name])
+            name: np.concatenate([value, zeros[name]], axis=self._axis[name])
             for name, value in state.items()
         }
         logits, new = self.model.run(graph, tokens, state)
