@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         "stall running streams for long",
     )
     p.add_argument(
+        "--bind-state",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="keep the decode batch's state on the device between steps (ONNX Runtime I/O "
+        "binding); auto: on when the model runs on CUDA",
+    )
+    p.add_argument(
         "--max-streams-per-connection",
         type=_positive,
         default=8,
@@ -149,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         engine=EngineConfig(
             max_batch_size=args.stream_batch_size,
             prefill_tokens_per_iteration=args.prefill_tokens_per_iteration,
+            bind_state={"auto": None, "on": True, "off": False}[args.bind_state],
         ),
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,

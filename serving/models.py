@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from serving.errors import DeviceError, InvalidArgument, ModelLoadError, NonFiniteOutput, preview
 from serving.model_config import read_model_config
@@ -134,6 +135,41 @@ class StepDecoder(Model):
         names = ["logits", *(s["output"] for s in self.state)]
         logits, *new = self.graphs[graph].run(names, {"tokens": tokens, **state})
         return logits, {s["input"]: v for s, v in zip(self.state, new, strict=True)}
+
+    # The same run with the state kept on the model's device (ONNX Runtime I/O binding):
+    # state goes in and comes out as OrtValues where the provider keeps them (GPU memory
+    # on CUDA), so a batch stepping again feeds its last output straight back; only the
+    # tokens go up and the logits come down. On the CPU provider the OrtValues are host
+    # memory and the path is the same.
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+
+    def to_device(self, array: np.ndarray) -> ort.OrtValue:
+        """A copy of `array` on the model's device (never a view of the caller's array)."""
+        return ort.OrtValue.ortvalue_from_numpy(np.array(array), self.device_type, 0)
+
+    @staticmethod
+    def to_host(value: ort.OrtValue) -> np.ndarray:
+        return np.array(value.numpy())  # a copy: numpy() views the OrtValue's memory
+
+    def run_bound(self, graph: str, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        """As `run`, with `state` a dict of OrtValues on the device, and the new state
+        returned as OrtValues left on the device."""
+        next(self.steps_run)
+        session = self.graphs[graph]
+        binding = session.io_binding()
+        binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens))
+        for s in self.state:
+            binding.bind_ortvalue_input(s["input"], state[s["input"]])
+        binding.bind_output("logits", "cpu")
+        for s in self.state:
+            binding.bind_output(s["output"], self.device_type, 0)
+        session.run_with_iobinding(binding)
+        logits, *new = binding.get_outputs()
+        state = {s["input"]: v for s, v in zip(self.state, new, strict=True)}
+        return self.to_host(logits), state
 
 
 class LanguageModel(StepDecoder):

@@ -57,6 +57,15 @@ class FakeStepModel:
         logits[(tokens == self.nan_token).any(axis=1)] = np.nan
         return logits, {"h": h}
 
+    # The I/O-binding interface, with numpy arrays standing in for device OrtValues.
+    def to_device(self, array):
+        return np.array(array)
+
+    to_host = to_device
+
+    def run_bound(self, graph, tokens, state):
+        return self.run(graph, tokens, state)
+
 
 def fake_request(prompt: list[int], max_tokens: int = 5, **params) -> Sequence:
     params.setdefault("temperature", 0)
@@ -145,9 +154,10 @@ def test_equal_chunks_are_prefilled_together_and_results_match_alone():
     assert [drain(seq)[1] for seq in seqs] == alone
 
 
-def test_a_request_that_breaks_the_graph_fails_alone():
+@pytest.mark.parametrize("bind", [False, True])
+def test_a_request_that_breaks_the_graph_fails_alone(bind):
     model = FakeStepModel(prefill=False, poison=7)
-    s = Scheduler(model)
+    s = Scheduler(model, EngineConfig(bind_state=bind))
     good = [fake_request([1], max_tokens=4) for _ in range(3)]
     bad = fake_request([7], max_tokens=4)
     for seq in [*good, bad]:
@@ -303,7 +313,8 @@ def test_repetition_penalty_and_logprobs():
     assert np.allclose(np.exp(log_softmax(logits)).sum(), 1)
 
 
-def test_seeded_text_is_identical_alone_and_among_63_others(repository):
+@pytest.mark.parametrize("bind", [False, True], ids=["host-state", "bound-state"])
+def test_seeded_text_is_identical_alone_and_among_63_others(repository, bind):
     lm = load_model(repository / "char_lstm" / "1", "cpu")
 
     def request(i: int):
@@ -311,7 +322,7 @@ def test_seeded_text_is_identical_alone_and_among_63_others(repository):
         return text_request(lm, prompt, 30, SamplingParams(temperature=0.9, top_p=0.95, seed=i))
 
     alone = ["".join(p for d in run_alone(lm, request(i)) for p in d.pieces) for i in range(64)]
-    s = Scheduler(lm, EngineConfig(max_batch_size=64))
+    s = Scheduler(lm, EngineConfig(max_batch_size=64, bind_state=bind))
     seqs = []
     for i in range(64):  # joining early and late, prompts of different lengths
         seqs.append(request(i))
@@ -323,6 +334,39 @@ def test_seeded_text_is_identical_alone_and_among_63_others(repository):
     batched = ["".join(seq.outbox.take(timeout=0).pieces) for seq in seqs]
     assert batched == alone
     assert max(s.stats.batch_sizes) > 32  # they really ran together
+    assert (s.stats.state_uploads > 0) == bind  # and the bound path really ran
+
+
+def test_bound_state_stays_on_the_device_while_the_batch_is_unchanged(repository):
+    """I/O binding on CPU OrtValues: once four streams run together, their state goes
+    from one step's outputs to the next step's inputs with no host copy; a stream leaving
+    brings it home once and the rest go up once; the text is the unbound text."""
+    lm = load_model(repository / "char_lstm" / "1", "cpu")
+    assert Scheduler(lm).bind is False  # default: bound on CUDA only
+    texts = []
+    for bind in (False, True):
+        s = Scheduler(lm, EngineConfig(bind_state=bind))
+        seqs = [
+            text_request(lm, "KING.\n", 40 + 20 * (i == 0), SamplingParams(seed=i, min_tokens=60))
+            for i in range(4)
+        ]
+        for seq in seqs:
+            s.submit(seq)
+        while any(seq.status.name != "RUNNING" for seq in seqs):
+            s.step()  # the prompts, and each stream's first token
+        s.step()  # the first decode run uploads the batch
+        moves = (s.stats.state_uploads, s.stats.state_downloads)
+        for _ in range(30):
+            s.step()
+        if bind:
+            assert moves == (1, 0)
+            assert (s.stats.state_uploads, s.stats.state_downloads) == moves  # 30 steps, no copy
+        while s.has_work():
+            s.step()
+        if bind:  # three left together (their length), then the fourth ran alone
+            assert (s.stats.state_uploads, s.stats.state_downloads) == (2, 1)
+        texts.append(["".join(seq.outbox.take(timeout=0).pieces) for seq in seqs])
+    assert texts[0] == texts[1]
 
 
 def test_padded_batches_run_at_full_size_and_change_nothing():
@@ -357,15 +401,17 @@ def test_an_armed_outbox_wakes_its_consumer_once_per_wait():
     assert seq.outbox.take_or_arm().tokens == [5]
 
 
-def test_step_requests_join_the_batch_and_reproduce_greedy_generation(repository):
+@pytest.mark.parametrize("bind", [False, True], ids=["host-state", "bound-state"])
+def test_step_requests_join_the_batch_and_reproduce_greedy_generation(repository, bind):
     """A client-driven sequence (feed a token, get logits, keep the state) run through
-    the same scheduler, batched with a generation, gives the greedy text token for token."""
+    the same scheduler, batched with a generation, gives the greedy text token for token;
+    with bound state, each answer brings its state home from the device."""
     from serving.engine import step_request
 
     lm = load_model(repository / "char_lstm" / "1", "cpu")
     greedy = SamplingParams(temperature=0)
     want = [t for d in run_alone(lm, text_request(lm, "KING.\n", 25, greedy)) for t in d.tokens]
-    s = Scheduler(lm)
+    s = Scheduler(lm, EngineConfig(bind_state=bind))
     company = text_request(lm, "QUEEN.\n", 100, SamplingParams(seed=1))
     s.submit(company)
     tokens, state, got = [lm.bos, *lm.encode("KING.\n")], None, []

@@ -423,6 +423,7 @@ def test_seeded_streams_are_identical_alone_and_batched_together(server, target)
 def test_a_deadline_ends_the_stream_and_frees_its_row(client, server, slow_lm):
     engine = server[0].engines["char_lstm"]
     ended = lambda: sum(engine.stats.finish_reasons[r] for r in ("cancelled", "deadline"))  # noqa: E731
+    assert _eventually(lambda: engine.scheduler.live == 0)  # earlier tests' streams are gone
     before = ended()
     stream = client.stub.Generate(
         pb.GenerateRequest(model="char_lstm", prompt="KING.\n", max_tokens=4000), timeout=0.5

@@ -8,7 +8,8 @@ What it checks, each against the CPU provider in the same process:
 3. step graphs: is a row's output at batch 1 bit-identical to the same row inside a
    batch of 64 (batch invariance), and how far CUDA is from the CPU;
 4. the engine: 64 seeded streams alone vs continuously batched give the same text?
-5. speed: step-graph tokens/s at batch 1 and 64, and the engine with 64 streams;
+5. speed: step-graph tokens/s at batch 1 and 64, and the engine with 64 streams, with
+   the decode state on the host or kept on the device (I/O binding, `bind_state`);
 6. a real server with `device="cuda"` answers Classify and Generate over a channel.
 Prints one JSON report; no assertion stops it half way.
 """
@@ -56,12 +57,14 @@ def step_invariance(lm: LanguageModel, batch: int = 64, pad: bool = False) -> di
     return {"rows_bit_identical": identical, "of": batch, "max_abs_diff": worst}
 
 
-def engine_invariance(lm: LanguageModel, n: int = 64, pad: bool | None = None) -> dict:
+def engine_invariance(
+    lm: LanguageModel, n: int = 64, pad: bool | None = None, bind: bool | None = None
+) -> dict:
     def request(i):
         prompt = "KING.\n" * (i % 4 + 1)
         return text_request(lm, prompt, 40, SamplingParams(temperature=0.9, seed=i))
 
-    config = EngineConfig(max_batch_size=n, pad_batches=pad)
+    config = EngineConfig(max_batch_size=n, pad_batches=pad, bind_state=bind)
     alone = [_text(lm, request(i), config) for i in range(n)]
     s = Scheduler(lm, config)
     seqs = []
@@ -88,8 +91,12 @@ def step_speed(lm: LanguageModel, batch: int, seconds: float = 1.0) -> float:
     return runs * batch / (time.perf_counter() - start)
 
 
-def engine_speed(lm: LanguageModel, streams: int, tokens: int = 200, pad_to: int = 0) -> float:
-    config = EngineConfig(max_batch_size=pad_to or streams, pad_batches=bool(pad_to))
+def engine_speed(
+    lm: LanguageModel, streams: int, tokens: int = 200, pad_to: int = 0, bind: bool = False
+) -> float:
+    config = EngineConfig(
+        max_batch_size=pad_to or streams, pad_batches=bool(pad_to), bind_state=bind
+    )
     s = Scheduler(lm, config)
     for i in range(streams):
         s.submit(text_request(lm, "KING.\n", tokens, SamplingParams(seed=i, min_tokens=tokens)))
@@ -174,12 +181,18 @@ def main(argv=None) -> int:
         )
         section(f"engine_invariance_{device}_padded", lambda lm=lm: engine_invariance(lm, pad=True))
         section(
+            f"engine_invariance_{device}_padded_bound",
+            lambda lm=lm: engine_invariance(lm, pad=True, bind=True),
+        )
+        section(
             f"speed_{device}",
             lambda lm=lm: {
                 "step_b1_tok_s": step_speed(lm, 1),
                 "step_b64_tok_s": step_speed(lm, 64),
                 "engine_1_stream_tok_s": engine_speed(lm, 1),
                 "engine_64_streams_tok_s": engine_speed(lm, 64),
+                "engine_1_stream_bound_tok_s": engine_speed(lm, 1, bind=True),
+                "engine_64_streams_bound_tok_s": engine_speed(lm, 64, bind=True),
                 "engine_1_stream_padded_to_64_tok_s": engine_speed(lm, 1, pad_to=64),
             },
         )

@@ -53,6 +53,12 @@ class EngineConfig:
     # seeded stream's text could change with its company (measured: tools/cuda_check.py).
     # None: pad when the model runs on CUDA.
     pad_batches: bool | None = None
+    # Keep the decode batch's state on the model's device between iterations (ONNX
+    # Runtime I/O binding): while the same streams step again, their state never leaves
+    # the device; it comes to the host only when a stream joins or leaves the batch.
+    # None: on when the model runs on CUDA (on the CPU the host is the device, and the
+    # binding costs a little per run: docs/BENCHMARKS.md).
+    bind_state: bool | None = None
 
     def __post_init__(self):
         if min(self.max_batch_size, self.max_queue_size, self.prefill_tokens_per_iteration) < 1:
@@ -72,6 +78,10 @@ class EngineStats:
     leaves: int = 0
     refused: int = 0
     batch_sizes: Counter = field(default_factory=Counter)  # decode rows per step run -> runs
+    # Batched state moved between host and device (bound decode runs only): an upload
+    # when the decode batch's streams change, a download before that and for answers.
+    state_uploads: int = 0
+    state_downloads: int = 0
     finish_reasons: Counter = field(default_factory=Counter)
 
 
@@ -96,6 +106,11 @@ class Scheduler:
         self._prefill = "prefill" in model.graphs
         pad = config.pad_batches
         self.pad_to = config.max_batch_size if (pad is None and _on_cuda(model)) or pad else 0
+        bind = config.bind_state
+        self.bind = _on_cuda(model) if bind is None else bind
+        # The decode batch whose state lives on the device: its streams in row order and
+        # the state OrtValues; their `seq.state` is stale while it lives (see `_settle`).
+        self._resident: tuple[list[Sequence], dict] | None = None
 
     @property
     def live(self) -> int:
@@ -194,7 +209,10 @@ class Scheduler:
         """Run `rows` through `graph`; on an exception, each row alone. Returns the rows
         whose input is now consumed, with their logits [V]."""
         try:
-            logits, state = self._padded_run(graph, tokens, self._gather(rows))
+            if self.bind and graph == "step":
+                logits, state = self._bound_run(rows, tokens)
+            else:
+                logits, state = self._padded_run(graph, tokens, self._gather(rows))
         except Exception as exc:  # noqa: BLE001 - a row's failure must stay that row's
             if len(rows) == 1:
                 log.error(
@@ -207,8 +225,9 @@ class Scheduler:
                 ready += self._run(graph, [seq], tokens[i : i + 1])
             return ready
         ready = []
+        if state is not None:  # None: it stays on the device (`_bound_run`)
+            self._scatter(rows, state)
         for i, seq in enumerate(rows):
-            seq.state = {name: _row(value, self._axis[name], i) for name, value in state.items()}
             seq.pending = seq.pending[tokens.shape[1] :]
             if not len(seq.pending):
                 ready.append((seq, logits[i]))
@@ -216,17 +235,61 @@ class Scheduler:
 
     def _padded_run(self, graph: str, tokens: np.ndarray, state: dict):
         n = len(tokens)
-        if not self.pad_to or n >= self.pad_to:
-            return self.model.run(graph, tokens, state)
-        fill = self.pad_to - n
-        tokens = np.concatenate([tokens, np.full((fill, tokens.shape[1]), self.model.eos)])
-        zeros = self.model.zero_state(fill)
-        state = {
-            name: np.concatenate([value, zeros[name]], axis=self._axis[name])
-            for name, value in state.items()
-        }
+        tokens, state = self._pad(tokens, state)
         logits, new = self.model.run(graph, tokens, state)
         return logits[:n], new  # state rows past n are never scattered
+
+    def _pad(self, tokens: np.ndarray, state: dict | None):
+        """Tokens and state filled to `pad_to` rows with `eos` and zero rows (no-op when
+        not padding); `state` None pads the tokens alone."""
+        fill = self.pad_to - len(tokens)
+        if fill <= 0:
+            return tokens, state
+        tokens = np.concatenate([tokens, np.full((fill, tokens.shape[1]), self.model.eos)])
+        if state is not None:
+            zeros = self.model.zero_state(fill)
+            state = {
+                name: np.concatenate([value, zeros[name]], axis=self._axis[name])
+                for name, value in state.items()
+            }
+        return tokens, state
+
+    def _bound_run(self, rows: list[Sequence], tokens: np.ndarray):
+        """A decode run with the batch's state kept on the device. The same streams in
+        the same order as last time feed the last run's state OrtValues back as they
+        are; any other batch first brings that state home (`_settle`) and uploads its
+        own. Returns (logits [B, V], None): the new state stays resident."""
+        resident = self._resident
+        if resident is not None and _same(resident[0], rows):
+            state = resident[1]
+        else:
+            self._settle()
+            _, host = self._pad(tokens, self._gather(rows))
+            state = {name: self.model.to_device(value) for name, value in host.items()}
+            self.stats.state_uploads += 1
+        logits, new = self.model.run_bound("step", self._pad(tokens, None)[0], state)
+        self._resident = (list(rows), new)
+        return logits[: len(rows)], None
+
+    def _settle(self) -> None:
+        """Copy the resident batch's state to the host, into each of its streams'
+        `seq.state`, and forget it (a stream joins or leaves, or a step request is
+        answered with its state)."""
+        if self._resident is None:
+            return
+        rows, state = self._resident
+        self._resident = None
+        host = {name: self.model.to_host(value) for name, value in state.items()}
+        self.stats.state_downloads += 1
+        self._scatter([s for s in rows if s.status is not Status.FINISHED], host, rows)
+
+    def _scatter(self, seqs: list[Sequence], state: dict, rows: list[Sequence] | None = None):
+        """Each stream's row of the batched `state` (rows in `rows` order, default
+        `seqs`) becomes its `seq.state`."""
+        index = {id(s): i for i, s in enumerate(rows or seqs)}
+        for seq in seqs:
+            i = index[id(seq)]
+            seq.state = {name: _row(value, self._axis[name], i) for name, value in state.items()}
 
     def _gather(self, rows: list[Sequence]) -> dict[str, np.ndarray]:
         states = [s.state or self._zero for s in rows]
@@ -262,6 +325,8 @@ class Scheduler:
 
     def _answer(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
         seq.first_token = seq.first_token or now
+        if self._resident is not None and any(s is seq for s in self._resident[0]):
+            self._settle()  # its state is on the device
         state = seq.state
 
         def add(d: Delta) -> None:
@@ -312,6 +377,10 @@ class Scheduler:
 
 def _on_cuda(model) -> bool:
     return getattr(model, "provider", "") == "CUDAExecutionProvider"
+
+
+def _same(a: list[Sequence], b: list[Sequence]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _row(value: np.ndarray, axis: int, i: int) -> np.ndarray:
