@@ -440,6 +440,52 @@ def test_beam_search_refuses_non_finite_logits():
         list(beam_search(model, model.zero_state(1), 2, 4))
 
 
+class TableModel:
+    """A decoder whose next-token probabilities depend on the last token alone (a
+    first-order table), so every caption's score can be worked out by hand."""
+
+    name, vocab, eos, bos = "table", ["<end>", "<start>", "a", "b", "c"], 0, 1
+    never_sampled, state_axis = [1], {"h": 0}
+    TABLE = {  # last token -> P(<end>, <start>, a, b, c)
+        1: [0.0, 0.0, 0.5, 0.4, 0.1],
+        2: [0.2, 0.0, 0.2, 0.2, 0.4],  # after "a": nothing likely
+        3: [0.97, 0.0, 0.01, 0.01, 0.01],  # after "b": <end> almost surely
+        4: [1.0, 0.0, 0.0, 0.0, 0.0],
+    }
+
+    def run(self, graph, tokens, state):
+        probs = np.asarray([self.TABLE[int(t)] for t in tokens[:, -1]], np.float64)
+        return np.log(np.maximum(probs, 1e-9)).astype(np.float32), state  # finite, as real
+
+
+def test_beam_search_beats_greedy_where_the_likeliest_first_word_leads_nowhere():
+    """Greedy takes "a" (0.5) then "c" (0.4) then <end>: mean log-probability
+    (ln 0.5 + ln 0.4 + ln 1) / 3 = -0.536. "b" (0.4) then <end> (0.97) scores
+    (ln 0.4 + ln 0.97) / 2 = -0.474: beam search must find it, strictly higher."""
+    from serving.engine.beam import beam_search
+
+    model = TableModel()
+    state = {"h": np.zeros((1, 1), np.float32)}
+    token, greedy, logprob = model.bos, [], 0.0
+    while token != model.eos:
+        logits, _ = model.run("step", np.asarray([[token]]), state)
+        logits[:, model.never_sampled] = -np.inf
+        token = int(np.argmax(logits[0]))
+        logprob += float(log_softmax(logits)[0, token])
+        greedy.append(token)
+    greedy_score = logprob / len(greedy)
+    assert [model.vocab[t] for t in greedy] == ["a", "c", "<end>"]
+    assert greedy_score == pytest.approx((np.log(0.5) + np.log(0.4)) / 3, abs=1e-5)
+    events = list(beam_search(model, state, beam_size=2, max_length=5))
+    best = events[-1].beams[0]
+    assert best.words == ("b",) and best.finished
+    assert best.score == pytest.approx((np.log(0.4) + np.log(0.97)) / 2, abs=1e-5)
+    assert best.score > greedy_score + 0.05
+    assert [w for e in events for w in e.words] == ["b"]  # the streamed words: the best
+    # two captions ("b", "a") finished at the second step: early stopping ends it there
+    assert [b.words for b in events[-1].beams] == [("b",), ("a",)]
+
+
 def test_a_closed_engine_refuses_new_streams_as_unavailable():
     from serving.errors import Unavailable
 
