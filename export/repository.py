@@ -24,6 +24,7 @@ def staged_version(root: Path, name: str, version: str) -> Iterator[Path]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=root))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide it from a server running as another user
     try:
         yield staging
         target = root / name / version
@@ -56,5 +57,14 @@ def write_model_config(model_dir: Path, card: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".config-", dir=model_dir)
     with os.fdopen(fd, "w") as f:
         f.write(to_text(config_for_card(card)))
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from a server running as another user
     os.replace(tmp, path)
     return path
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """The same bytes at `target`: a hard link where the filesystem allows, else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

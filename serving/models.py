@@ -211,7 +211,18 @@ class Captioner(StepDecoder):
         return dict(zip(names, outputs, strict=True))
 
 
-KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel, Captioner)}
+class Graph(Model):
+    """One graph of another model published on its own (`<model>_<graph>`: a language
+    model's prefill, the captioner's encoder), served as plain tensors in and out."""
+
+    kind = "graph"
+
+    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
+        super().__init__(directory, card)
+        self.session = self._session("model", sessions)
+
+
+KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel, Captioner, Graph)}
 
 
 def load_model(directory: Path, sessions: SessionFactory | str) -> Model:

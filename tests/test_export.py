@@ -56,6 +56,42 @@ def test_language_model_step_and_prefill_graphs(repository):
     assert set(step) == set(prefill) == {"tokens", "h", "c", "logits", "h_next", "c_next"}
 
 
+def test_other_graphs_are_published_as_plain_tensor_models(repository):
+    """The prefill graph is a model of its own, `char_lstm_prefill`: its card and
+    config.pbtxt read from the graph (batch-first state as plain inputs and outputs), the
+    same bytes as the language model's prefill.onnx, and it runs as that graph does."""
+    from serving.model_config import read_model_config
+    from serving.models import Graph, load_model
+
+    sub = repository / "char_lstm_prefill" / "1"
+    card = json.loads((sub / "model.json").read_text())
+    assert card["kind"] == "graph"
+    assert card["graph_of"] == {"model": "char_lstm", "graph": "prefill"}
+    assert card["inputs"] == [
+        {"name": "tokens", "dtype": "int64", "shape": [-1, -1]},
+        {"name": "h", "dtype": "float32", "shape": [-1, 2, 48]},
+        {"name": "c", "dtype": "float32", "shape": [-1, 2, 48]},
+    ]
+    assert [o["name"] for o in card["outputs"]] == ["logits", "h_next", "c_next"]
+    original = repository / "char_lstm" / "1" / "prefill.onnx"
+    assert (sub / "model.onnx").read_bytes() == original.read_bytes()
+    config = read_model_config(sub.parent, card)
+    assert config.name == "char_lstm_prefill" and config.max_batch_size == 64
+    assert [(t.name, list(t.dims)) for t in config.input] == [
+        ("tokens", [-1]), ("h", [2, 48]), ("c", [2, 48])
+    ]  # fmt: skip
+    assert not config.HasField("sequence_batching")  # the client carries the state
+    graph, lm = load_model(sub, "cpu"), load_model(repository / "char_lstm" / "1", "cpu")
+    assert isinstance(graph, Graph)
+    tokens = np.asarray([[1, 5, 7], [2, 2, 9]], np.int64)
+    logits, state = lm.run("prefill", tokens, lm.zero_state(2))
+    out = graph.session.run(None, {"tokens": tokens, **lm.zero_state(2)})
+    assert np.array_equal(out[0], logits) and np.array_equal(out[1], state["h"])
+    # Readable by a server running as another user (mkdtemp/mkstemp default to 0700/0600).
+    assert (sub.stat().st_mode & 0o777) == 0o755
+    assert ((sub.parent / "config.pbtxt").stat().st_mode & 0o777) == 0o644
+
+
 def _corrupting(monkeypatch):
     """Make every exported graph differ from its PyTorch source by a small weight change."""
     original = onnx_export._export

@@ -32,7 +32,7 @@ def held_out():
 
 def assert_serves(client) -> None:
     """The server still answers after an error."""
-    assert [m.name for m in client.list_models()] == ["char_lstm", "lenet5"]
+    assert [m.name for m in client.list_models()] == ["char_lstm", "char_lstm_prefill", "lenet5"]
 
 
 def test_list_models_describes_every_model(client):
@@ -334,7 +334,7 @@ def test_too_many_streams_are_refused_and_health_still_answers(repository):
             health = health_pb2_grpc.HealthStub(c.channel)
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
-            assert len(c.list_models()) == 2
+            assert len(c.list_models()) == 3
             streams[0].cancel()
             time.sleep(0.3)  # the slot is released when the server sees the cancellation
             assert "".join(c.generate("KING.\n", max_tokens=5, seed=1))

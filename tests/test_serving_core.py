@@ -145,7 +145,7 @@ def test_broken_model_is_skipped_and_others_load(repository, tmp_path):
     (broken / "model.onnx").write_bytes(b"not onnx")
     (root / ".staging-half-written").mkdir()
     registry = ModelRegistry.load(root, "cpu")
-    assert sorted(registry.models) == ["char_lstm", "lenet5"]
+    assert sorted(registry.models) == ["char_lstm", "char_lstm_prefill", "lenet5"]
     assert "broken" in registry.failed and "model.onnx" in registry.failed["broken"]
     with pytest.raises(NotFound, match="broken"):
         registry.get("broken", "classifier")

@@ -109,11 +109,13 @@ def row(name: str, card: dict, metrics: dict, budget: str) -> str:
 
 
 def load(repository: Path) -> list[tuple[str, dict, dict]]:
-    """(name, model.json, metrics.json) for every model's version 1, by name."""
+    """(name, model.json, metrics.json) for every trained model's version 1, by name (a
+    model's other graphs published on their own, kind `graph`, have no figures)."""
     return [
         (v.parent.name, json.loads((v / "model.json").read_text()),
          json.loads((v / "metrics.json").read_text()))
         for v in sorted(repository.glob("*/1"))
+        if (v / "metrics.json").exists()
     ]  # fmt: skip
 
 
