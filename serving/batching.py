@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.errors import ResourceExhausted, Unavailable
+from serving.statistics import ModelStats, RequestTiming
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,22 @@ class _Request:
     x: np.ndarray
     arrival: float
     future: Future
+    timing: RequestTiming | None = None  # marked: queue until its batch runs, then infer
 
 
 class DynamicBatcher:
     """One model's queue and the thread that runs it in batches."""
 
-    def __init__(self, name: str, run: Callable[[np.ndarray], list], config: BatchingConfig):
-        """`run(x: [B, ...])` returns B results, each a value or an Exception for that row."""
-        self.name, self.run, self.config = name, run, config
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[np.ndarray], list],
+        config: BatchingConfig,
+        stats: ModelStats | None = None,
+    ):
+        """`run(x: [B, ...])` returns B results, each a value or an Exception for that row.
+        `stats`, if given, counts each batch run as one execution."""
+        self.name, self.run, self.config, self.stats = name, run, config, stats
         self.batch_sizes: Counter[int] = Counter()  # size -> batches run: tests, metrics
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
@@ -64,8 +73,9 @@ class DynamicBatcher:
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def enqueue(self, x: np.ndarray) -> Future:
-        """Queue one input row; its future gets the row's result or exception."""
+    def enqueue(self, x: np.ndarray, timing: RequestTiming | None = None) -> Future:
+        """Queue one input row; its future gets the row's result or exception. `timing`,
+        if given, gets the row's time in the queue and in its batch's run."""
         future: Future = Future()
         with self._cond:
             if self._closed:
@@ -75,7 +85,7 @@ class DynamicBatcher:
                     f"{self.name}: {self.config.max_queue_size} requests are already queued; "
                     "retry later"
                 )
-            self._queue.append(_Request(x, time.monotonic(), future))
+            self._queue.append(_Request(x, time.monotonic(), future, timing))
             self._cond.notify()
         return future
 
@@ -119,7 +129,16 @@ class DynamicBatcher:
         while (batch := self._take()) is not None:
             self.batch_sizes[len(batch)] += 1
             try:
+                for request in batch:
+                    if request.timing is not None:
+                        request.timing.mark("queue")
+                start = time.perf_counter_ns()
                 results = self._run(batch)
+                if self.stats is not None:
+                    self.stats.execution(len(batch), time.perf_counter_ns() - start)
+                for request in batch:
+                    if request.timing is not None:
+                        request.timing.mark("infer")
                 if len(results) != len(batch):
                     raise ValueError(f"{len(results)} results for a batch of {len(batch)}")
                 for request, result in zip(batch, results, strict=True):

@@ -1,21 +1,21 @@
 """The KServe V2 (Open Inference Protocol) gRPC service, `inference.GRPCInferenceService`,
-on the same port as `stepwise.v1.Inference`: the first step of issue 9.
+on the same port as `stepwise.v1.Inference` (issue 9).
 
-Served so far: liveness and readiness (server and models), server and model metadata,
-each model's `config.pbtxt` as Triton's `ModelConfigResponse`, the repository index,
-`ModelInfer` on each model's `model.onnx` as plain tensors (a step graph's state is an
-ordinary input and output), and server-held sequence state (`sequence_id`,
-`sequence_start`, `sequence_end` parameters: the client sends `tokens`, gets `logits`,
-and its step joins the model's continuous batch). `ModelStreamInfer`, statistics and
-repository load/unload answer UNIMPLEMENTED until they land, and
-`ServerMetadata.extensions` lists only what is served.
+Served: liveness and readiness (server and models), server and model metadata, each
+model's `config.pbtxt` as Triton's `ModelConfigResponse`, the repository index,
+`ModelInfer` and `ModelStreamInfer` on each model's `model.onnx` as plain tensors (a
+step graph's state is an ordinary input and output), server-held sequence state
+(`sequence_id`, `sequence_start`, `sequence_end` parameters: the client sends `tokens`,
+or a language model's `text` as BYTES, and gets `logits` and the greedy next token as
+`greedy_text`; each step joins the model's continuous batch), and per-model statistics
+for every protocol's inferences. Repository load/unload answer UNIMPLEMENTED, and
+`ServerMetadata.extensions` lists only what is served. Tensors <-> numpy: `kserve_codec`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,38 +23,42 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving._proto.inference import model_config_pb2 as mc
 from serving.engine import step_request
 from serving.errors import InvalidArgument, NotFound, ResourceExhausted, ServingError
-from serving.model_config import DATA_TYPES, DEFAULT_SEQUENCE_IDLE_US, PLATFORM, config_for_card
+from serving.kserve_codec import DATATYPES, add_output, decode_inputs
+from serving.model_config import DEFAULT_SEQUENCE_IDLE_US, PLATFORM, config_for_card
 from serving.repository import ModelRegistry
-from serving.service import OutboxReader, streaming, unary
+from serving.service import MAX_PROMPT_CHARS, OutboxReader, Undecodable, status_of, streaming, unary
 from serving.service import add_to_server as _add
+from serving.statistics import Statistics
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "stepwise"
 SERVER_VERSION = "0.1.0"
-# Exactly what is served, in Triton's extension names.
-EXTENSIONS = ("model_configuration", "sequence")
-# numpy dtype names (model.json) -> the protocol's datatypes: Triton's TYPE_* names
-# without the prefix (TYPE_FP32 -> "FP32"), from the one table config.pbtxt uses.
-DATATYPES = {
-    name: mc.DataType.Name(value).removeprefix("TYPE_") for name, value in DATA_TYPES.items()
-}
-
-
-def _add_output(response: kpb.ModelInferResponse, name: str, value: np.ndarray) -> None:
-    """One output tensor, its bytes little-endian in raw_output_contents."""
-    value = np.ascontiguousarray(value)
-    response.outputs.add(name=name, datatype=DATATYPES[value.dtype.name], shape=value.shape)
-    response.raw_output_contents.append(value.astype(value.dtype.newbyteorder("<")).tobytes())
+# Exactly what is served, in Triton's extension names (ModelStreamInfer is part of
+# Triton's gRPC service itself and has no extension name).
+EXTENSIONS = ("model_configuration", "sequence", "statistics")
+# Requests of one ModelStreamInfer stream in flight at once; the next is read when
+# the oldest has been answered (answers go out in request order).
+STREAM_WINDOW = 32
+# A language model's sequence step may send its input as text: one UTF-8 string.
+TEXT_INPUT = {"name": "text", "dtype": "object", "shape": [1, 1]}
+SEQUENCE_OUTPUTS = ("logits", "greedy_text")
+MAX_SEQUENCE_ID_CHARS = 256
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: ModelRegistry, workers=None, engines=None):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        workers=None,
+        engines=None,
+        statistics: Statistics | None = None,
+    ):
         self.registry = registry
         self.workers = workers  # graph runs happen here, never on the event loop
         self.engines = engines or {}  # step model name -> its continuous-batching engine
+        self.statistics = statistics or Statistics()  # shared with the stepwise service
         self.sequences: dict[str, SequenceStore] = {}  # model name -> server-held state
         self.accepting = True  # false once shutdown begins: ServerReady says so at once
 
@@ -132,54 +136,123 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ModelInfer(self, request, context):
+        return await self._infer(request)
+
+    @streaming
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Each request answered in request order by a `ModelStreamInferResponse`: its
+        `infer_response`, or its `error_message` (the stream goes on). Up to
+        STREAM_WINDOW requests run at once, so independent sequences on one stream share
+        a batch; the steps of one sequence run one after another, as sent."""
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        answers: asyncio.Queue = asyncio.Queue()  # tasks in request order; None: the end
+        last: dict[str, asyncio.Task] = {}  # sequence id -> its latest step on this stream
+
+        async def read():
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    key = _sequence_key(request)
+                    task = asyncio.ensure_future(self._stream_answer(request, last.get(key)))
+                    if key is not None:
+                        last[key] = task
+                        task.add_done_callback(lambda t, k=key: last.get(k) is t and last.pop(k))
+                    answers.put_nowait(task)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await answers.get()) is not None:
+                response = await task
+                window.release()
+                yield response
+            await reader  # a request stream that broke ends this one with its status
+        finally:
+            reader.cancel()
+            while not answers.empty():
+                task = answers.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def _stream_answer(self, request, after: asyncio.Task | None):
+        """One stream request's answer; an error becomes its `error_message`."""
+        if after is not None:  # the previous step of the same sequence goes first
+            await asyncio.wait([after])
+        try:
+            if isinstance(request, Undecodable):
+                request.check()
+            response = await self._infer(request)
+            # tritonclient's enable_empty_final_response: mark this the request's last
+            # (and only) response, as Triton does for a model that is not decoupled.
+            final = request.parameters.get("triton_enable_empty_final_response")
+            if final is not None and final.bool_param:
+                response.parameters["triton_final_response"].bool_param = True
+            return kpb.ModelStreamInferResponse(infer_response=response)
+        except Exception as exc:  # noqa: BLE001 - every error becomes this request's answer
+            _, message = status_of(exc)
+            echo = {} if isinstance(request, Undecodable) else {"id": request.id}
+            return kpb.ModelStreamInferResponse(
+                error_message=message, infer_response=kpb.ModelInferResponse(**echo)
+            )
+
+    async def _infer(self, request) -> kpb.ModelInferResponse:
         """Run the model's graph (`model.onnx`: a classifier, or a step model's step
         graph with its state as plain inputs and outputs) on the request's tensors; with
         a `sequence_id` parameter on a step model, the server holds the state."""
         model = self._model(request.model_name, request.model_version)
-        if "sequence_id" in request.parameters:
-            return await self._sequence_step(model, request)
-        feeds = decode_inputs(request, model.card["inputs"])
-        names = [t["name"] for t in model.card["outputs"]]
-        wanted = [o.name for o in request.outputs] or names
-        for i, name in enumerate(wanted):
-            if name not in names:
-                raise InvalidArgument(
-                    f"outputs[{i}].name", f"{name!r} is not an output of {model.name}: {names}"
-                )
-        loop = asyncio.get_running_loop()
-        session = model.graphs["step"] if hasattr(model, "graphs") else model.session
-        try:
-            values = await loop.run_in_executor(self.workers, session.run, wanted, feeds)
-        except Exception as exc:  # noqa: BLE001 - ORT rejects what its graph cannot take
-            raise InvalidArgument("inputs", f"the graph refused them: {exc}"[:400]) from None
-        if any(v.dtype.kind == "f" and not np.all(np.isfinite(v)) for v in values):
-            raise InvalidArgument(
-                "inputs", f"{model.name} produced non-finite values from them (out of range?)"
-            )
-        response = kpb.ModelInferResponse(
-            model_name=model.name, model_version=model.version, id=request.id
-        )
-        for name, value in zip(wanted, values, strict=True):
-            _add_output(response, name, value)
-        return response
+        stats = self.statistics[model.name]
+        with stats.request() as timing:
+            if "sequence_id" in request.parameters:
+                return await self._sequence_step(model, request, timing)
+            feeds = decode_inputs(request, model.card["inputs"])
+            first = next(iter(feeds.values()), None)
+            timing.count = int(first.shape[0]) if first is not None and first.ndim else 1
+            names = [t["name"] for t in model.card["outputs"]]
+            wanted = _requested(request, names, model.name)
+            timing.mark("input")
+            session = model.graphs["step"] if hasattr(model, "graphs") else model.session
 
-    async def _sequence_step(self, model, request) -> kpb.ModelInferResponse:
-        """Triton's sequence batcher with implicit state: the client sends `tokens`, the
-        server keeps `h`/`c` under the sequence id between calls; each call is a step
-        request in the model's continuous batch."""
+            def run():
+                timing.mark("queue")  # waited for a worker
+                values = session.run(wanted, feeds)
+                timing.mark("infer")
+                stats.execution(timing.count, timing.ns["infer"])
+                return values
+
+            try:
+                values = await asyncio.get_running_loop().run_in_executor(self.workers, run)
+            except Exception as exc:  # noqa: BLE001 - ORT rejects what its graph cannot take
+                raise InvalidArgument("inputs", f"the graph refused them: {exc}"[:400]) from None
+            if any(v.dtype.kind == "f" and not np.all(np.isfinite(v)) for v in values):
+                raise InvalidArgument(
+                    "inputs", f"{model.name} produced non-finite values from them (out of range?)"
+                )
+            response = kpb.ModelInferResponse(
+                model_name=model.name, model_version=model.version, id=request.id
+            )
+            for name, value in zip(wanted, values, strict=True):
+                add_output(response, name, value)
+            timing.mark("output")
+            return response
+
+    async def _sequence_step(self, model, request, timing) -> kpb.ModelInferResponse:
+        """Triton's sequence batcher with implicit state: the client sends `tokens` (or a
+        language model's `text`), the server keeps `h`/`c` under the sequence id between
+        calls; each call is a step request in the model's continuous batch."""
         engine = self.engines.get(model.name)
         if engine is None:
             raise InvalidArgument(
                 "parameters.sequence_id", f"{model.name} is not a step model (no state)"
             )
         key, start, end = _sequence_parameters(request.parameters)
-        token_spec = [t for t in model.card["inputs"] if t["name"] == "tokens"]
-        feeds = decode_inputs(request, token_spec)
-        if feeds["tokens"].shape[0] != 1:
-            raise InvalidArgument("inputs[0].shape", "a sequence steps one row at a time: [1, 1]")
+        wanted = _requested(request, SEQUENCE_OUTPUTS, model.name)
+        tokens = _sequence_tokens(model, request, start)
+        timing.mark("input")
         store = self.sequences.setdefault(model.name, SequenceStore(_idle_us(model)))
         async with store.hold(key, start) as entry:
-            seq = step_request(model, feeds["tokens"][0], entry.state)
+            timing.mark("queue")  # the sequence's previous step went first
+            seq = step_request(model, tokens, entry.state)
             reader = OutboxReader(seq.outbox)
             engine.submit(seq)
             try:
@@ -188,25 +261,65 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 engine.cancel(seq)
             if delta.error is not None:
                 raise delta.error
+            timing.engine(delta.queue_time_us * 1000)
             entry.state = delta.state
             if end:
                 store.end(key)
         response = kpb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
-        _add_output(response, "logits", delta.logits[None])  # [1, V]
+        for name in wanted:
+            if name == "logits":
+                add_output(response, "logits", delta.logits[None])  # [1, V]
+            else:
+                add_output(response, "greedy_text", _greedy_text(model, delta.logits))
+        timing.mark("output")
         return response
-
-    # Not served yet (issue 9 goes on): UNIMPLEMENTED, naming what is missing.
-
-    @streaming
-    async def ModelStreamInfer(self, request_iterator, context):
-        raise Unimplemented("ModelStreamInfer")
-        yield  # an async generator, as the streaming RPC needs
 
     @unary
     async def ModelStatistics(self, request, context):
-        raise Unimplemented("ModelStatistics")
+        """Every inference on a model counts, whatever the protocol: Classify, Generate,
+        Caption, ModelInfer, ModelStreamInfer and sequence steps (`serving.statistics`).
+        An empty name: every model."""
+        if request.name:
+            models = [self._model(request.name, request.version)]
+        elif request.version:
+            raise InvalidArgument("version", "needs a name; an empty name means every model")
+        else:
+            models = [m for _, m in sorted(self.registry.models.items())]
+        return kpb.ModelStatisticsResponse(model_stats=[self._statistics(m) for m in models])
+
+    def _statistics(self, model) -> kpb.ModelStatistics:
+        data = self.statistics[model.name].snapshot()
+        executions = data.execution_count
+        engine = self.engines.get(model.name)
+        if engine is not None:  # the continuous batch's graph runs, counted by its scheduler
+            executions += engine.stats.step_runs + engine.stats.prefill_runs
+
+        def duration(d):
+            return kpb.StatisticDuration(count=d.count, ns=d.ns)
+
+        return kpb.ModelStatistics(
+            name=model.name,
+            version=model.version,
+            last_inference=data.last_inference_ms,
+            inference_count=data.inference_count,
+            execution_count=executions,
+            inference_stats=kpb.InferStatistics(
+                success=duration(data.success),
+                fail=duration(data.fail),
+                queue=duration(data.phases["queue"]),
+                compute_input=duration(data.phases["input"]),
+                compute_infer=duration(data.phases["infer"]),
+                compute_output=duration(data.phases["output"]),
+            ),
+            batch_stats=[
+                kpb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
+                for size, d in data.batches.items()
+            ],
+        )
+
+    # Not served: UNIMPLEMENTED, naming what is missing.
 
     @unary
     async def RepositoryModelLoad(self, request, context):
@@ -217,86 +330,73 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         raise Unimplemented("RepositoryModelUnload")
 
 
-# The protocol's datatypes -> (numpy dtype, the typed-contents field that carries them).
-NUMPY = {
-    "BOOL": (np.bool_, "bool_contents"),
-    "UINT8": (np.uint8, "uint_contents"),
-    "UINT16": (np.uint16, "uint_contents"),
-    "UINT32": (np.uint32, "uint_contents"),
-    "UINT64": (np.uint64, "uint64_contents"),
-    "INT8": (np.int8, "int_contents"),
-    "INT16": (np.int16, "int_contents"),
-    "INT32": (np.int32, "int_contents"),
-    "INT64": (np.int64, "int64_contents"),
-    "FP16": (np.float16, None),  # raw only
-    "FP32": (np.float32, "fp32_contents"),
-    "FP64": (np.float64, "fp64_contents"),
-}
-MAX_DIMS = 8
+def _requested(request, names, model_name: str) -> list[str]:
+    """The outputs the request names (each once, each one of `names`), or all of them."""
+    wanted = [o.name for o in request.outputs]
+    for i, name in enumerate(wanted):
+        if name not in names:
+            raise InvalidArgument(
+                f"outputs[{i}].name", f"{name!r} is not an output of {model_name}: {list(names)}"
+            )
+        if name in wanted[:i]:
+            raise InvalidArgument(f"outputs[{i}].name", f"{name!r} requested twice")
+    return wanted or list(names)
 
 
-def decode_inputs(request, specs: list[dict]) -> dict[str, np.ndarray]:
-    """The request's input tensors as numpy arrays, checked against the graph's inputs:
-    every input present once, its datatype and shape, and its bytes (raw) or values
-    (typed contents); raw and typed contents never mixed in one request."""
-    by_name = {s["name"]: s for s in specs}
-    raw = list(request.raw_input_contents)
-    typed = [t.name for t in request.inputs if t.HasField("contents")]
-    if raw and typed:
+def _sequence_tokens(model, request, start: bool) -> np.ndarray:
+    """A sequence step's token ids: `tokens` INT64 [1, 1], or (a language model) `text`
+    BYTES [1, 1], one UTF-8 string of characters in its vocabulary; a sequence's first
+    text opens with the model's BOS, as Generate's prompt does."""
+    given = [t.name for t in request.inputs]
+    if "text" not in given:
+        spec = [t for t in model.card["inputs"] if t["name"] == "tokens"]
+        tokens = decode_inputs(request, spec)["tokens"]
+        if tokens.shape[0] != 1:
+            raise InvalidArgument("inputs[0].shape", "a sequence steps one row at a time: [1, 1]")
+        return tokens[0]
+    if not hasattr(model, "encode"):
         raise InvalidArgument(
-            "raw_input_contents", f"set, and inputs {typed} carry typed contents: use one form"
+            f"inputs[{given.index('text')}].name",
+            f"{model.name} takes `tokens` only; `text` is for language models",
         )
-    if raw and len(raw) != len(request.inputs):
+    if "tokens" in given:
+        raise InvalidArgument("inputs", "send `tokens` or `text`, not both")
+    (data,) = decode_inputs(request, [TEXT_INPUT])["text"].ravel()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument("inputs[0].contents", f"'text' is not UTF-8 ({exc.reason})") from None
+    if len(text) > MAX_PROMPT_CHARS:
         raise InvalidArgument(
-            "raw_input_contents", f"{len(raw)} entries for {len(request.inputs)} inputs"
+            "inputs[0].contents", f"'text': {len(text)} characters; at most {MAX_PROMPT_CHARS}"
         )
-    feeds = {}
-    for i, tensor in enumerate(request.inputs):
-        field = f"inputs[{i}]"
-        spec = by_name.get(tensor.name)
-        if spec is None:
-            raise InvalidArgument(
-                f"{field}.name", f"{tensor.name!r}; the inputs are {list(by_name)}"
-            )
-        if tensor.name in feeds:
-            raise InvalidArgument(f"{field}.name", f"{tensor.name!r} given twice")
-        want = DATATYPES[spec["dtype"]]
-        if tensor.datatype != want:
-            raise InvalidArgument(
-                f"{field}.datatype", f"{tensor.name!r} is {want}, not {tensor.datatype!r}"
-            )
-        shape = list(tensor.shape)
-        allowed = spec["shape"]
-        if len(shape) != len(allowed) or any(
-            d < 0 or (a != -1 and d != a) for d, a in zip(shape, allowed, strict=False)
-        ):
-            raise InvalidArgument(
-                f"{field}.shape", f"{tensor.name!r}: got {shape}; allowed {allowed} (-1: any)"
-            )
-        dtype, contents_field = NUMPY[want]
-        count = math.prod(shape)
-        if raw:
-            data = raw[i]
-            need = count * np.dtype(dtype).itemsize
-            if len(data) != need:
-                raise InvalidArgument(
-                    f"raw_input_contents[{i}]",
-                    f"{tensor.name!r}: {len(data)} bytes; shape {shape} of {want} needs {need}",
-                )
-            array = np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).astype(dtype)
-        else:
-            values = getattr(tensor.contents, contents_field) if contents_field else []
-            if len(values) != count:
-                raise InvalidArgument(
-                    f"{field}.contents",
-                    f"{tensor.name!r}: {len(values)} values; shape {shape} needs {count}",
-                )
-            array = np.asarray(values, dtype)
-        feeds[tensor.name] = array.reshape(shape)
-    missing = [n for n in by_name if n not in feeds]
-    if missing:
-        raise InvalidArgument("inputs", f"missing {missing}; the graph needs {list(by_name)}")
-    return feeds
+    ids = model.encode(text, field="inputs[0].contents")
+    if start:
+        ids = [model.bos, *ids]
+    if not ids:
+        raise InvalidArgument("inputs[0].contents", "'text' is empty; send at least a character")
+    return np.asarray(ids, np.int64)
+
+
+def _greedy_text(model, logits: np.ndarray) -> np.ndarray:
+    """The text of the most likely next token (the token Generate picks at temperature
+    0) as BYTES [1, 1]; empty for the end of the sequence (EOS)."""
+    if model.never_sampled:
+        logits = logits.copy()
+        logits[model.never_sampled] = -np.inf
+    token = int(np.argmax(logits))
+    text = "" if token == model.eos else model.vocab[token]
+    return np.asarray([[text.encode("utf-8")]], dtype=object)
+
+
+def _sequence_key(request) -> str | None:
+    """A stream request's sequence id as text (None: not a sequence step), unchecked:
+    it orders the steps of one sequence; `_sequence_parameters` validates."""
+    if isinstance(request, Undecodable) or "sequence_id" not in request.parameters:
+        return None
+    value = request.parameters["sequence_id"]
+    kind = value.WhichOneof("parameter_choice")
+    return f"{request.model_name}/{getattr(value, kind)}" if kind else None
 
 
 MAX_SEQUENCES = 1024  # live server-held sequences per model; past it RESOURCE_EXHAUSTED
@@ -315,8 +415,14 @@ def _sequence_parameters(params) -> tuple[str, bool, bool]:
     if kind not in ("uint64_param", "int64_param", "string_param"):
         raise InvalidArgument("parameters.sequence_id", "must be a uint64, int64 or string")
     key = str(getattr(value, kind))
-    if key in ("", "0"):
-        raise InvalidArgument("parameters.sequence_id", "0 and empty are not sequence ids")
+    if key in ("", "0") or key.startswith("-"):
+        raise InvalidArgument(
+            "parameters.sequence_id", f"got {key!r}; 0, negative and empty are not sequence ids"
+        )
+    if len(key) > MAX_SEQUENCE_ID_CHARS:
+        raise InvalidArgument(
+            "parameters.sequence_id", f"{len(key)} characters; at most {MAX_SEQUENCE_ID_CHARS}"
+        )
     flags = []
     for name in ("sequence_start", "sequence_end"):
         flag = params[name] if name in params else None
@@ -375,7 +481,16 @@ class SequenceStore:
                 f"sequence {key} does not exist; send sequence_start with its first step",
             )
         async with entry.lock:  # one step of a sequence at a time, in arrival order
-            yield entry
+            if self.live.get(key) is not entry:  # ended, or its start failed, meanwhile
+                raise InvalidArgument(
+                    "parameters.sequence_id", f"sequence {key} ended while this step waited"
+                )
+            try:
+                yield entry
+            except BaseException:
+                if start:  # a first step that failed never started the sequence
+                    self.end(key)
+                raise
             entry.last_used = self.clock()
 
     def end(self, key: str) -> None:

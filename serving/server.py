@@ -22,6 +22,7 @@ from serving.models import Classifier, StepDecoder
 from serving.preprocess import ImageDecoder, ImageLimits
 from serving.repository import ModelRegistry
 from serving.service import InferenceServicer, add_to_server
+from serving.statistics import Statistics
 from serving.streams import StreamSlots
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,16 @@ class Server:
         self.streams = StreamSlots(
             config.max_streams, config.max_streams_per_connection, config.stream_stall_timeout_s
         )
+        # Per-model counts and durations of every protocol's inferences (ModelStatistics).
+        self.statistics = Statistics()
         self.batchers: dict[str, DynamicBatcher] = {}
         for name, model in registry.models.items():
             if isinstance(model, Classifier):
                 batching = model_batching(model.config, config.batching)
                 if batching.max_batch_size > 1:
-                    self.batchers[name] = DynamicBatcher(name, model.rows, batching)
+                    self.batchers[name] = DynamicBatcher(
+                        name, model.rows, batching, self.statistics[name]
+                    )
         self.engines = {
             name: StepEngine(model, model_engine(model.config, config.engine))
             for name, model in registry.models.items()
@@ -115,10 +120,10 @@ class Server:
         }
         self.servicer = InferenceServicer(
             registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
-            self.workers,
+            self.workers, self.statistics,
         )  # fmt: skip
         # The KServe V2 protocol; its server-held sequences join the same engines.
-        self.kserve = kserve.KServeServicer(registry, self.workers, self.engines)
+        self.kserve = kserve.KServeServicer(registry, self.workers, self.engines, self.statistics)
         self.health = health.aio.HealthServicer()
         self._stopped = threading.Event()
         self.port = self._call(self._build())

@@ -29,6 +29,7 @@ from serving.models import Captioner, Classifier, LanguageModel
 from serving.preprocess import ImageDecoder
 from serving.repository import ModelRegistry
 from serving.sampling import SamplingParams
+from serving.statistics import RequestTiming, Statistics
 from serving.streams import StreamSlots
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def status_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
     return f"{cut}... ({len(data) - len(cut.encode())} more bytes)"
 
 
-def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status code and message an exception becomes (logged when INTERNAL)."""
     if isinstance(exc, ServingError):
         if exc.code == "INTERNAL":
@@ -126,7 +127,7 @@ def unary(handler):
                 request.check()
             return await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            code, message = _status(exc)
+            code, message = status_of(exc)
         await context.abort(code, message)
 
     return wrapper
@@ -144,7 +145,7 @@ def streaming(handler):
                 yield response
             return
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            code, message = _status(exc)
+            code, message = status_of(exc)
         await context.abort(code, message)
 
     return wrapper
@@ -254,6 +255,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         engines: dict[str, StepEngine],
         batchers: dict[str, DynamicBatcher] | None = None,
         workers: Executor | None = None,
+        statistics: Statistics | None = None,
     ):
         """The parts come from `create_server`, built from one ServerConfig.
 
@@ -266,6 +268,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.streams = streams  # admission: global and per-connection caps, stall watchdog
         self.images = images
         self.workers = workers
+        self.statistics = statistics or Statistics()  # per model, every protocol's calls
 
     async def _blocking(self, fn, *args):
         """Run `fn(*args)` on the worker pool; the event loop goes on serving."""
@@ -296,30 +299,48 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Classify(self, request, context):
         model: Classifier = self.registry.get(request.model, Classifier.kind)
         batcher = self.batchers.get(model.name)
-        if batcher is None:  # decode and run on a worker
-            return await self._blocking(self._classify_here, model, request)
-        # Decode on a worker, then wait for the batch on the loop (no worker held).
-        x, top_k = await self._blocking(_classify_input, self.images, model, request)
-        try:
-            probs = await asyncio.wrap_future(batcher.enqueue(x))
-        except NonFiniteOutput as exc:
-            raise _overflow(model, request, x, exc) from None
-        return _classify_response(model, probs, top_k)
+        with self.statistics[model.name].request() as timing:
+            if batcher is None:  # decode and run on a worker
+                return await self._blocking(self._classify_here, model, request, timing)
+            # Decode on a worker, then wait for the batch on the loop (no worker held).
+            x, top_k = await self._blocking(self._classify_input, model, request, timing)
+            try:
+                probs = await asyncio.wrap_future(batcher.enqueue(x, timing))
+            except NonFiniteOutput as exc:
+                raise _overflow(model, request, x, exc) from None
+            response = _classify_response(model, probs, top_k)
+            timing.mark("output")
+            return response
 
-    def _classify_here(self, model: Classifier, request) -> pb.ClassifyResponse:
+    def _classify_input(self, model: Classifier, request, timing: RequestTiming):
+        timing.mark("queue")  # waited for a worker
         x, top_k = _classify_input(self.images, model, request)
+        timing.mark("input")
+        return x, top_k
+
+    def _classify_here(self, model: Classifier, request, timing: RequestTiming):
+        x, top_k = self._classify_input(model, request, timing)
         try:
             probs = model.probabilities(x[None])[0]
         except NonFiniteOutput as exc:
             raise _overflow(model, request, x, exc) from None
-        return _classify_response(model, probs, top_k)
+        timing.mark("infer")
+        self.statistics[model.name].execution(1, timing.ns["infer"])
+        response = _classify_response(model, probs, top_k)
+        timing.mark("output")
+        return response
 
     @streaming
     async def Generate(self, request, context):
         model: LanguageModel = self.registry.get(request.model, LanguageModel.kind)
+        with self.statistics[model.name].request() as timing:
+            async for response in self._generate(model, request, context, timing):
+                yield response
+
+    async def _generate(self, model: LanguageModel, request, context, timing: RequestTiming):
         max_tokens, params = sampling_params(request, len(model.vocab))
         seq = text_request(model, request.prompt, max_tokens, params, list(request.stop))
-        async for delta in self._stream(model, lambda: seq, context):
+        async for delta in self._stream(model, lambda: seq, context, timing):
             yield pb.GenerateResponse(
                 text="".join(delta.pieces),
                 finish_reason=delta.finish_reason,
@@ -334,10 +355,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     @streaming
     async def Caption(self, request, context):
         model: Captioner = self.registry.get(request.model, Captioner.kind)
+        with self.statistics[model.name].request() as timing:
+            async for response in self._caption(model, request, context, timing):
+                yield response
+
+    async def _caption(self, model: Captioner, request, context, timing: RequestTiming):
         max_length, params = caption_params(request, model.max_length)
         if request.beam_size > 1:
             async for response in self._beam_caption(model, request, max_length, context):
                 yield response
+            timing.mark("infer")  # beam search runs its own batch: all of it is compute
             return
 
         def sequence():  # decoding and encoding, too, happen inside a stream slot
@@ -345,7 +372,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return caption_request(model, image, max_length, params)
 
         words = []
-        async for delta in self._stream(model, sequence, context):
+        async for delta in self._stream(model, sequence, context, timing):
             words += delta.pieces
             yield pb.CaptionResponse(
                 text=" ".join(delta.pieces),
@@ -406,7 +433,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if state["stalled"]:  # the watchdog stopped the search: never end it OK
             raise Cancelled(STALLED)
 
-    def _stream(self, model, sequence, context: grpc.aio.ServicerContext):
+    def _stream(self, model, sequence, context: grpc.aio.ServicerContext, timing: RequestTiming):
         """Hold a slot of the client's connection (or be refused at once), build the
         sequence (on the worker pool: it may decode an image), submit it to the model's
         engine and yield its deltas as they accumulate. A cancelled, timed-out or
@@ -422,6 +449,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         async def deltas():
             seq: Sequence = await self._blocking(sequence)
+            timing.mark("input")
             live["seq"] = seq
             remaining = context.time_remaining()
             if remaining is not None:
@@ -433,6 +461,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     delta = await reader.next()
                     if delta.error is not None:
                         raise delta.error
+                    if delta.finished:  # it waited for a batch row, then ran in the batch
+                        timing.engine(delta.queue_time_us * 1000)
                     yield delta
                     if stalled.is_set():
                         raise Cancelled(STALLED)

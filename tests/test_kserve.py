@@ -1,7 +1,11 @@
-"""The KServe V2 service on the stepwise port, over a real channel (issue 9, first step:
-liveness, readiness, metadata, config, repository index)."""
+"""The KServe V2 service on the stepwise port, over a real channel (issue 9): liveness,
+readiness, metadata, config, repository index, ModelInfer and server-held sequences,
+ModelStreamInfer, statistics, and the BYTES codec. tests/test_tritonclient.py drives
+the same service with the real tritonclient package."""
 
 from __future__ import annotations
+
+import json
 
 import grpc
 import pytest
@@ -27,9 +31,10 @@ def test_live_ready_and_model_ready(kserve, server):
 
 def test_server_metadata_lists_exactly_what_is_served(kserve):
     meta = kserve.ServerMetadata(kpb.ServerMetadataRequest())
-    assert meta.name == "stepwise" and list(meta.extensions) == ["model_configuration", "sequence"]
+    assert meta.name == "stepwise"
+    assert list(meta.extensions) == ["model_configuration", "sequence", "statistics"]
     with pytest.raises(grpc.RpcError) as info:  # not in the list: not served
-        kserve.ModelStatistics(kpb.ModelStatisticsRequest(name="lenet5"))
+        kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="lenet5"))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -119,13 +124,20 @@ def _infer(kserve, model: str, arrays: dict, **fields):
 
 
 def _outputs(response) -> dict:
+    import math
+
     import numpy as np
 
+    from serving.kserve_codec import deserialize_bytes
+
     kinds = {"FP32": np.float32, "INT64": np.int64}
-    return {
-        o.name: np.frombuffer(raw, kinds[o.datatype]).reshape(list(o.shape))
-        for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-    }
+    out = {}
+    for o, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if o.datatype == "BYTES":
+            out[o.name] = deserialize_bytes(raw, math.prod(o.shape), "", o.name).reshape(o.shape)
+        else:
+            out[o.name] = np.frombuffer(raw, kinds[o.datatype]).reshape(list(o.shape))
+    return out
 
 
 def test_model_infer_on_a_classifier_batch_equals_classify(kserve, client, repository):
@@ -326,3 +338,226 @@ def test_idle_sequences_expire_and_many_clients_interleave(tmp_path, repository)
             assert sum(n for size, n in engine.stats.batch_sizes.items() if size > 1) > before
     finally:
         server.stop(None)
+
+
+# -- BYTES ------------------------------------------------------------------------------
+
+
+def test_bytes_codec_round_trips_and_refuses_malformed_elements():
+    import numpy as np
+
+    from serving.errors import InvalidArgument
+    from serving.kserve_codec import decode_inputs, deserialize_bytes, serialize_bytes
+
+    values = np.asarray([[b"", "caf\u00e9", b"\x00\xff"]], dtype=object)
+    raw = serialize_bytes(values)
+    assert raw == b"\0\0\0\0" + b"\5\0\0\0caf\xc3\xa9" + b"\2\0\0\0\x00\xff"
+    assert list(deserialize_bytes(raw, 3, "f", "t")) == [b"", "caf\u00e9".encode(), b"\0\xff"]
+    assert deserialize_bytes(b"", 0, "f", "t").shape == (0,)
+    for data, count, problem in [
+        (raw[:2], 1, "length prefix is cut short"),
+        (b"\x09\0\0\0abc", 1, "claims 9 bytes; 3 remain"),
+        (raw, 2, "bytes left after the 2 elements"),
+        (raw, 4, "3 elements; the shape needs 4"),
+    ]:
+        with pytest.raises(InvalidArgument, match=problem):
+            deserialize_bytes(data, count, "raw_input_contents[0]", "t")
+
+    spec = [{"name": "text", "dtype": "object", "shape": [1, -1]}]
+    request = kpb.ModelInferRequest()
+    request.inputs.add(name="text", datatype="BYTES", shape=[1, 3])
+    request.raw_input_contents.append(raw)
+    assert decode_inputs(request, spec)["text"].tolist() == [[b"", "caf\u00e9".encode(), b"\0\xff"]]
+    typed = kpb.ModelInferRequest()
+    typed.inputs.add(name="text", datatype="BYTES", shape=[1, 2]).contents.bytes_contents.extend(
+        [b"a", b"bc"]
+    )
+    assert decode_inputs(typed, spec)["text"].tolist() == [[b"a", b"bc"]]
+    typed.inputs[0].shape[1] = 3
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\].contents: 'text': 2 values"):
+        decode_inputs(typed, spec)
+
+
+def test_narrow_typed_integers_are_refused_out_of_range_never_wrapped():
+    from serving.errors import InvalidArgument
+    from serving.kserve_codec import decode_inputs
+
+    spec = [{"name": "x", "dtype": "int8", "shape": [-1]}]
+    request = kpb.ModelInferRequest()
+    request.inputs.add(name="x", datatype="INT8", shape=[2]).contents.int_contents.extend([-5, 7])
+    assert decode_inputs(request, spec)["x"].tolist() == [-5, 7]
+    request.inputs[0].contents.int_contents[1] = 300
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\].contents: 'x': values -5 to 300"):
+        decode_inputs(request, spec)
+
+
+def _text_step(kserve, key, text: bytes, start=False, outputs=(), model="char_lstm"):
+    from serving.kserve_codec import serialize_bytes
+
+    request = kpb.ModelInferRequest(model_name=model)
+    request.parameters["sequence_id"].string_param = key
+    request.parameters["sequence_start"].bool_param = start
+    request.inputs.add(name="text", datatype="BYTES", shape=[1, 1])
+    request.raw_input_contents.append(serialize_bytes([text]))
+    for name in outputs:
+        request.outputs.add(name=name)
+    return _outputs(kserve.ModelInfer(request))
+
+
+def test_sequence_text_in_and_greedy_text_out(kserve, repository):
+    """`text` (BYTES) opens a sequence with <eos> and the prompt, as Generate does: the
+    same logits as sending those tokens one at a time; `greedy_text` is the text of
+    their argmax (empty for <eos>)."""
+    import numpy as np
+
+    vocab = json.loads((repository / "char_lstm" / "1" / "model.json").read_text())["vocab"]
+    for i, token in enumerate([0, *(vocab.index(ch) for ch in "KING.\n")]):
+        logits = _seq_step(kserve, 61, token, start=i == 0)
+    out = _text_step(kserve, "t-61", b"KING.\n", start=True)
+    assert list(out) == ["logits", "greedy_text"]  # nothing requested: both
+    np.testing.assert_allclose(out["logits"][0], logits, atol=1e-4)
+    assert out["greedy_text"].tolist() == [[vocab[int(np.argmax(logits))].encode()]]
+    nxt = _text_step(kserve, "t-61", out["greedy_text"][0, 0], outputs=["greedy_text"])
+    assert list(nxt) == ["greedy_text"] and len(nxt["greedy_text"][0, 0]) <= 1
+
+
+def _seq_request(key, start=False, text=None, tokens=None, outputs=()):
+    import numpy as np
+
+    from serving.kserve_codec import serialize_bytes
+
+    request = kpb.ModelInferRequest(model_name="char_lstm")
+    if isinstance(key, int):
+        request.parameters["sequence_id"].int64_param = key
+    else:
+        request.parameters["sequence_id"].string_param = key
+    request.parameters["sequence_start"].bool_param = start
+    if tokens is not None:
+        tensor, data = _raw("tokens", np.asarray([[tokens]], np.int64), "INT64")
+        request.inputs.append(tensor)
+        request.raw_input_contents.append(data)
+    if text is not None:
+        request.inputs.add(name="text", datatype="BYTES", shape=[1, 1])
+        request.raw_input_contents.append(serialize_bytes([text]))
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+@pytest.mark.parametrize(
+    "request_,field,problem",
+    [
+        (_seq_request("s", True, b"ab", 1), "inputs", "send `tokens` or `text`, not both"),
+        (_seq_request("s", True, b"\xff"), "inputs[0].contents", "'text' is not UTF-8"),
+        (_seq_request("s", True, "K\u00e9".encode()), "inputs[0].contents", "'\u00e9' are not"),
+        (_seq_request("s", True, tokens=1, outputs=["h_next"]), "outputs[0].name", "'h_next'"),
+        (_seq_request("s", True, tokens=1, outputs=["logits"] * 2), "outputs[1].name", "twice"),
+        (_seq_request(-4, True, tokens=1), "parameters.sequence_id", "'-4'; 0, negative"),
+        (_seq_request("x" * 257, True, tokens=1), "parameters.sequence_id", "257 characters"),
+        (_seq_request("s", True, tokens=99), "tokens", "each 0 to"),
+    ],
+)
+def test_sequence_step_errors_name_the_field(kserve, request_, field, problem):
+    with pytest.raises(grpc.RpcError) as info:
+        kserve.ModelInfer(request_)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field + ":") and problem in info.value.details()
+
+
+def test_a_failed_first_step_does_not_start_the_sequence(kserve):
+    with pytest.raises(grpc.RpcError):
+        kserve.ModelInfer(_seq_request("retry", True, tokens=99))  # out of range
+    kserve.ModelInfer(_seq_request("retry", True, tokens=1))  # not "already in use"
+    with pytest.raises(grpc.RpcError) as info:
+        kserve.ModelInfer(_seq_request("retry", False, text=b""))  # nothing to feed
+    assert info.value.details().startswith("inputs[0].contents: 'text' is empty")
+
+
+# -- ModelStreamInfer ------------------------------------------------------------------
+
+
+def test_stream_answers_every_request_in_order_and_errors_do_not_end_it(channel):
+    import numpy as np
+
+    call = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        request_serializer=lambda data: data,
+        response_deserializer=kpb.ModelStreamInferResponse.FromString,
+    )
+    ok = kpb.ModelInferRequest(model_name="lenet5", id="a")
+    tensor, data = _raw("input", np.zeros((2, 1, 32, 32), np.float32), "FP32")
+    ok.inputs.append(tensor)
+    ok.raw_input_contents.append(data)
+    flagged = kpb.ModelInferRequest()
+    flagged.CopyFrom(ok)
+    flagged.id = "d"
+    flagged.parameters["triton_enable_empty_final_response"].bool_param = True
+    requests = [
+        ok.SerializeToString(),
+        b"\xff\xff\xff",  # not a ModelInferRequest
+        kpb.ModelInferRequest(model_name="nope", id="c").SerializeToString(),
+        flagged.SerializeToString(),
+        _seq_request(71, True, tokens=0).SerializeToString(),
+        _seq_request(71, False, text=b"K", outputs=["greedy_text"]).SerializeToString(),
+    ]
+    got = list(call(iter(requests), timeout=60))
+    assert [r.error_message == "" for r in got] == [True, False, False, True, True, True]
+    assert got[0].infer_response.id == "a"
+    assert list(got[0].infer_response.outputs[0].shape) == [2, 10]
+    assert not got[0].infer_response.parameters
+    assert got[1].error_message.startswith("request: cannot parse")
+    assert got[2].error_message.startswith("model_name: no model named 'nope'")
+    assert got[2].infer_response.id == "c"  # an error still names its request
+    assert got[3].infer_response.parameters["triton_final_response"].bool_param
+    assert [o.name for o in got[5].infer_response.outputs] == ["greedy_text"]
+
+
+# -- ModelStatistics -------------------------------------------------------------------
+
+
+def _stats(kserve, name: str):
+    (stats,) = kserve.ModelStatistics(kpb.ModelStatisticsRequest(name=name)).model_stats
+    return stats
+
+
+def test_statistics_count_every_protocol(kserve, client):
+    """Classify, Generate and ModelInfer all count: successes, failures, inferences."""
+    import numpy as np
+
+    from serving._proto.stepwise.v1 import inference_pb2 as pb
+
+    lenet, lstm = _stats(kserve, "lenet5"), _stats(kserve, "char_lstm")
+    x = np.zeros((1, 32, 32), np.float32)
+    tensor = pb.Tensor(dtype="float32", shape=x.shape, raw_data=x.tobytes())
+    client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor))
+    _infer(kserve, "lenet5", {"input": np.zeros((4, 1, 32, 32), np.float32)})
+    list(client.generate_stream("KING.\n", max_tokens=3, temperature=0))
+    with pytest.raises(grpc.RpcError):
+        list(client.generate_stream("KING.\n", max_tokens=3, temperature=-1))
+    after = _stats(kserve, "lenet5")
+    assert after.inference_stats.success.count - lenet.inference_stats.success.count == 2
+    assert after.inference_count - lenet.inference_count == 5  # 1 + a batch of 4
+    assert after.execution_count - lenet.execution_count == 2
+    assert after.inference_stats.compute_infer.ns > lenet.inference_stats.compute_infer.ns
+    assert after.last_inference >= lenet.last_inference > 0
+    now = _stats(kserve, "char_lstm")
+    assert now.inference_stats.success.count - lstm.inference_stats.success.count == 1
+    assert now.inference_stats.fail.count - lstm.inference_stats.fail.count == 1
+    assert now.inference_stats.queue.count - lstm.inference_stats.queue.count == 1
+    # The continuous batch's runs: the prefill of the prompt, and a step per token.
+    assert now.execution_count - lstm.execution_count >= 3
+
+
+def test_statistics_of_every_model_and_errors(kserve):
+    everything = kserve.ModelStatistics(kpb.ModelStatisticsRequest()).model_stats
+    assert {"lenet5", "char_lstm"} <= {(m.name) for m in everything}
+    assert all(m.version == "1" for m in everything)
+    for request_, code, field in [
+        (kpb.ModelStatisticsRequest(name="nope"), grpc.StatusCode.NOT_FOUND, "model_name"),
+        (kpb.ModelStatisticsRequest(name="lenet5", version="2"), grpc.StatusCode.NOT_FOUND,
+         "model_version"),
+        (kpb.ModelStatisticsRequest(version="1"), grpc.StatusCode.INVALID_ARGUMENT, "version"),
+    ]:  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            kserve.ModelStatistics(request_)
+        assert info.value.code() == code and info.value.details().startswith(field + ":")
