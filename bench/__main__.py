@@ -53,6 +53,8 @@ class Server:
     def __init__(self, name: str, argv: list[str], log: Path):
         self.name, self.port = name, free_port()
         self.log = log.open("w")
+        if argv[0] == "serving":  # no Prometheus port: servers run side by side here
+            argv = [*argv, "--metrics-port", "0"]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", *argv, "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self.log,

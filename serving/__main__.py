@@ -17,6 +17,7 @@ from serving.errors import DeviceError
 from serving.memory import DEFAULT_MMAP_THRESHOLD, fix_mmap_threshold
 from serving.preprocess import ImageLimits
 from serving.runtime import DEVICES
+from serving.security import SecurityConfig, read_token
 from serving.server import ServerConfig, create_server
 
 log = logging.getLogger("serving")
@@ -43,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8002,
+        help="Prometheus metrics at http://HOST:PORT/metrics (Triton's port; 0 turns it off)",
+    )
     defaults, engine = ServerConfig(), EngineConfig()
     p.add_argument(
         "--max-workers", type=_positive, default=defaults.max_workers, help="threads serving RPCs"
@@ -134,6 +141,28 @@ def main(argv: list[str] | None = None) -> int:
         default=30.0,
         help="seconds in-flight RPCs get to finish once new requests are refused",
     )
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS only")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA certificate: clients must present a certificate it signed (mutual TLS)",
+    )
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        help="a file holding a bearer token every RPC must carry as 'authorization: Bearer "
+        "<token>' metadata (UNAUTHENTICATED without it); health and reflection stay open",
+    )
+    p.add_argument(
+        "--auth-all", action="store_true", help="health checks and reflection need the token too"
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=_positive,
+        default=defaults.max_message_bytes,
+        help="largest request or response message; larger requests get RESOURCE_EXHAUSTED",
+    )
     p.add_argument(
         "--mmap-threshold",
         type=int,
@@ -144,8 +173,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.mmap_threshold and not fix_mmap_threshold(args.mmap_threshold):
         log.warning("--mmap-threshold %d was not applied", args.mmap_threshold)
+    if args.auth_all and args.auth_token_file is None:
+        p.error("--auth-all needs --auth-token-file")
+    try:
+        token = read_token(args.auth_token_file) if args.auth_token_file else None
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 1
     config = ServerConfig(
         model_repository=args.model_repository,
+        max_message_bytes=args.max_message_bytes,
+        metrics_port=args.metrics_port or None,
+        security=SecurityConfig(
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            auth_token=token,
+            auth_all=args.auth_all,
+        ),
         host=args.host,
         port=args.port,
         device=args.device,

@@ -3,6 +3,7 @@
 python -m serving.client list
 python -m serving.client classify --image digit.png [--model lenet5] [--top-k 3]
 python -m serving.client generate --prompt "ROMEO." --max-tokens 300 --seed 1
+python -m serving.client --tls-ca ca.pem --token-file token.txt list   (TLS, bearer token)
 """
 
 from __future__ import annotations
@@ -16,11 +17,23 @@ import grpc
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.security import channel, read_token
 
 
 class StepwiseClient:
-    def __init__(self, target: str = "localhost:8001", timeout: float | None = 60.0):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(
+        self,
+        target: str = "localhost:8001",
+        timeout: float | None = 60.0,
+        *,
+        ca: Path | None = None,
+        token: str | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+    ):
+        """`ca`: TLS, trusting that PEM CA (with `cert` and `key` for mutual TLS);
+        `token`: sent as `authorization: Bearer <token>` on every call."""
+        self.channel = channel(target, ca=ca, token=token, cert=cert, key=key)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.timeout = timeout
         self.last: pb.GenerateResponse | None = None  # the final message of generate()
@@ -77,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--target", default="localhost:8001")
+    p.add_argument("--tls-ca", type=Path, help="use TLS, trusting this PEM CA certificate")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, help="client key (mutual TLS)")
+    p.add_argument("--token-file", type=Path, help="a file holding the server's bearer token")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the served models")
     c = sub.add_parser("classify", help="classify an image file")
@@ -100,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stop", action="append", default=[])
     args = p.parse_args(argv)
 
-    with StepwiseClient(args.target, timeout=None if args.command == "generate" else 60) as client:
+    security = dict(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+    try:
+        security["token"] = read_token(args.token_file, "--token-file") if args.token_file else None
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    timeout = None if args.command == "generate" else 60
+    with StepwiseClient(args.target, timeout=timeout, **security) as client:
         try:
             if args.command == "list":
                 for m in client.list_models():

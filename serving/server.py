@@ -18,9 +18,11 @@ from serving import kserve
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.batching import BatchingConfig, DynamicBatcher
 from serving.engine import EngineConfig, StepEngine
+from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics
 from serving.models import Classifier, StepDecoder
 from serving.preprocess import ImageDecoder, ImageLimits
 from serving.repository import ModelRegistry
+from serving.security import SecurityConfig, TokenAuth, server_credentials
 from serving.service import InferenceServicer, add_to_server
 from serving.statistics import Statistics
 from serving.streams import StreamSlots
@@ -55,6 +57,8 @@ class ServerConfig:
     images: ImageLimits = field(default_factory=ImageLimits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)  # continuous batching
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, bearer token
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one)
 
 
 def model_batching(model_config, default: BatchingConfig) -> BatchingConfig:
@@ -113,11 +117,21 @@ class Server:
                     self.batchers[name] = DynamicBatcher(
                         name, model.rows, batching, self.statistics[name]
                     )
-        self.engines = {
-            name: StepEngine(model, model_engine(model.config, config.engine))
-            for name, model in registry.models.items()
-            if isinstance(model, StepDecoder)
-        }
+        self.engines: dict[str, StepEngine] = {}
+        self.metrics = Metrics(registry, self.statistics, self.engines)
+        for name, model in registry.models.items():
+            if isinstance(model, StepDecoder):
+                self.engines[name] = StepEngine(
+                    model,
+                    model_engine(model.config, config.engine),
+                    self.metrics.engine_observer(name),
+                )
+        self.metrics_endpoint = None
+        if config.metrics_port is not None:
+            token = config.security.auth_token if config.security.auth_all else None
+            self.metrics_endpoint = MetricsEndpoint(
+                self.metrics, config.host, config.metrics_port, token
+            )
         self.servicer = InferenceServicer(
             registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
             self.workers, self.statistics,
@@ -133,7 +147,13 @@ class Server:
 
     async def _build(self) -> int:
         c = self.config
+        credentials = server_credentials(c.security)  # None: plaintext
+        token = c.security.auth_token
         self.server = grpc.aio.server(
+            interceptors=[
+                RpcMetrics(self.metrics),  # first, so refused calls are counted too
+                *([TokenAuth(token, c.security.auth_all)] if token else []),
+            ],
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
@@ -156,7 +176,11 @@ class Server:
             self.server,
         )
         try:
-            port = self.server.add_insecure_port(f"{c.host}:{c.port}")
+            address = f"{c.host}:{c.port}"
+            if credentials is None:
+                port = self.server.add_insecure_port(address)
+            else:
+                port = self.server.add_secure_port(address, credentials)
         except RuntimeError as exc:  # grpcio raises this when the address is taken or invalid
             raise OSError(f"cannot listen on {c.host}:{c.port}: {exc}") from None
         status = (
@@ -170,6 +194,8 @@ class Server:
 
     def start(self) -> None:
         self._call(self.server.start())
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.start()
 
     def enter_graceful_shutdown(self) -> None:
         """Health turns NOT_SERVING for every service (and KServe's ServerReady false);
@@ -190,6 +216,8 @@ class Server:
             for batcher in self.batchers.values():
                 batcher.close()
             self.streams.close()
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.stop()
             self.workers.shutdown(wait=False, cancel_futures=True)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._stopped.set()

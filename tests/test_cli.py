@@ -30,7 +30,7 @@ def start_server(repository, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving", "--model-repository", str(repository), "--host",
-         "127.0.0.1", "--port", str(port), "--device", "cpu", *flags],
+         "127.0.0.1", "--port", str(port), "--device", "cpu", "--metrics-port", "0", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     port = free_port()
     cmd = [sys.executable, "-m", "serving", "--model-repository", str(args.model_repository)]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *args.server_arg]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--metrics-port", "0"]
+    cmd += args.server_arg
     log = tempfile.TemporaryFile("w+")
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:

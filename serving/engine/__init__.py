@@ -12,7 +12,14 @@ import numpy as np
 
 from serving.engine.output import Output, TextOutput, WordOutput
 from serving.engine.request import Delta, Outbox, Sequence, Status
-from serving.engine.scheduler import EngineConfig, EngineStats, Scheduler, StepEngine, run_alone
+from serving.engine.scheduler import (
+    EngineConfig,
+    EngineObserver,
+    EngineStats,
+    Scheduler,
+    StepEngine,
+    run_alone,
+)
 from serving.errors import InvalidArgument
 from serving.models import Captioner, LanguageModel
 from serving.sampling import Sampler, SamplingParams
@@ -20,6 +27,7 @@ from serving.sampling import Sampler, SamplingParams
 __all__ = [
     "Delta",
     "EngineConfig",
+    "EngineObserver",
     "EngineStats",
     "Outbox",
     "Output",

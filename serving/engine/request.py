@@ -112,6 +112,7 @@ class Sequence:
     submitted: float = field(default_factory=time.monotonic)
     joined: float = 0.0
     first_token: float = 0.0
+    last_token: float = 0.0  # when its latest token was sampled
     outbox: Outbox = field(default_factory=Outbox)
     cancelled: bool = False  # set by the transport; the scheduler drops it next iteration
 

@@ -85,6 +85,21 @@ class EngineStats:
     finish_reasons: Counter = field(default_factory=Counter)
 
 
+class EngineObserver:
+    """What a scheduler reports as it goes, for metrics (`serving.metrics`); these
+    defaults ignore it. Called on the engine's thread: keep it cheap."""
+
+    def run(self, graph: str, rows: int, seconds: float) -> None:
+        """A graph run ("step": a decode iteration; "prefill": a prompt chunk) of `rows`
+        streams that took `seconds`."""
+
+    def first_token(self, seconds: float) -> None:
+        """A stream's first sampled token, `seconds` after it was submitted."""
+
+    def token(self, gap_seconds: float) -> None:
+        """A stream's next token, `gap_seconds` after its previous one."""
+
+
 class Scheduler:
     """Bookkeeping and one iteration at a time; `step()` is called by `StepEngine`'s
     thread, or directly by tests and `run_alone`."""
@@ -95,8 +110,10 @@ class Scheduler:
         config: EngineConfig = EngineConfig(),
         wake: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        observer: EngineObserver | None = None,
     ):
         self.model, self.config, self.wake, self.clock = model, config, wake, clock
+        self.observer = observer or EngineObserver()
         self.stats = EngineStats()
         self._lock = threading.Lock()
         self._waiting: deque[Sequence] = deque()
@@ -118,6 +135,11 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def occupancy(self) -> tuple[int, int]:
+        """(streams in the batch, streams waiting for a row), from any thread."""
+        with self._lock:
+            return len(self._running), len(self._waiting)
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
@@ -209,10 +231,12 @@ class Scheduler:
         """Run `rows` through `graph`; on an exception, each row alone. Returns the rows
         whose input is now consumed, with their logits [V]."""
         try:
+            start = time.perf_counter()
             if self.bind and graph == "step":
                 logits, state = self._bound_run(rows, tokens)
             else:
                 logits, state = self._padded_run(graph, tokens, self._gather(rows))
+            self.observer.run(graph, len(rows), time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - a row's failure must stay that row's
             if len(rows) == 1:
                 log.error(
@@ -336,7 +360,12 @@ class Scheduler:
         self._leave(seq, "stepped")
 
     def _deliver(self, seq: Sequence, token: int, logprob, now: float) -> None:
-        seq.first_token = seq.first_token or now
+        if seq.first_token:
+            self.observer.token(now - seq.last_token)
+        else:
+            seq.first_token = now
+            self.observer.first_token(now - seq.submitted)
+        seq.last_token = now
         seq.status = Status.RUNNING
         text, stopped = ("", False) if token == self.model.eos else seq.output.push(token)
 
@@ -398,9 +427,11 @@ def _internal(exc: Exception) -> ServingError:
 class StepEngine:
     """A scheduler and the thread that runs its iterations while there is work."""
 
-    def __init__(self, model, config: EngineConfig = EngineConfig()):
+    def __init__(
+        self, model, config: EngineConfig = EngineConfig(), observer: EngineObserver | None = None
+    ):
         self._cond = threading.Condition()
-        self.scheduler = Scheduler(model, config, wake=self._wake)
+        self.scheduler = Scheduler(model, config, wake=self._wake, observer=observer)
         self._thread: threading.Thread | None = None
         self._stopped = False
 
