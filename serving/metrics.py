@@ -1,0 +1,296 @@
+"""Prometheus metrics on `--metrics-port` (default 8002), path `/metrics`.
+
+Two sources, one page:
+- Triton's per-model counters, with Triton's names and `model`/`version` labels so its
+  dashboards work unchanged, read at scrape time from `serving.statistics` (the same
+  numbers KServe's ModelStatistics reports): `nv_inference_request_success`,
+  `nv_inference_request_failure`, `nv_inference_count`, `nv_inference_exec_count`,
+  `nv_inference_request_duration_us`, `nv_inference_queue_duration_us`,
+  `nv_inference_compute_{input,infer,output}_duration_us`. Written in Triton's exact
+  form (counters without a `_total` suffix), which `prometheus_client` would rename.
+- stepwise's own, with `prometheus_client`: requests by RPC and status code and their
+  latency, and per step model the time to first token, the inter-token latency and the
+  batch size per iteration (histograms), tokens generated, live streams and queue depth.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import grpc
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+disable_created_metrics()  # no `_created` series: Triton's dashboards do not use them
+
+log = logging.getLogger(__name__)
+
+# (name, help, the value from a statistics Snapshot)
+TRITON_COUNTERS = (
+    ("nv_inference_request_success", "Number of successful inference requests, all batch sizes",
+     lambda s: s.success.count),
+    ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes",
+     lambda s: s.fail.count),
+    ("nv_inference_count", "Number of inferences performed (a request of batch n counts n)",
+     lambda s: s.inference_count),
+    ("nv_inference_exec_count", "Number of model executions performed (a batch counts once)",
+     lambda s: s.execution_count),
+    ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds",
+     lambda s: (s.success.ns + s.fail.ns) // 1000),
+    ("nv_inference_queue_duration_us", "Cumulative inference queuing duration in microseconds",
+     lambda s: s.phases["queue"].ns // 1000),
+    ("nv_inference_compute_input_duration_us",
+     "Cumulative compute input duration in microseconds", lambda s: s.phases["input"].ns // 1000),
+    ("nv_inference_compute_infer_duration_us",
+     "Cumulative compute inference duration in microseconds",
+     lambda s: s.phases["infer"].ns // 1000),
+    ("nv_inference_compute_output_duration_us",
+     "Cumulative inference compute output duration in microseconds",
+     lambda s: s.phases["output"].ns // 1000),
+)  # fmt: skip
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """Every metric of one server. `registry` is the model registry (names, versions),
+    `statistics` the per-model counters, `engines` the step models' schedulers."""
+
+    def __init__(self, registry, statistics, engines: dict | None = None):
+        self.models, self.statistics = registry, statistics
+        self.engines = engines if engines is not None else {}
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "stepwise_requests", "RPCs answered, by RPC and status code", ["rpc", "code"],
+            registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "stepwise_request_duration_seconds",
+            "RPC duration from arrival to its status (a stream: to its last message)",
+            ["rpc"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "stepwise_time_to_first_token_seconds",
+            "From a stream's arrival to its first sampled token (queue and prompt included)",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.itl = Histogram(
+            "stepwise_inter_token_latency_seconds",
+            "Time between a stream's consecutive tokens, as the engine produced them",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch = Histogram(
+            "stepwise_batch_size", "Streams stepped together per decode iteration",
+            ["model"], buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "stepwise_tokens_generated", "Tokens sampled, by model", ["model"], registry=r
+        )
+        r.register(_EngineGauges(self.engines))
+
+    def engine_observer(self, model: str) -> EngineMetrics:
+        return EngineMetrics(self, model, self.statistics[model])
+
+    def triton_text(self) -> str:
+        """Triton's counters in the Prometheus text format, as Triton writes them."""
+        rows = []
+        for name, model in sorted(self.models.models.items()):
+            snapshot = self.statistics[name].snapshot()
+            labels = f'model="{_label(name)}",version="{_label(model.version)}"'
+            rows.append((labels, snapshot))
+        out = []
+        for metric, help_text, value in TRITON_COUNTERS:
+            out.append(f"# HELP {metric} {help_text}\n# TYPE {metric} counter\n")
+            out.extend(f"{metric}{{{labels}}} {value(s)}\n" for labels, s in rows)
+        return "".join(out)
+
+    def render(self) -> bytes:
+        return self.triton_text().encode() + generate_latest(self.registry)
+
+
+class EngineMetrics:
+    """What one step model's scheduler reports (`serving.engine.EngineObserver`)."""
+
+    def __init__(self, metrics: Metrics, model: str, statistics):
+        self._statistics = statistics  # Triton's execution count and batch sizes
+        self._ttft = metrics.ttft.labels(model)
+        self._itl = metrics.itl.labels(model)
+        self._batch = metrics.batch.labels(model)
+        self._tokens = metrics.tokens.labels(model)
+
+    def run(self, graph: str, rows: int, seconds: float) -> None:
+        self._statistics.execution(rows, int(seconds * 1e9))
+        if graph == "step":
+            self._batch.observe(rows)
+
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
+        self._tokens.inc()
+
+    def token(self, gap_seconds: float) -> None:
+        self._itl.observe(gap_seconds)
+        self._tokens.inc()
+
+
+class _EngineGauges:
+    """Live streams and queue depth per step model, read at scrape time."""
+
+    def __init__(self, engines: dict):
+        self.engines = engines
+
+    def collect(self):
+        live = GaugeMetricFamily(
+            "stepwise_live_streams", "Streams in the continuous batch", labels=["model"]
+        )
+        queued = GaugeMetricFamily(
+            "stepwise_queue_depth", "Streams waiting for a batch row", labels=["model"]
+        )
+        for name, engine in sorted(self.engines.items()):
+            running, waiting = engine.scheduler.occupancy()
+            live.add_metric([name], running)
+            queued.add_metric([name], waiting)
+        yield live
+        yield queued
+
+
+class RpcMetrics(grpc.aio.ServerInterceptor):
+    """Counts every RPC by its final status code and times it."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        rpc = details.method.lstrip("/")
+        done = self._recorder(rpc)
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary(request, context):
+                start, code = time.perf_counter(), "UNKNOWN"
+                try:
+                    response = await inner(request, context)
+                    code = _code(context, "OK")
+                    return response
+                except BaseException as exc:
+                    code = _code(context, _code_of(exc))
+                    raise
+                finally:
+                    done(code, start)
+
+            kind = grpc.unary_unary_rpc_method_handler
+            if handler.stream_unary:
+                kind = grpc.stream_unary_rpc_method_handler
+            return kind(unary, handler.request_deserializer, handler.response_serializer)
+        inner = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request, context):
+            start, code = time.perf_counter(), "UNKNOWN"
+            try:
+                async for response in inner(request, context):
+                    yield response
+                code = _code(context, "OK")
+            except BaseException as exc:
+                code = _code(context, _code_of(exc))
+                raise
+            finally:
+                done(code, start)
+
+        kind = grpc.unary_stream_rpc_method_handler
+        if handler.stream_stream:
+            kind = grpc.stream_stream_rpc_method_handler
+        return kind(streaming, handler.request_deserializer, handler.response_serializer)
+
+    def _recorder(self, rpc: str):
+        latency = self.metrics.latency.labels(rpc)
+
+        def done(code: str, start: float) -> None:
+            self.metrics.requests.labels(rpc, code).inc()
+            latency.observe(time.perf_counter() - start)
+
+        return done
+
+
+def _code(context, default: str) -> str:
+    """The status the handler set (context.abort / set_code), else `default`."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpcio: no code() on aio contexts
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):  # some versions hand back the enum's integer value
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)
+    return default
+
+
+def _code_of(exc: BaseException) -> str:
+    import asyncio
+
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+# -- the HTTP endpoint ------------------------------------------------------------------
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # one line per scrape would drown the logs
+        pass
+
+
+class MetricsEndpoint:
+    """`GET /metrics` on its own port and thread; with a token, only with
+    `Authorization: Bearer <token>` (the server's --auth-all)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, token: str | None = None):
+        expected = f"Bearer {token}".encode() if token else None
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") != "/metrics":
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"metrics are at /metrics\n"]
+            given = environ.get("HTTP_AUTHORIZATION", "").encode()
+            if expected is not None and not hmac.compare_digest(given, expected):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain")])
+                return [b"authorization: missing or wrong bearer token\n"]
+            body = metrics.render()
+            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
+            return [body]
+
+        self.httpd = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        self.port = self.httpd.server_port
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="metrics", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
