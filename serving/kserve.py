@@ -24,7 +24,13 @@ import numpy as np
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving.engine import step_request
-from serving.errors import InvalidArgument, NotFound, ResourceExhausted, ServingError
+from serving.errors import (
+    InvalidArgument,
+    NonFiniteOutput,
+    NotFound,
+    ResourceExhausted,
+    ServingError,
+)
 from serving.kserve_codec import DATATYPES, add_output, decode_inputs
 from serving.model_config import DEFAULT_SEQUENCE_IDLE_US, PLATFORM, config_for_card
 from serving.repository import ModelRegistry
@@ -54,8 +60,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         workers=None,
         engines=None,
         statistics: Statistics | None = None,
+        batchers: dict | None = None,
     ):
         self.registry = registry
+        self.batchers = batchers or {}  # classifier name -> its dynamic batcher
         self.workers = workers  # graph runs happen here, never on the event loop
         self.engines = engines or {}  # step model name -> its continuous-batching engine
         self.statistics = statistics or Statistics()  # shared with the stepwise service
@@ -211,6 +219,9 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             names = [t["name"] for t in model.card["outputs"]]
             wanted = _requested(request, names, model.name)
             timing.mark("input")
+            batcher = self.batchers.get(model.name)
+            if batcher is not None:  # a classifier's rows join its dynamic batch
+                return await self._batched(model, request, batcher, feeds, timing)
             session = model.graphs["step"] if hasattr(model, "graphs") else model.session
 
             def run():
@@ -235,6 +246,24 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 add_output(response, name, value)
             timing.mark("output")
             return response
+
+    async def _batched(self, model, request, batcher, feeds, timing) -> kpb.ModelInferResponse:
+        """Each row of the request's batch goes through the model's dynamic batcher (the
+        same queue as Classify's), so concurrent requests run together."""
+        x = feeds[model.input["name"]]
+        futures = [batcher.enqueue(row, timing) for row in x]
+        try:
+            rows = [await asyncio.wrap_future(f) for f in futures]
+        except NonFiniteOutput:
+            raise InvalidArgument(
+                "inputs", f"{model.name} produced non-finite values from them (out of range?)"
+            ) from None
+        response = kpb.ModelInferResponse(
+            model_name=model.name, model_version=model.version, id=request.id
+        )
+        add_output(response, "logits", np.stack(rows))
+        timing.mark("output")
+        return response
 
     async def _sequence_step(self, model, request, timing) -> kpb.ModelInferResponse:
         """Triton's sequence batcher with implicit state: the client sends `tokens` (or a

@@ -73,19 +73,27 @@ class Classifier(Model):
             raise InvalidArgument(f"{field}.raw_data", "holds NaN or infinite values")
         return array.reshape(want)
 
-    def rows(self, x: np.ndarray) -> list:
-        """x: [B, C, H, W] -> for each row its probabilities [K], or NonFiniteOutput for a
-        row the graph overflowed on (that row alone fails; the dynamic batcher's form)."""
+    def logit_rows(self, x: np.ndarray) -> list:
+        """x: [B, C, H, W] -> for each row its logits [K], or NonFiniteOutput for a row
+        the graph overflowed on (that row alone fails): what the dynamic batcher runs, for
+        Classify and for KServe's ModelInfer alike."""
         (logits,) = self.session.run(["logits"], {self.input["name"]: x})
-        finite = np.all(np.isfinite(logits), axis=1)
-        z = np.where(finite[:, None], logits, 0)
-        z = z - z.max(axis=1, keepdims=True)  # stable: every exponent <= 0
-        e = np.exp(z)
-        probs = e / e.sum(axis=1, keepdims=True)
-        if finite.all():
-            return list(probs)
         error = NonFiniteOutput(f"{self.name} produced non-finite logits")
-        return [p if ok else error for p, ok in zip(probs, finite, strict=True)]
+        return [row if np.all(np.isfinite(row)) else error for row in logits]
+
+    @staticmethod
+    def softmax(logits: np.ndarray) -> np.ndarray:
+        """One row's probabilities; row by row, so a row's figures never depend on the
+        batch it ran in."""
+        e = np.exp(logits - logits.max())  # stable: every exponent <= 0
+        return e / e.sum()
+
+    def rows(self, x: np.ndarray) -> list:
+        """x: [B, C, H, W] -> for each row its probabilities [K], or NonFiniteOutput."""
+        return [
+            row if isinstance(row, NonFiniteOutput) else self.softmax(row)
+            for row in self.logit_rows(x)
+        ]
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """x: [B, C, H, W] -> softmax probabilities [B, K]; NonFiniteOutput when the graph

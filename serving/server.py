@@ -115,7 +115,7 @@ class Server:
                 batching = model_batching(model.config, config.batching)
                 if batching.max_batch_size > 1:
                     self.batchers[name] = DynamicBatcher(
-                        name, model.rows, batching, self.statistics[name]
+                        name, model.logit_rows, batching, self.statistics[name]
                     )
         self.engines: dict[str, StepEngine] = {}
         self.metrics = Metrics(registry, self.statistics, self.engines)
@@ -137,7 +137,9 @@ class Server:
             self.workers, self.statistics,
         )  # fmt: skip
         # The KServe V2 protocol; its server-held sequences join the same engines.
-        self.kserve = kserve.KServeServicer(registry, self.workers, self.engines, self.statistics)
+        self.kserve = kserve.KServeServicer(
+            registry, self.workers, self.engines, self.statistics, self.batchers
+        )
         self.health = health.aio.HealthServicer()
         self._stopped = threading.Event()
         self.port = self._call(self._build())

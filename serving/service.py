@@ -305,10 +305,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # Decode on a worker, then wait for the batch on the loop (no worker held).
             x, top_k = await self._blocking(self._classify_input, model, request, timing)
             try:
-                probs = await asyncio.wrap_future(batcher.enqueue(x, timing))
+                logits = await asyncio.wrap_future(batcher.enqueue(x, timing))
             except NonFiniteOutput as exc:
                 raise _overflow(model, request, x, exc) from None
-            response = _classify_response(model, probs, top_k)
+            response = _classify_response(model, model.softmax(logits), top_k)
             timing.mark("output")
             return response
 

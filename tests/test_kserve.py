@@ -561,3 +561,51 @@ def test_statistics_of_every_model_and_errors(kserve):
         with pytest.raises(grpc.RpcError) as info:
             kserve.ModelStatistics(request_)
         assert info.value.code() == code and info.value.details().startswith(field + ":")
+
+
+def test_model_infer_on_a_classifier_goes_through_its_dynamic_batcher(repository):
+    """With dynamic batching on, concurrent ModelInfer requests (and Classify calls) on
+    lenet5 share batches (the batcher's counter) and get exactly the logits the graph
+    gives each request alone; a request's own rows may be split across batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from serving._proto.stepwise.v1 import inference_pb2 as pb
+    from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+    from serving.batching import BatchingConfig
+    from serving.models import load_model
+    from serving.server import ServerConfig, create_server
+
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_us=100_000)
+    server, port = create_server(ServerConfig(repository, port=0, device="cpu", batching=batching))
+    server.start()
+    lenet = load_model(repository / "lenet5" / "1", "cpu")
+    inputs = [np.random.default_rng(i).random((1 + i % 3, 1, 32, 32), np.float32) for i in range(8)]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            stepwise = pb_grpc.InferenceStub(channel)
+
+            def infer(x):
+                return _outputs(_infer(stub, "lenet5", {"input": x}))["logits"]
+
+            def classify(x):
+                t = pb.Tensor(dtype="float32", shape=x[0].shape, raw_data=x[0].tobytes())
+                return stepwise.Classify(pb.ClassifyRequest(model="lenet5", tensor=t), timeout=30)
+
+            with ThreadPoolExecutor(10) as pool:
+                got = list(pool.map(infer, inputs))
+                both = list(pool.map(classify, inputs[:2])) + list(pool.map(infer, inputs[:2]))
+        batcher = server.batchers["lenet5"]
+        for x, logits in zip(inputs, got, strict=True):
+            alone = np.stack([lenet.session.run(None, {"input": row[None]})[0][0] for row in x])
+            assert np.array_equal(logits, alone)
+        assert max(batcher.batch_sizes) > 1  # requests really ran together
+        rows = sum(len(x) for x in inputs + inputs[:2]) + 2  # + the two Classify images
+        assert sum(size * n for size, n in batcher.batch_sizes.items()) == rows  # all of them
+        assert both[0].classes and both[3].shape == (2, 10)
+        stats = server.statistics["lenet5"].snapshot()
+        assert stats.inference_count == rows
+    finally:
+        server.stop(None)
