@@ -132,6 +132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="give up when the server cannot be reached in this time (default 5)",
     )
     g.add_argument(
+        "--wait-healthy",
+        type=_positive(float),
+        metavar="S",
+        help="first wait up to S seconds for the gRPC health service to say SERVING "
+        "(a deployment still starting; through a load balancer, some replica's answer)",
+    )
+    g.add_argument(
         "--workers",
         type=_positive(int),
         default=1,
@@ -232,6 +239,26 @@ class Inbox:
         for data in self.windows.pop(k, {}).values():
             merged.merge(Window.decode(data))
         return merged
+
+
+def wait_healthy(target: str, seconds: float) -> str | None:
+    """Poll grpc.health.v1 Check until SERVING; None then, else why not in time."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline, last = time.monotonic() + seconds, "no answer"
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return None
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as err:
+                last = err.code().name if err.code() else "UNKNOWN"
+            if time.monotonic() >= deadline:
+                return f"{target} not SERVING within {seconds:g} s (last: {last})"
+            time.sleep(1.0)
 
 
 def run_level(args, level: dict, requests: list, say) -> dict:
@@ -376,6 +403,21 @@ def _window_figures(w: Window) -> dict:
     }
 
 
+def _prepare(args, results: dict) -> list[bytes]:
+    """Connect and build the requests; on failure, say why in results["error"]."""
+    channel = grpc.insecure_channel(args.target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
+        return [r.SerializeToString() for r in RPCS[args.rpc].requests(args, channel)]
+    except grpc.FutureTimeoutError:
+        results["error"] = f"cannot reach {args.target} within {args.connect_timeout:g} s"
+    except (OSError, ValueError, grpc.RpcError) as exc:
+        results["error"] = f"cannot prepare {args.rpc} inputs: {exc}"
+    finally:
+        channel.close()
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     say = (lambda *_: None) if args.quiet else (lambda text: print(text, flush=True))
@@ -394,16 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         "levels": [],
     }
     status = 0
-    channel = grpc.insecure_channel(args.target)
-    try:
-        grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
-        requests = [r.SerializeToString() for r in RPCS[args.rpc].requests(args, channel)]
-    except grpc.FutureTimeoutError:
-        results["error"] = f"cannot reach {args.target} within {args.connect_timeout:g} s"
-    except (OSError, ValueError, grpc.RpcError) as exc:
-        results["error"] = f"cannot prepare {args.rpc} inputs: {exc}"
-    finally:
-        channel.close()
+    if args.wait_healthy:
+        say(f"waiting up to {args.wait_healthy:g} s for {args.target} to be SERVING")
+        unhealthy = wait_healthy(args.target, args.wait_healthy)
+        if unhealthy:
+            results["error"] = unhealthy
+    if "error" not in results:
+        requests = _prepare(args, results)
     if "error" not in results:
         for level in _levels(args):
             figures = run_level(args, level, requests, say)
