@@ -14,6 +14,7 @@ from pathlib import Path
 from serving.batching import BatchingConfig
 from serving.engine import EngineConfig
 from serving.errors import DeviceError
+from serving.logs import FORMATS, configure
 from serving.memory import DEFAULT_MMAP_THRESHOLD, fix_mmap_threshold
 from serving.preprocess import ImageLimits
 from serving.runtime import DEVICES
@@ -38,7 +39,6 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
     p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     p.add_argument("--host", default="0.0.0.0")
@@ -133,13 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         "--drain-delay",
         type=_seconds,
         default=5.0,
-        help="seconds between SIGTERM (health turns NOT_SERVING) and refusing new requests",
+        help="seconds between SIGTERM (health turns NOT_SERVING) and refusing new requests "
+        "(UNAVAILABLE), so load balancers see the health change first",
     )
     p.add_argument(
         "--grace-period",
         type=_seconds,
         default=30.0,
-        help="seconds in-flight RPCs get to finish once new requests are refused",
+        help="seconds in-flight RPCs get to finish once new requests are refused; streams "
+        "still live then end with UNAVAILABLE saying the server is shutting down",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="text",
+        help="every log line, one line per request included, as text or as one JSON object",
     )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -171,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "return to the system (0: keep glibc's adaptive default; see serving/memory.py)",
     )
     args = p.parse_args(argv)
+    configure(args.log_format)
     if args.mmap_threshold and not fix_mmap_threshold(args.mmap_threshold):
         log.warning("--mmap-threshold %d was not applied", args.mmap_threshold)
     if args.auth_all and args.auth_token_file is None:
@@ -230,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     def on_signal(signum, _frame):
         if stop.is_set():  # the second signal: no more waiting
             log.warning("second %s: exiting at once", signal.Signals(signum).name)
+            logging.shutdown()
             os._exit(128 + signum)
+        log.info("%s received", signal.Signals(signum).name)
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -246,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     server.enter_graceful_shutdown()
     time.sleep(args.drain_delay)
+    log.info("refusing new requests; %d Generate/Caption stream(s) live", server.streams.live)
+    start = time.monotonic()
     server.stop(grace=args.grace_period).wait()
-    log.info("stopped")
+    log.info("stopped after %.1f s of grace", time.monotonic() - start)
     return 0
 
 

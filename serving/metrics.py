@@ -170,6 +170,62 @@ class _EngineGauges:
         yield queued
 
 
+class RpcWatch:
+    """What an interceptor sees of one RPC: each response sent, then its final status
+    code (once). `watched` makes one per RPC; subclasses override what they need."""
+
+    def response(self, message) -> None:
+        pass
+
+    def done(self, code: str) -> None:
+        pass
+
+
+def watched(handler: grpc.RpcMethodHandler, start) -> grpc.RpcMethodHandler:
+    """`handler`, with `start(request, context) -> RpcWatch` called as each RPC begins
+    (`request` is None for a client-streaming RPC: its messages are the handler's to
+    read) and the watch told of every response and of the final status code."""
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary(request, context):
+            watch, code = start(None if handler.request_streaming else request, context), "UNKNOWN"
+            try:
+                response = await inner(request, context)
+                watch.response(response)
+                code = _code(context, "OK")
+                return response
+            except BaseException as exc:
+                code = _code(context, _code_of(exc))
+                raise
+            finally:
+                watch.done(code)
+
+        kind = grpc.unary_unary_rpc_method_handler
+        if handler.stream_unary:
+            kind = grpc.stream_unary_rpc_method_handler
+        return kind(unary, handler.request_deserializer, handler.response_serializer)
+    inner = handler.unary_stream or handler.stream_stream
+
+    async def streaming(request, context):
+        watch, code = start(None if handler.request_streaming else request, context), "UNKNOWN"
+        try:
+            async for response in inner(request, context):
+                watch.response(response)
+                yield response
+            code = _code(context, "OK")
+        except BaseException as exc:
+            code = _code(context, _code_of(exc))
+            raise
+        finally:
+            watch.done(code)
+
+    kind = grpc.unary_stream_rpc_method_handler
+    if handler.stream_stream:
+        kind = grpc.stream_stream_rpc_method_handler
+    return kind(streaming, handler.request_deserializer, handler.response_serializer)
+
+
 class RpcMetrics(grpc.aio.ServerInterceptor):
     """Counts every RPC by its final status code and times it."""
 
@@ -181,53 +237,16 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         rpc = details.method.lstrip("/")
-        done = self._recorder(rpc)
-        if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
+        return watched(handler, lambda _request, _context: _Timed(self.metrics, rpc))
 
-            async def unary(request, context):
-                start, code = time.perf_counter(), "UNKNOWN"
-                try:
-                    response = await inner(request, context)
-                    code = _code(context, "OK")
-                    return response
-                except BaseException as exc:
-                    code = _code(context, _code_of(exc))
-                    raise
-                finally:
-                    done(code, start)
 
-            kind = grpc.unary_unary_rpc_method_handler
-            if handler.stream_unary:
-                kind = grpc.stream_unary_rpc_method_handler
-            return kind(unary, handler.request_deserializer, handler.response_serializer)
-        inner = handler.unary_stream or handler.stream_stream
+class _Timed(RpcWatch):
+    def __init__(self, metrics: Metrics, rpc: str):
+        self.metrics, self.rpc, self.start = metrics, rpc, time.perf_counter()
 
-        async def streaming(request, context):
-            start, code = time.perf_counter(), "UNKNOWN"
-            try:
-                async for response in inner(request, context):
-                    yield response
-                code = _code(context, "OK")
-            except BaseException as exc:
-                code = _code(context, _code_of(exc))
-                raise
-            finally:
-                done(code, start)
-
-        kind = grpc.unary_stream_rpc_method_handler
-        if handler.stream_stream:
-            kind = grpc.stream_stream_rpc_method_handler
-        return kind(streaming, handler.request_deserializer, handler.response_serializer)
-
-    def _recorder(self, rpc: str):
-        latency = self.metrics.latency.labels(rpc)
-
-        def done(code: str, start: float) -> None:
-            self.metrics.requests.labels(rpc, code).inc()
-            latency.observe(time.perf_counter() - start)
-
-        return done
+    def done(self, code: str) -> None:
+        self.metrics.requests.labels(self.rpc, code).inc()
+        self.metrics.latency.labels(self.rpc).observe(time.perf_counter() - self.start)
 
 
 def _code(context, default: str) -> str:
@@ -246,7 +265,9 @@ def _code(context, default: str) -> str:
 def _code_of(exc: BaseException) -> str:
     import asyncio
 
-    if isinstance(exc, asyncio.CancelledError):
+    # GeneratorExit: the transport closed a stream before its end (its client cancelled
+    # while a message was being sent).
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED"
     return "UNKNOWN"
 

@@ -18,6 +18,7 @@ from serving import kserve
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.batching import BatchingConfig, DynamicBatcher
 from serving.engine import EngineConfig, StepEngine
+from serving.logs import RequestLog
 from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics
 from serving.models import Classifier, StepDecoder
 from serving.preprocess import ImageDecoder, ImageLimits
@@ -141,6 +142,7 @@ class Server:
             registry, self.workers, self.engines, self.statistics, self.batchers
         )
         self.health = health.aio.HealthServicer()
+        self.live_streams = LiveStreams()
         self._stopped = threading.Event()
         self.port = self._call(self._build())
 
@@ -153,8 +155,10 @@ class Server:
         token = c.security.auth_token
         self.server = grpc.aio.server(
             interceptors=[
-                RpcMetrics(self.metrics),  # first, so refused calls are counted too
+                RequestLog(),  # first, so refused calls are logged and counted too
+                RpcMetrics(self.metrics),
                 *([TokenAuth(token, c.security.auth_all)] if token else []),
+                self.live_streams,  # last: it ends the handlers' streams
             ],
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -206,11 +210,25 @@ class Server:
         self._call(self.health.enter_graceful_shutdown())
 
     def stop(self, grace: float | None) -> threading.Event:
-        """Refuse new RPCs, give in-flight ones `grace` seconds (None: none), then stop
-        the engines, the pool and the loop. Returns an event set once all is stopped."""
+        """Refuse new RPCs (clients get UNAVAILABLE), give in-flight ones `grace` seconds
+        (None: none), then stop the engines, the pool and the loop. Streams still live
+        shortly before the grace period ends are ended with UNAVAILABLE and a message
+        saying why (gRPC would cut them with "Cancelling all calls"). Returns an event
+        set once all is stopped."""
 
         async def stop():
-            await self.server.stop(grace)
+            stopping = asyncio.ensure_future(self.server.stop(grace))
+            if grace:  # end the streams with our status before gRPC cancels every call
+                margin = min(STREAM_END_MARGIN_S, grace / 10)
+                done, _ = await asyncio.wait({stopping}, timeout=grace - margin)
+                if not done:
+                    ended = self.live_streams.end(
+                        f"the server is shutting down: this stream outlived the {grace:g} s "
+                        "grace period; retry on another replica"
+                    )
+                    if ended:
+                        log.warning("ended %d stream(s) still live after %g s", ended, grace)
+            await stopping
 
         def finish(_):
             for engine in self.engines.values():
@@ -231,6 +249,65 @@ class Server:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
+
+
+# Live streams are ended this long (at most a tenth of the grace period) before gRPC
+# cancels every call, so their status reaches the client first.
+STREAM_END_MARGIN_S = 0.5
+
+
+class LiveStreams(grpc.aio.ServerInterceptor):
+    """Knows every live response stream, so that a shutdown can end them with a status
+    of its own (`end(reason)`): UNAVAILABLE with `reason`, after the messages already
+    sent. A stream waiting on its handler (for the next token) ends at once, its
+    handler cancelled and its resources freed as on a client's cancel; one whose client
+    has not taken the last message yet ends when it does."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._live: set[asyncio.Task] = set()
+        self._waiting: set[asyncio.Task] = set()  # live and awaiting their handler
+
+    def end(self, reason: str) -> int:
+        """End every live stream with UNAVAILABLE and `reason` (on the event loop's
+        thread); the number of streams live."""
+        self.reason = reason
+        for task in list(self._waiting):
+            task.cancel()
+        return len(self._live)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        inner = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request, context):
+            task, responses = asyncio.current_task(), inner(request, context)
+            self._live.add(task)
+            try:
+                while self.reason is None:
+                    self._waiting.add(task)
+                    try:
+                        response = await anext(responses)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        self._waiting.discard(task)
+                    yield response
+            except asyncio.CancelledError:
+                if self.reason is None:  # the client's cancel, not ours
+                    raise
+                task.uncancel()
+            finally:
+                self._live.discard(task)
+                await responses.aclose()  # a no-op once it ended; else its cleanup runs now
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.reason)
+
+        kind = grpc.unary_stream_rpc_method_handler
+        if handler.stream_stream:
+            kind = grpc.stream_stream_rpc_method_handler
+        return kind(streaming, handler.request_deserializer, handler.response_serializer)
 
 
 def create_server(

@@ -424,6 +424,9 @@ def _internal(exc: Exception) -> ServingError:
     return ServingError(f"the model failed on this request: {type(exc).__name__}")
 
 
+CLOSE_TIMEOUT_S = 10.0  # at most one iteration's wait; far above any iteration
+
+
 class StepEngine:
     """A scheduler and the thread that runs its iterations while there is work."""
 
@@ -478,6 +481,10 @@ class StepEngine:
             self._stopped = True
             self._cond.notify_all()
         self.scheduler.fail_all(Unavailable("the server is shutting down"))
+        # Wait out the iteration in flight: a daemon thread still inside ONNX Runtime when
+        # the interpreter exits aborts the process ("terminate called ...").
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(CLOSE_TIMEOUT_S)
 
 
 def run_alone(model, seq: Sequence, config: EngineConfig = EngineConfig()) -> Iterator[Delta]:

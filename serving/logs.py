@@ -1,0 +1,174 @@
+"""Logs: one line per request, plain text or JSON lines (`--log-format`).
+
+`configure(fmt)` sets the root logger's formatter, so every line the server writes
+(startup, shutdown, errors, requests) comes in one format. `RequestLog` is a
+`grpc.aio` interceptor that writes one line per RPC to the `serving.requests`
+logger once the RPC ends:
+
+    request_id  the client's `x-request-id` metadata, or a new uuid4 hex when absent or
+                unfit (over 128 characters, or anything but visible ASCII: never
+                written raw); returned in the trailing metadata `x-request-id`
+    rpc, code   the method (`stepwise.v1.Inference/Generate`) and its status code
+    model       the request's `model`, `model_name` or (KServe's ModelReady, metadata,
+                config, statistics) `name`; unary requests only: a client-streaming RPC
+                such as ModelStreamInfer is one line without it
+    duration_ms from the RPC's arrival to its status (a stream: after its last message)
+    messages    responses sent (streams only)
+    finish_reason, prompt_tokens, completion_tokens, queue_time_us
+                where the last response carries them (Generate, Caption)
+    peer        the client's address
+
+gRPC health checks are not logged per request: probes every few seconds per load
+balancer would bury the traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+
+import grpc
+
+from serving.metrics import RpcWatch, watched
+
+REQUEST_ID = "x-request-id"
+MAX_REQUEST_ID_CHARS = 128
+MAX_MODEL_CHARS = 128  # a client names the model: bounded before it is logged
+QUIET_METHODS = ("/grpc.health.v1.Health/",)
+FORMATS = ("text", "json")
+# From the last response of a stream, when it has them (set on the last message only).
+RESULT_FIELDS = ("finish_reason", "prompt_tokens", "completion_tokens", "queue_time_us")
+
+log = logging.getLogger("serving.requests")
+
+
+def configure(fmt: str = "text", level: int = logging.INFO) -> None:
+    """Every log line to stderr, as text (`time logger: message key=value ...`) or as
+    one JSON object per line."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _fields(record: logging.LogRecord) -> dict:
+    return getattr(record, "fields", None) or {}
+
+
+class TextFormatter(logging.Formatter):
+    """`2024-05-01 12:00:00,123 logger: message key=value ...`; a value with spaces,
+    quotes, `=` or anything but visible ASCII is written as a JSON string."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in _fields(record).items())
+        return f"{line} {pairs}" if pairs else line
+
+
+def _text_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    plain = text and all("!" <= c <= "~" and c not in '"=\\' for c in text)
+    return text if plain else json.dumps(text)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, the
+    record's fields, and the traceback as `exception` when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in _fields(record).items():
+            entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+def request_id(metadata) -> str:
+    """The client's `x-request-id` when fit to log and return, else a new uuid4 hex."""
+    given = next((v for k, v in metadata or () if k == REQUEST_ID), None)
+    if isinstance(given, str) and 0 < len(given) <= MAX_REQUEST_ID_CHARS:
+        if all("!" <= c <= "~" for c in given):  # visible ASCII, no spaces
+            return given
+    return uuid.uuid4().hex
+
+
+def request_model(request) -> str | None:
+    """The model a request names, bounded; None when none."""
+    for name in ("model", "model_name", "name"):
+        value = getattr(request, name, None)
+        if isinstance(value, str) and value:
+            return value[:MAX_MODEL_CHARS]
+    return None
+
+
+class RequestLog(grpc.aio.ServerInterceptor):
+    """One log line per RPC (health checks aside), and its request id in the trailing
+    metadata. Put it first so refused calls (a missing token) are logged too."""
+
+    def __init__(self, logger: logging.Logger = log):
+        self.log = logger
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(QUIET_METHODS):
+            return handler
+        rpc = details.method.lstrip("/")
+        rid = request_id(details.invocation_metadata)
+
+        def start(request, context):
+            context.set_trailing_metadata(((REQUEST_ID, rid),))
+            return _Logged(self.log, rid, rpc, request, context, handler.response_streaming)
+
+        return watched(handler, start)
+
+
+class _Logged(RpcWatch):
+    def __init__(self, logger, rid: str, rpc: str, request, context, streaming: bool):
+        self.log, self.start = logger, time.perf_counter()
+        self.fields = {"request_id": rid, "rpc": rpc}
+        model = request_model(request)
+        if model is not None:
+            self.fields["model"] = model
+        self.peer = context.peer()
+        self.streaming, self.messages, self.last = streaming, 0, None
+
+    def response(self, message) -> None:
+        self.messages += 1
+        self.last = message
+
+    def done(self, code: str) -> None:
+        fields = self.fields
+        fields["code"] = code
+        fields["duration_ms"] = round((time.perf_counter() - self.start) * 1e3, 3)
+        if self.streaming:
+            fields["messages"] = self.messages
+        if getattr(self.last, "finish_reason", ""):  # a stream's last message says these
+            for name in RESULT_FIELDS:
+                if name in type(self.last).DESCRIPTOR.fields_by_name:
+                    fields[name] = getattr(self.last, name)
+        fields["peer"] = self.peer
+        self.log.info("request", extra={"fields": fields})

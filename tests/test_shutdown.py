@@ -1,0 +1,130 @@
+"""SIGTERM in a subprocess with live streams: health turns NOT_SERVING at once, new
+requests get UNAVAILABLE after the drain delay, streams finish or end with UNAVAILABLE
+saying the server is shutting down (their tokens so far delivered), and the process
+exits 0 within the grace period. A second SIGTERM exits at once."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_cli import start_server
+
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+
+DRAIN_S, GRACE_S = 0.5, 3.0
+
+
+class Stream(threading.Thread):
+    """One Generate stream read to its end on a thread: its text, and how it ended."""
+
+    def __init__(self, stub, seed: int):
+        super().__init__(daemon=True)
+        request = pb.GenerateRequest(
+            model="char_lstm", prompt="KING.\n", max_tokens=4096, seed=seed
+        )
+        self.call = stub.Generate(request, timeout=60)
+        self.text, self.finish_reason, self.code, self.details = "", "", None, ""
+        self.first = threading.Event()
+
+    def run(self):
+        try:
+            for response in self.call:
+                self.text += response.text
+                self.finish_reason = response.finish_reason or self.finish_reason
+                self.first.set()
+            self.code = grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            self.code, self.details = exc.code(), exc.details()
+
+
+def _health(target: str):
+    with grpc.insecure_channel(target) as channel:
+        request = health_pb2.HealthCheckRequest()
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=1).status
+
+
+def _list_models_code(channel: grpc.Channel) -> grpc.StatusCode:
+    try:
+        pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=2)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_sigterm_drains_live_streams_and_exits_0(repository):
+    # One batch row: the streams take turns (1 to 2 s each here), so some are still
+    # generating or queued when the grace period ends.
+    proc, target = start_server(
+        repository, "--drain-delay", str(DRAIN_S), "--grace-period", str(GRACE_S),
+        "--stream-batch-size", "1",
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            streams = [Stream(stub, seed) for seed in range(8)]  # 8: the connection's cap
+            for stream in streams:
+                stream.start()
+            assert streams[0].first.wait(20), "the first stream produced nothing"
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            seen = None
+            while time.monotonic() - start < DRAIN_S and seen != 2:  # NOT_SERVING
+                seen = _health(target)
+            assert seen == health_pb2.HealthCheckResponse.NOT_SERVING
+            time.sleep(max(0.0, start + DRAIN_S + 0.3 - time.monotonic()))
+            # Past the drain delay: new requests are refused, on a new connection and on
+            # the one the live streams hold.
+            with grpc.insecure_channel(target) as fresh:
+                assert _list_models_code(fresh) == grpc.StatusCode.UNAVAILABLE
+            assert _list_models_code(channel) == grpc.StatusCode.UNAVAILABLE
+            for stream in streams:
+                stream.join(timeout=DRAIN_S + GRACE_S + 5 - (time.monotonic() - start))
+                assert not stream.is_alive(), "a stream hung past the grace period"
+        assert proc.wait(timeout=DRAIN_S + GRACE_S + 5) == 0
+        elapsed = time.monotonic() - start
+    finally:
+        proc.kill()
+    assert elapsed < DRAIN_S + GRACE_S + 2
+    ended = [s for s in streams if s.code != grpc.StatusCode.OK]
+    assert ended, "every stream finished: the test no longer exercises the grace period"
+    for stream in streams:
+        if stream.code == grpc.StatusCode.OK:
+            assert stream.finish_reason in ("length", "eos") and stream.text
+        else:
+            assert stream.code == grpc.StatusCode.UNAVAILABLE, (stream.code, stream.details)
+            assert "the server is shutting down" in stream.details
+            assert f"{GRACE_S:g} s grace period" in stream.details
+            assert not stream.finish_reason
+    assert any(s.text for s in ended), "the stream cut short keeps its tokens so far"
+    log = proc.stdout.read()
+    assert "SIGTERM received" in log and "shutting down: NOT_SERVING" in log
+    assert f"ended {len(ended)} stream(s) still live after {GRACE_S:g} s" in log
+    assert log.count("code=UNAVAILABLE") >= len(ended)  # the request log saw the status
+    assert "stopped after" in log and "Traceback" not in log
+
+
+def test_a_second_sigterm_exits_at_once_with_streams_live(repository):
+    """Documented: the second signal does not wait (exit status 128 + SIGTERM)."""
+    proc, target = start_server(repository, "--drain-delay", "60", "--stream-batch-size", "1")
+    try:
+        with grpc.insecure_channel(target) as channel:
+            stream = Stream(pb_grpc.InferenceStub(channel), seed=1)
+            stream.start()
+            assert stream.first.wait(20)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 128 + signal.SIGTERM
+            assert time.monotonic() - start < 5
+            stream.join(timeout=10)
+            assert not stream.is_alive()
+            assert stream.code == grpc.StatusCode.UNAVAILABLE  # the connection went away
+    finally:
+        proc.kill()
+    assert "second SIGTERM: exiting at once" in proc.stdout.read()
