@@ -45,6 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument(
+        "--model-control-mode",
+        choices=("none", "poll", "explicit"),
+        default="none",
+        help="as Triton: none reads the repository once; poll rescans it and serves new "
+        "versions; explicit loads and unloads through KServe's repository RPCs",
+    )
+    p.add_argument(
+        "--repository-poll-secs",
+        type=float,
+        default=15.0,
+        help="poll mode: seconds between repository scans",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=8002,
@@ -193,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         model_repository=args.model_repository,
         max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port or None,
+        model_control_mode=args.model_control_mode,
+        repository_poll_secs=args.repository_poll_secs,
         security=SecurityConfig(
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,

@@ -70,6 +70,7 @@ class DynamicBatcher:
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._running = False  # a batch taken and not yet delivered
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -92,6 +93,11 @@ class DynamicBatcher:
     def submit(self, x: np.ndarray, timeout: float | None = None):
         """One input row -> its result (raises the row's exception), waiting for it."""
         return self.enqueue(x).result(timeout)
+
+    def pending(self) -> bool:
+        """Whether requests are queued or running."""
+        with self._cond:
+            return bool(self._queue) or self._running
 
     def close(self) -> None:
         """Stop the thread; requests still queued fail with UNAVAILABLE."""
@@ -123,6 +129,7 @@ class DynamicBatcher:
                     break
                 self._cond.wait(remaining)
             size = min(len(self._queue), c.max_batch_size)
+            self._running = True
             return [self._queue.popleft() for _ in range(size)]
 
     def _loop(self) -> None:
@@ -152,6 +159,9 @@ class DynamicBatcher:
                 for request in batch:
                     if not request.future.done():
                         request.future.set_exception(failure)
+            finally:
+                with self._cond:
+                    self._running = False
 
     def _run(self, batch: list[_Request]) -> list:
         try:

@@ -8,8 +8,9 @@ step graph's state is an ordinary input and output), server-held sequence state
 (`sequence_id`, `sequence_start`, `sequence_end` parameters: the client sends `tokens`,
 or a language model's `text` as BYTES, and gets `logits` and the greedy next token as
 `greedy_text`; each step joins the model's continuous batch), and per-model statistics
-for every protocol's inferences. Repository load/unload answer UNIMPLEMENTED, and
-`ServerMetadata.extensions` lists only what is served. Tensors <-> numpy: `kserve_codec`.
+for every protocol's inferences, and repository load/unload with
+`--model-control-mode explicit` (FAILED_PRECONDITION otherwise). `ServerMetadata.extensions`
+lists exactly what is served. Tensors <-> numpy: `kserve_codec`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from serving.errors import (
     NotFound,
     ResourceExhausted,
     ServingError,
+    Unavailable,
 )
 from serving.kserve_codec import DATATYPES, add_output, decode_inputs
 from serving.model_config import DEFAULT_SEQUENCE_IDLE_US, PLATFORM, config_for_card
@@ -43,7 +45,7 @@ SERVER_NAME = "stepwise"
 SERVER_VERSION = "0.1.0"
 # Exactly what is served, in Triton's extension names (ModelStreamInfer is part of
 # Triton's gRPC service itself and has no extension name).
-EXTENSIONS = ("model_configuration", "sequence", "statistics")
+EXTENSIONS = ("model_configuration", "model_repository", "sequence", "statistics")
 # Requests of one ModelStreamInfer stream in flight at once; the next is read when
 # the oldest has been answered (answers go out in request order).
 STREAM_WINDOW = 32
@@ -64,6 +66,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     ):
         self.registry = registry
         self.batchers = batchers or {}  # classifier name -> its dynamic batcher
+        self.control = None  # serving.reload.ModelControl: repository load and unload
         self.workers = workers  # graph runs happen here, never on the event loop
         self.engines = engines or {}  # step model name -> its continuous-batching engine
         self.statistics = statistics or Statistics()  # shared with the stepwise service
@@ -139,6 +142,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             models += [
                 kpb.RepositoryIndexResponse.ModelIndex(name=n, state="UNAVAILABLE", reason=r)
                 for n, r in sorted(self.registry.failed.items())
+            ]
+            models += [  # a version that failed while an older one serves
+                kpb.RepositoryIndexResponse.ModelIndex(
+                    name=n, version=v, state="UNAVAILABLE", reason=r
+                )
+                for (n, v), r in sorted(self.registry.failed_versions.items())
+                if n not in self.registry.failed
             ]
         return kpb.RepositoryIndexResponse(models=models)
 
@@ -220,7 +230,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             wanted = _requested(request, names, model.name)
             timing.mark("input")
             batcher = self.batchers.get(model.name)
-            if batcher is not None:  # a classifier's rows join its dynamic batch
+            if batcher is not None and getattr(batcher.run, "__self__", None) is model:
+                # a classifier's rows join its dynamic batch
                 return await self._batched(model, request, batcher, feeds, timing)
             session = model.graphs["step"] if hasattr(model, "graphs") else model.session
 
@@ -274,6 +285,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument(
                 "parameters.sequence_id", f"{model.name} is not a step model (no state)"
             )
+        if engine.scheduler.model is not model:
+            raise Unavailable(f"{model.name} was reloaded while this request began; retry")
         key, start, end = _sequence_parameters(request.parameters)
         wanted = _requested(request, SEQUENCE_OUTPUTS, model.name)
         tokens = _sequence_tokens(model, request, start)
@@ -319,11 +332,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ModelStatisticsResponse(model_stats=[self._statistics(m) for m in models])
 
     def _statistics(self, model) -> kpb.ModelStatistics:
-        data = self.statistics[model.name].snapshot()
-        executions = data.execution_count
-        engine = self.engines.get(model.name)
-        if engine is not None:  # the continuous batch's graph runs, counted by its scheduler
-            executions += engine.stats.step_runs + engine.stats.prefill_runs
+        data = self.statistics[model.name].snapshot()  # the engine's graph runs included
 
         def duration(d):
             return kpb.StatisticDuration(count=d.count, ns=d.ns)
@@ -333,7 +342,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             version=model.version,
             last_inference=data.last_inference_ms,
             inference_count=data.inference_count,
-            execution_count=executions,
+            execution_count=data.execution_count,
             inference_stats=kpb.InferStatistics(
                 success=duration(data.success),
                 fail=duration(data.fail),
@@ -348,15 +357,37 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
-    # Not served: UNIMPLEMENTED, naming what is missing.
+    # Triton's model repository extension: load and unload with --model-control-mode
+    # explicit (serving/reload.py).
+
+    def _control(self, rpc: str):
+        control = self.control
+        if control is None or control.mode != "explicit":
+            mode = control.mode if control is not None else "none"
+            raise FailedPrecondition(
+                f"{rpc}: model control mode is {mode!r}; explicit load and unload need "
+                "--model-control-mode explicit"
+            )
+        if not self.accepting:
+            raise Unavailable(f"{rpc}: the server is shutting down")
+        return control
 
     @unary
     async def RepositoryModelLoad(self, request, context):
-        raise Unimplemented("RepositoryModelLoad")
+        control = self._control("RepositoryModelLoad")
+        if not request.model_name:
+            raise InvalidArgument("model_name", "required")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.workers, control.load, request.model_name)
+        return kpb.RepositoryModelLoadResponse()
 
     @unary
     async def RepositoryModelUnload(self, request, context):
-        raise Unimplemented("RepositoryModelUnload")
+        control = self._control("RepositoryModelUnload")
+        if not request.model_name:
+            raise InvalidArgument("model_name", "required")
+        control.unload(request.model_name)
+        return kpb.RepositoryModelUnloadResponse()
 
 
 def _requested(request, names, model_name: str) -> list[str]:
@@ -526,11 +557,8 @@ class SequenceStore:
         self.live.pop(key, None)
 
 
-class Unimplemented(ServingError):
-    code = "UNIMPLEMENTED"
-
-    def __init__(self, rpc: str):
-        super().__init__(f"{rpc}: not served by stepwise yet; see ServerMetadata.extensions")
+class FailedPrecondition(ServingError):
+    code = "FAILED_PRECONDITION"
 
 
 def add_to_server(servicer: KServeServicer, server) -> None:

@@ -36,7 +36,9 @@ def latest_versions(root: Path) -> dict[str, Path]:
 class ModelRegistry:
     def __init__(self, models: dict[str, Model], failed: dict[str, str] | None = None):
         self.models = models
-        self.failed = failed or {}
+        self.failed = failed or {}  # name -> why it is not served at all
+        # (name, version) -> why that version failed to load (an older one may serve)
+        self.failed_versions: dict[tuple[str, str], str] = {}
 
     @classmethod
     def load(cls, root: Path, device: str) -> ModelRegistry:

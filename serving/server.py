@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from serving.logs import RequestLog
 from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics
 from serving.models import Classifier, StepDecoder
 from serving.preprocess import ImageDecoder, ImageLimits
+from serving.reload import ModelControl
 from serving.repository import ModelRegistry
 from serving.security import SecurityConfig, TokenAuth, server_credentials
 from serving.service import InferenceServicer, add_to_server
@@ -60,6 +62,8 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # continuous batching
     security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, bearer token
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one)
+    model_control_mode: str = "none"  # none, poll or explicit, as Triton (serving/reload.py)
+    repository_poll_secs: float = 15.0  # poll mode: seconds between repository scans
 
 
 def model_batching(model_config, default: BatchingConfig) -> BatchingConfig:
@@ -111,22 +115,10 @@ class Server:
         # Per-model counts and durations of every protocol's inferences (ModelStatistics).
         self.statistics = Statistics()
         self.batchers: dict[str, DynamicBatcher] = {}
-        for name, model in registry.models.items():
-            if isinstance(model, Classifier):
-                batching = model_batching(model.config, config.batching)
-                if batching.max_batch_size > 1:
-                    self.batchers[name] = DynamicBatcher(
-                        name, model.logit_rows, batching, self.statistics[name]
-                    )
         self.engines: dict[str, StepEngine] = {}
         self.metrics = Metrics(registry, self.statistics, self.engines)
-        for name, model in registry.models.items():
-            if isinstance(model, StepDecoder):
-                self.engines[name] = StepEngine(
-                    model,
-                    model_engine(model.config, config.engine),
-                    self.metrics.engine_observer(name),
-                )
+        for name, model in list(registry.models.items()):
+            self.attach(name, model)
         self.metrics_endpoint = None
         if config.metrics_port is not None:
             token = config.security.auth_token if config.security.auth_all else None
@@ -141,10 +133,42 @@ class Server:
         self.kserve = kserve.KServeServicer(
             registry, self.workers, self.engines, self.statistics, self.batchers
         )
+        # Loads, reloads and unloads while serving: polled, or through KServe's RPCs.
+        self.control = ModelControl(self, config.model_control_mode, config.repository_poll_secs)
+        self.kserve.control = self.control
         self.health = health.aio.HealthServicer()
         self.live_streams = LiveStreams()
         self._stopped = threading.Event()
         self.port = self._call(self._build())
+
+    def attach(self, name: str, model) -> None:
+        """Serve `model` as `name`: its dynamic batcher or continuous-batching engine
+        first, then the model itself; a model it replaces (a reload) keeps its own
+        batcher and engine until the requests already on them are done."""
+        old = self.registry.models.get(name), self.engines.get(name), self.batchers.get(name)
+        batching = model_batching(model.config, self.config.batching)
+        if isinstance(model, Classifier) and batching.max_batch_size > 1:
+            self.batchers[name] = DynamicBatcher(
+                name, model.logit_rows, batching, self.statistics[name]
+            )
+        else:
+            self.batchers.pop(name, None)
+        if isinstance(model, StepDecoder):
+            self.engines[name] = StepEngine(
+                model,
+                model_engine(model.config, self.config.engine),
+                self.metrics.engine_observer(name),
+            )
+        else:
+            self.engines.pop(name, None)
+        self.registry.models[name] = model
+        if old[0] is not None and old[0] is not model:
+            _retire(*old[1:])
+
+    def detach(self, name: str) -> None:
+        """Stop serving `name`; requests already running on it finish."""
+        if self.registry.models.pop(name, None) is not None:
+            _retire(self.engines.pop(name, None), self.batchers.pop(name, None))
 
     def _call(self, coroutine, timeout: float | None = 60):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -202,6 +226,7 @@ class Server:
         self._call(self.server.start())
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.start()
+        self.control.start()
 
     def enter_graceful_shutdown(self) -> None:
         """Health turns NOT_SERVING for every service (and KServe's ServerReady false);
@@ -231,6 +256,7 @@ class Server:
             await stopping
 
         def finish(_):
+            self.control.stop()
             for engine in self.engines.values():
                 engine.close()
             for batcher in self.batchers.values():
@@ -308,6 +334,26 @@ class LiveStreams(grpc.aio.ServerInterceptor):
         if handler.stream_stream:
             kind = grpc.stream_stream_rpc_method_handler
         return kind(streaming, handler.request_deserializer, handler.response_serializer)
+
+
+def _retire(engine: StepEngine | None, batcher: DynamicBatcher | None, limit_s: float = 3600):
+    """Close a replaced model's engine and batcher once the work already on them is
+    done (streams on an old version finish on it), on a thread of its own."""
+
+    def wait_then_close():
+        end = time.monotonic() + limit_s
+        while time.monotonic() < end and (
+            (engine is not None and engine.scheduler.has_work())
+            or (batcher is not None and batcher.pending())
+        ):
+            time.sleep(0.05)
+        if engine is not None:
+            engine.close()
+        if batcher is not None:
+            batcher.close()
+
+    if engine is not None or batcher is not None:
+        threading.Thread(target=wait_then_close, name="retire", daemon=True).start()
 
 
 def create_server(

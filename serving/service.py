@@ -24,7 +24,7 @@ from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.batching import DynamicBatcher
 from serving.engine import Delta, Sequence, StepEngine, caption_request, text_request
 from serving.engine.beam import beam_search
-from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput, ServingError
+from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput, ServingError, Unavailable
 from serving.models import Captioner, Classifier, LanguageModel
 from serving.preprocess import ImageDecoder
 from serving.repository import ModelRegistry
@@ -299,6 +299,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Classify(self, request, context):
         model: Classifier = self.registry.get(request.model, Classifier.kind)
         batcher = self.batchers.get(model.name)
+        if batcher is not None and getattr(batcher.run, "__self__", None) is not model:
+            batcher = None  # a reload swapped the model: run this one on a worker
         with self.statistics[model.name].request() as timing:
             if batcher is None:  # decode and run on a worker
                 return await self._blocking(self._classify_here, model, request, timing)
@@ -439,7 +441,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         engine and yield its deltas as they accumulate. A cancelled, timed-out or
         disconnected stream (its task cancelled) leaves the batch at the next iteration;
         a client that stops reading is cancelled by the slots' watchdog."""
-        engine = self.engines[model.name]
+        engine = self.engines.get(model.name)
+        if engine is None or engine.scheduler.model is not model:  # swapped by a reload
+            raise Unavailable(f"{model.name} was reloaded while this request began; retry")
         stalled, live = threading.Event(), {}
 
         def cancel():  # the watchdog's thread: free the row now, tell the client later

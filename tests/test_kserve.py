@@ -32,10 +32,12 @@ def test_live_ready_and_model_ready(kserve, server):
 def test_server_metadata_lists_exactly_what_is_served(kserve):
     meta = kserve.ServerMetadata(kpb.ServerMetadataRequest())
     assert meta.name == "stepwise"
-    assert list(meta.extensions) == ["model_configuration", "sequence", "statistics"]
-    with pytest.raises(grpc.RpcError) as info:  # not in the list: not served
+    extensions = ["model_configuration", "model_repository", "sequence", "statistics"]
+    assert list(meta.extensions) == extensions
+    with pytest.raises(grpc.RpcError) as info:  # served, but not in model control mode none
         kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="lenet5"))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--model-control-mode explicit" in info.value.details()
 
 
 def test_model_metadata_and_config(kserve):

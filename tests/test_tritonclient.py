@@ -71,7 +71,9 @@ def test_health_metadata_config_and_index(seen):
     assert seen["model_ready"] == [True, True, False, False]  # lenet5, v1, v7, unknown
     meta = seen["server_metadata"]
     assert meta["name"] == "stepwise"
-    assert meta["extensions"] == ["model_configuration", "sequence", "statistics"]
+    assert meta["extensions"] == [
+        "model_configuration", "model_repository", "sequence", "statistics"
+    ]  # fmt: skip
     model = seen["model_metadata"]
     inputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in model["inputs"]}
     assert inputs["tokens"] == ("INT64", [-1, 1]) and inputs["h"][0] == "FP32"

@@ -1,0 +1,135 @@
+"""Model control, as Triton's `--model-control-mode`: which models serve, changed while
+the server runs.
+
+- `none`: the repository is read once at start.
+- `poll`: every `--repository-poll-secs` the repository is rescanned. A new highest
+  version (or a re-exported one) is loaded beside the serving one; traffic moves to it
+  once it is ready, and streams already on the old one finish there. A version that
+  fails to load leaves the old one serving and is reported: the log, `ModelReady` false
+  for that version, and `RepositoryIndex` with the reason. A model whose directory
+  disappeared stops serving; a new directory starts serving.
+- `explicit`: the same loads and unloads, asked for through KServe's
+  `RepositoryModelLoad` and `RepositoryModelUnload` (every model is loaded at start, as
+  Triton with `--load-model=*`).
+
+Export publishes each version by renaming a complete directory into place, so a scan
+never sees a half-written model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from serving.errors import ModelLoadError, NotFound, ServingError
+from serving.models import MODEL_CARD, load_model
+from serving.repository import latest_versions
+from serving.runtime import SessionFactory
+
+log = logging.getLogger(__name__)
+MODES = ("none", "poll", "explicit")
+
+
+class LoadFailed(ServingError):
+    code = "FAILED_PRECONDITION"
+
+
+class ModelControl:
+    """Loads, reloads and unloads models of a running `serving.server.Server`."""
+
+    def __init__(self, server, mode: str = "none", poll_secs: float = 15.0):
+        if mode not in MODES:
+            raise ValueError(f"--model-control-mode must be one of {', '.join(MODES)}")
+        if mode == "poll" and not poll_secs > 0:
+            raise ValueError(f"--repository-poll-secs must be more than 0, not {poll_secs}")
+        self.server, self.mode, self.poll_secs = server, mode, poll_secs
+        self.root = Path(server.config.model_repository)
+        self.sessions = SessionFactory(server.config.device)
+        self._lock = threading.Lock()  # one load or unload at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # What each served model was loaded from: name -> (version, card's mtime).
+        self.loaded = {
+            name: (m.version, _stamp(m.directory)) for name, m in server.registry.models.items()
+        }
+
+    @property
+    def registry(self):
+        return self.server.registry
+
+    def load(self, name: str) -> str:
+        """Serve the highest version of `name` now in the repository (a no-op when that
+        is what serves). Returns the version; raises NotFound or LoadFailed."""
+        with self._lock:
+            directory = latest_versions(self.root).get(name) if self.root.is_dir() else None
+            if directory is None:
+                raise NotFound(f"model_name: no model {name!r} in {self.root}")
+            stamp = (directory.name, _stamp(directory))
+            if self.loaded.get(name) == stamp and name in self.registry.models:
+                return directory.name
+            try:
+                model = load_model(directory, self.sessions)
+            except ModelLoadError as exc:
+                self.registry.failed_versions[name, directory.name] = str(exc)
+                if name not in self.registry.models:
+                    self.registry.failed[name] = str(exc)
+                serving = self.registry.models.get(name)
+                still = f"; version {serving.version} keeps serving" if serving else ""
+                log.error("model %s version %s failed to load%s: %s", name, directory.name,
+                          still, exc)  # fmt: skip
+                self.loaded[name] = stamp  # not retried until the files change again
+                raise LoadFailed(f"{name} version {directory.name} failed to load: {exc}") from None
+            self.server.attach(name, model)
+            self.loaded[name] = stamp
+            self.registry.failed.pop(name, None)
+            self.registry.failed_versions.pop((name, directory.name), None)
+            log.info("serving %s version %s (%s) on %s", name, model.version, model.kind,
+                     model.provider)  # fmt: skip
+            return model.version
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            if name not in self.registry.models:
+                raise NotFound(f"model_name: {name!r} is not loaded")
+            self.server.detach(name)
+            self.loaded.pop(name, None)
+            log.info("unloaded %s; requests already running on it finish", name)
+
+    def poll(self) -> None:
+        """One rescan: load what is new or changed, unload what is gone."""
+        found = latest_versions(self.root) if self.root.is_dir() else {}
+        for name, directory in found.items():
+            if self.loaded.get(name) != (directory.name, _stamp(directory)):
+                try:
+                    self.load(name)
+                except ServingError:
+                    pass  # logged, and reported by ModelReady and RepositoryIndex
+        for name in [n for n in self.registry.models if n not in found]:
+            try:
+                self.unload(name)
+            except NotFound:
+                pass
+
+    def start(self) -> None:
+        if self.mode == "poll" and self._thread is None:
+            self._thread = threading.Thread(target=self._poll_loop, name="poll", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_secs):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the poller must outlive a bad scan
+                log.exception("repository poll failed")
+
+
+def _stamp(directory: Path) -> int:
+    """When the version's card was written: a re-export of the same version changes it."""
+    try:
+        return (Path(directory) / MODEL_CARD).stat().st_mtime_ns
+    except OSError:
+        return 0
