@@ -247,6 +247,15 @@ class Replica:
                     total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def live_streams(self) -> float:
+        """stepwise_live_streams, all models, from this replica's /metrics."""
+        text = _get(f"http://{self.instance}/metrics")
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("stepwise_live_streams{")
+        )
+
 
 @dataclass
 class Topology:
@@ -442,8 +451,13 @@ def test_load_through_nginx_reaches_both_replicas_and_fills_every_panel(topology
         time.sleep(0.5)
     assert not pending, f"no data in Prometheus for: {list(pending)}"
     throughput = next(expr for title, expr in dashboard_targets() if "Throughput" in title)
-    instances = {s["metric"]["instance"] for s in topology.query(throughput)}
-    assert instances == {r.instance for r in topology.replicas}
+    want = {r.instance for r in topology.replicas}
+    deadline = time.monotonic() + 30  # each replica's rate() needs two scrapes of its own
+    while (instances := {s["metric"]["instance"] for s in topology.query(throughput)}) != want:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert instances == want
 
 
 @_needs("nginx", "prometheus")
@@ -455,12 +469,13 @@ def test_a_replica_killed_mid_run_unary_keeps_succeeding_streams_count_errors(to
         "kill-classify": loadtest(topology, "kill-classify", "--rpc", "classify",
                                   "--concurrency", "4", "--duration", "5"),
         "kill-generate": loadtest(topology, "kill-generate", "--rpc", "generate", "--model",
-                                  "char_lstm", "--concurrency", "4", "--max-tokens", "300",
+                                  "char_lstm", "--concurrency", "4", "--max-tokens", "4000",
                                   "--duration", "5"),
     }  # fmt: skip
     # Kill it once the load has reached it and the measurement window has begun.
     _until("load on the victim", lambda: victim.requests(CLASSIFY) > victim_before + 20, 30, 0.1)
     time.sleep(1.0)
+    _until("a stream on the victim", lambda: victim.live_streams() > 0, 30, 0.05)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(timeout=10)
     killed_at = time.monotonic()
