@@ -105,8 +105,11 @@ class DynamicBatcher:
             self._closed = True
             queued, self._queue = list(self._queue), deque()
             self._cond.notify()
-        for request in queued:
-            request.future.set_exception(Unavailable(f"{self.name}: the server is shutting down"))
+        for request in queued:  # a request its caller cancelled is left as it is
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(
+                    Unavailable(f"{self.name}: the server is shutting down")
+                )
 
     def _take(self) -> list[_Request] | None:
         """Wait for a batch by the rules above; None once closed."""
@@ -134,8 +137,13 @@ class DynamicBatcher:
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
-            self.batch_sizes[len(batch)] += 1
             try:
+                # Requests whose callers gave up (a deadline, a cancelled RPC) drop out
+                # here; the rest can no longer be cancelled, only answered.
+                batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+                if not batch:
+                    continue
+                self.batch_sizes[len(batch)] += 1
                 for request in batch:
                     if request.timing is not None:
                         request.timing.mark("queue")

@@ -14,7 +14,7 @@ import pytest
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.batching import BatchingConfig, DynamicBatcher
-from serving.errors import ResourceExhausted
+from serving.errors import ResourceExhausted, Unavailable
 from serving.server import ServerConfig, create_server
 
 
@@ -185,3 +185,34 @@ def test_closing_fails_queued_requests_as_unavailable():
             future.result(5)
     with pytest.raises(Unavailable):
         batcher.enqueue(np.zeros(2, np.float32))
+
+
+def test_a_cancelled_request_drops_out_and_its_batch_is_answered():
+    """A caller that gives up while its row is queued (a deadline, a cancelled RPC:
+    asyncio cancels the wrapped future) must not fail its neighbours, nor closing."""
+    release = threading.Event()
+
+    def slow(x):
+        release.wait(5)
+        return list(x)
+
+    batcher = DynamicBatcher("slow", slow, BatchingConfig(max_batch_size=8))
+    first = batcher.enqueue(np.zeros(2, np.float32))
+    time.sleep(0.1)  # the thread runs `first`; the next ones queue behind it
+    queued = [batcher.enqueue(np.full(2, i, np.float32)) for i in range(1, 5)]
+    assert queued[0].cancel()  # its caller went away
+    release.set()
+    assert first.result(5) is not None
+    for i, future in enumerate(queued[1:], start=2):
+        assert np.array_equal(future.result(5), np.full(2, i, np.float32))
+    assert sum(batcher.batch_sizes.values()) == 2 and batcher.batch_sizes[3] == 1
+    release.clear()
+    busy = batcher.enqueue(np.zeros(2, np.float32))
+    time.sleep(0.1)  # the thread waits in the model again
+    late = [batcher.enqueue(np.ones(2, np.float32)) for _ in range(2)]
+    assert late[0].cancel()
+    batcher.close()  # a cancelled queued request does not break closing
+    release.set()
+    assert busy.result(5) is not None and late[0].cancelled()
+    with pytest.raises(Unavailable):
+        late[1].result(5)
