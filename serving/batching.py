@@ -12,6 +12,7 @@ No gRPC here: the servicer awaits `submit`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -71,6 +72,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._running = False  # a batch taken and not yet delivered
+        self._leases = 0  # requests that picked this batcher and are not done with it
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -94,10 +96,22 @@ class DynamicBatcher:
         """One input row -> its result (raises the row's exception), waiting for it."""
         return self.enqueue(x).result(timeout)
 
-    def pending(self) -> bool:
-        """Whether requests are queued or running."""
+    @contextlib.contextmanager
+    def lease(self):
+        """Held by a request from the moment it picks this batcher until its rows are
+        answered, so a reload retires the batcher only after its last user (`busy`)."""
         with self._cond:
-            return bool(self._queue) or self._running
+            self._leases += 1
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._leases -= 1
+
+    def busy(self) -> bool:
+        """Whether requests hold it, are queued or running."""
+        with self._cond:
+            return self._leases > 0 or bool(self._queue) or self._running
 
     def close(self) -> None:
         """Stop the thread; requests still queued fail with UNAVAILABLE."""

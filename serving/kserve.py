@@ -262,13 +262,14 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         """Each row of the request's batch goes through the model's dynamic batcher (the
         same queue as Classify's), so concurrent requests run together."""
         x = feeds[model.input["name"]]
-        futures = [batcher.enqueue(row, timing) for row in x]
-        try:
-            rows = [await asyncio.wrap_future(f) for f in futures]
-        except NonFiniteOutput:
-            raise InvalidArgument(
-                "inputs", f"{model.name} produced non-finite values from them (out of range?)"
-            ) from None
+        with batcher.lease():  # a reload retires this batcher only after the request
+            futures = [batcher.enqueue(row, timing) for row in x]
+            try:
+                rows = [await asyncio.wrap_future(f) for f in futures]
+            except NonFiniteOutput:
+                raise InvalidArgument(
+                    "inputs", f"{model.name} produced non-finite values from them (out of range?)"
+                ) from None
         response = kpb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
@@ -292,21 +293,31 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         tokens = _sequence_tokens(model, request, start)
         timing.mark("input")
         store = self.sequences.setdefault(model.name, SequenceStore(_idle_us(model)))
-        async with store.hold(key, start) as entry:
-            timing.mark("queue")  # the sequence's previous step went first
-            seq = step_request(model, tokens, entry.state)
-            reader = OutboxReader(seq.outbox)
-            engine.submit(seq)
-            try:
-                delta = await reader.next()  # a step request ends with its one delta
-            finally:
-                engine.cancel(seq)
-            if delta.error is not None:
-                raise delta.error
-            timing.engine(delta.queue_time_us * 1000)
-            entry.state = delta.state
-            if end:
-                store.end(key)
+        with engine.lease():  # a reload retires this engine only after the step
+            async with store.hold(key, start) as entry:
+                timing.mark("queue")  # the sequence's previous step went first
+                if start:
+                    entry.version = model.version
+                elif entry.version != model.version:  # its state belongs to another version
+                    store.end(key)
+                    raise FailedPrecondition(
+                        f"parameters.sequence_id: sequence {key} started on version "
+                        f"{entry.version}; {model.name} now serves version {model.version}: "
+                        "start it again (sequence_start)"
+                    )
+                seq = step_request(model, tokens, entry.state)
+                reader = OutboxReader(seq.outbox)
+                engine.submit(seq)
+                try:
+                    delta = await reader.next()  # a step request ends with its one delta
+                finally:
+                    engine.cancel(seq)
+                if delta.error is not None:
+                    raise delta.error
+                timing.engine(delta.queue_time_us * 1000)
+                entry.state = delta.state
+                if end:
+                    store.end(key)
         response = kpb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
@@ -386,7 +397,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         control = self._control("RepositoryModelUnload")
         if not request.model_name:
             raise InvalidArgument("model_name", "required")
-        control.unload(request.model_name)
+        loop = asyncio.get_running_loop()  # it may wait for a load in progress
+        await loop.run_in_executor(self.workers, control.unload, request.model_name)
         return kpb.RepositoryModelUnloadResponse()
 
 
@@ -497,6 +509,7 @@ class _Entry:
     state: dict | None
     last_used: float
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    version: str = ""  # the model version its state was computed by
 
 
 class SequenceStore:

@@ -22,8 +22,9 @@ import logging
 import threading
 from pathlib import Path
 
-from serving.errors import ModelLoadError, NotFound, ServingError
-from serving.models import MODEL_CARD, load_model
+from serving.errors import ModelLoadError, NotFound, ServingError, Unavailable
+from serving.model_config import CONFIG_FILE as CONFIG
+from serving.models import load_model
 from serving.repository import latest_versions
 from serving.runtime import SessionFactory
 
@@ -49,6 +50,7 @@ class ModelControl:
         self._lock = threading.Lock()  # one load or unload at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._missing: dict[str, int] = {}  # name -> scans in a row it was not found
         # What each served model was loaded from: name -> (version, card's mtime).
         self.loaded = {
             name: (m.version, _stamp(m.directory)) for name, m in server.registry.models.items()
@@ -62,6 +64,8 @@ class ModelControl:
         """Serve the highest version of `name` now in the repository (a no-op when that
         is what serves). Returns the version; raises NotFound or LoadFailed."""
         with self._lock:
+            if self._stop.is_set():
+                raise Unavailable(f"{name}: the server is shutting down")
             directory = latest_versions(self.root).get(name) if self.root.is_dir() else None
             if directory is None:
                 raise NotFound(f"model_name: no model {name!r} in {self.root}")
@@ -97,19 +101,24 @@ class ModelControl:
             log.info("unloaded %s; requests already running on it finish", name)
 
     def poll(self) -> None:
-        """One rescan: load what is new or changed, unload what is gone."""
+        """One rescan: load what is new or changed, unload what is gone (gone in two
+        scans running: re-exporting a version moves the old directory aside for a moment)."""
         found = latest_versions(self.root) if self.root.is_dir() else {}
         for name, directory in found.items():
+            self._missing.pop(name, None)
             if self.loaded.get(name) != (directory.name, _stamp(directory)):
                 try:
                     self.load(name)
                 except ServingError:
                     pass  # logged, and reported by ModelReady and RepositoryIndex
         for name in [n for n in self.registry.models if n not in found]:
-            try:
-                self.unload(name)
-            except NotFound:
-                pass
+            self._missing[name] = self._missing.get(name, 0) + 1
+            if self._missing[name] >= 2:
+                try:
+                    self.unload(name)
+                except NotFound:
+                    pass
+                self._missing.pop(name, None)
 
     def start(self) -> None:
         if self.mode == "poll" and self._thread is None:
@@ -117,7 +126,12 @@ class ModelControl:
             self._thread.start()
 
     def stop(self) -> None:
+        """No more polls; returns once a load or unload in progress is done."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(60)
+        with self._lock:
+            self.mode = "none"  # explicit loads refused from now on
 
     def _poll_loop(self) -> None:
         while not self._stop.wait(self.poll_secs):
@@ -127,9 +141,17 @@ class ModelControl:
                 log.exception("repository poll failed")
 
 
-def _stamp(directory: Path) -> int:
-    """When the version's card was written: a re-export of the same version changes it."""
-    try:
-        return (Path(directory) / MODEL_CARD).stat().st_mtime_ns
-    except OSError:
-        return 0
+def _stamp(directory: Path) -> tuple:
+    """What a version is made of: every file of it and the model's config.pbtxt, by
+    name, size and mtime. A re-export, an edited config.pbtxt or a copy still in
+    progress all change it (a load that failed on half a copy is tried again)."""
+    directory = Path(directory)
+    files = [*sorted(p for p in directory.iterdir() if p.is_file()), directory.parent / CONFIG]
+    stamp = []
+    for path in files:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        stamp.append((path.name, info.st_size, info.st_mtime_ns))
+    return tuple(stamp)

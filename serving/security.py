@@ -12,7 +12,7 @@ Clients: `channel(target, ...)` opens a TLS or plain channel that sends the toke
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -31,7 +31,7 @@ class SecurityConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, serve TLS only
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed
-    auth_token: str | None = None  # bearer token every RPC must carry
+    auth_token: str | None = field(default=None, repr=False)  # every RPC must carry it
     auth_all: bool = False  # health and reflection need the token too
 
 

@@ -116,6 +116,9 @@ class Server:
         self.statistics = Statistics()
         self.batchers: dict[str, DynamicBatcher] = {}
         self.engines: dict[str, StepEngine] = {}
+        # Replaced by a reload, closed once their last request is done (`_retire`).
+        self.retiring_engines: set[StepEngine] = set()
+        self.retiring_batchers: set[DynamicBatcher] = set()
         self.metrics = Metrics(registry, self.statistics, self.engines)
         for name, model in list(registry.models.items()):
             self.attach(name, model)
@@ -146,6 +149,8 @@ class Server:
         first, then the model itself; a model it replaces (a reload) keeps its own
         batcher and engine until the requests already on them are done."""
         old = self.registry.models.get(name), self.engines.get(name), self.batchers.get(name)
+        if old[0] is not None and old[0].version != model.version:
+            self.statistics.reset(name)  # a new version's counts start at zero, as in Triton
         batching = model_batching(model.config, self.config.batching)
         if isinstance(model, Classifier) and batching.max_batch_size > 1:
             self.batchers[name] = DynamicBatcher(
@@ -163,12 +168,40 @@ class Server:
             self.engines.pop(name, None)
         self.registry.models[name] = model
         if old[0] is not None and old[0] is not model:
-            _retire(*old[1:])
+            self._retire(*old[1:])
+        self._follow_health()
+
+    def _retire(self, engine: StepEngine | None, batcher: DynamicBatcher | None) -> None:
+        """Close a replaced model's engine and batcher once no request holds them (streams
+        on an old version finish on it), on a thread of its own; `stop` closes the ones
+        still retiring."""
+        if engine is None and batcher is None:
+            return
+        if engine is not None:
+            self.retiring_engines.add(engine)
+        if batcher is not None:
+            self.retiring_batchers.add(batcher)
+
+        def wait_then_close():
+            end = time.monotonic() + RETIRE_LIMIT_S
+            while time.monotonic() < end and (
+                (engine is not None and engine.busy()) or (batcher is not None and batcher.busy())
+            ):
+                time.sleep(0.05)
+            if engine is not None:
+                engine.close()
+                self.retiring_engines.discard(engine)
+            if batcher is not None:
+                batcher.close()
+                self.retiring_batchers.discard(batcher)
+
+        threading.Thread(target=wait_then_close, name="retire", daemon=True).start()
 
     def detach(self, name: str) -> None:
         """Stop serving `name`; requests already running on it finish."""
         if self.registry.models.pop(name, None) is not None:
-            _retire(self.engines.pop(name, None), self.batchers.pop(name, None))
+            self._retire(self.engines.pop(name, None), self.batchers.pop(name, None))
+            self._follow_health()
 
     def _call(self, coroutine, timeout: float | None = 60):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -213,6 +246,13 @@ class Server:
                 port = self.server.add_secure_port(address, credentials)
         except RuntimeError as exc:  # grpcio raises this when the address is taken or invalid
             raise OSError(f"cannot listen on {c.host}:{c.port}: {exc}") from None
+        await self._set_health()
+        return port
+
+    async def _set_health(self) -> None:
+        """SERVING while any model serves (and shutdown has not begun), else NOT_SERVING."""
+        if not self.kserve.accepting:
+            return  # graceful shutdown owns the status now
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if self.registry.models
@@ -220,7 +260,11 @@ class Server:
         )
         for service in ("", SERVICE_NAME, kserve.SERVICE_NAME):
             await self.health.set(service, status)
-        return port
+
+    def _follow_health(self) -> None:
+        """After a load or unload: health says whether anything serves now."""
+        if getattr(self, "server", None) is not None:  # built: the loop serves health
+            asyncio.run_coroutine_threadsafe(self._set_health(), self.loop)
 
     def start(self) -> None:
         self._call(self.server.start())
@@ -256,17 +300,21 @@ class Server:
             await stopping
 
         def finish(_):
-            self.control.stop()
-            for engine in self.engines.values():
-                engine.close()
-            for batcher in self.batchers.values():
-                batcher.close()
-            self.streams.close()
-            if self.metrics_endpoint is not None:
-                self.metrics_endpoint.stop()
-            self.workers.shutdown(wait=False, cancel_futures=True)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._stopped.set()
+            try:
+                self.control.stop()  # waits for a load in progress: nothing attaches after
+                for engine in [*self.engines.values(), *self.retiring_engines]:
+                    engine.close()
+                for batcher in [*self.batchers.values(), *self.retiring_batchers]:
+                    batcher.close()
+                self.streams.close()
+                if self.metrics_endpoint is not None:
+                    self.metrics_endpoint.stop()
+                self.workers.shutdown(wait=False, cancel_futures=True)
+            except Exception:  # noqa: BLE001 - stopping must end in "stopped" whatever broke
+                log.exception("error while stopping")
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._stopped.set()
 
         if self._stopped.is_set():
             return self._stopped
@@ -276,6 +324,9 @@ class Server:
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
+
+# A replaced engine or batcher still held after this long is closed anyway.
+RETIRE_LIMIT_S = 3600
 
 # Live streams are ended this long (at most a tenth of the grace period) before gRPC
 # cancels every call, so their status reaches the client first.
@@ -334,26 +385,6 @@ class LiveStreams(grpc.aio.ServerInterceptor):
         if handler.stream_stream:
             kind = grpc.stream_stream_rpc_method_handler
         return kind(streaming, handler.request_deserializer, handler.response_serializer)
-
-
-def _retire(engine: StepEngine | None, batcher: DynamicBatcher | None, limit_s: float = 3600):
-    """Close a replaced model's engine and batcher once the work already on them is
-    done (streams on an old version finish on it), on a thread of its own."""
-
-    def wait_then_close():
-        end = time.monotonic() + limit_s
-        while time.monotonic() < end and (
-            (engine is not None and engine.scheduler.has_work())
-            or (batcher is not None and batcher.pending())
-        ):
-            time.sleep(0.05)
-        if engine is not None:
-            engine.close()
-        if batcher is not None:
-            batcher.close()
-
-    if engine is not None or batcher is not None:
-        threading.Thread(target=wait_then_close, name="retire", daemon=True).start()
 
 
 def create_server(

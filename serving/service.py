@@ -305,11 +305,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if batcher is None:  # decode and run on a worker
                 return await self._blocking(self._classify_here, model, request, timing)
             # Decode on a worker, then wait for the batch on the loop (no worker held).
-            x, top_k = await self._blocking(self._classify_input, model, request, timing)
-            try:
-                logits = await asyncio.wrap_future(batcher.enqueue(x, timing))
-            except NonFiniteOutput as exc:
-                raise _overflow(model, request, x, exc) from None
+            with batcher.lease():  # a reload retires this batcher only after the request
+                x, top_k = await self._blocking(self._classify_input, model, request, timing)
+                try:
+                    logits = await asyncio.wrap_future(batcher.enqueue(x, timing))
+                except NonFiniteOutput as exc:
+                    raise _overflow(model, request, x, exc) from None
             response = _classify_response(model, model.softmax(logits), top_k)
             timing.mark("output")
             return response
@@ -441,39 +442,40 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         engine and yield its deltas as they accumulate. A cancelled, timed-out or
         disconnected stream (its task cancelled) leaves the batch at the next iteration;
         a client that stops reading is cancelled by the slots' watchdog."""
-        engine = self.engines.get(model.name)
-        if engine is None or engine.scheduler.model is not model:  # swapped by a reload
-            raise Unavailable(f"{model.name} was reloaded while this request began; retry")
         stalled, live = threading.Event(), {}
 
         def cancel():  # the watchdog's thread: free the row now, tell the client later
             stalled.set()
             if "seq" in live:
-                engine.cancel(live["seq"])
+                live["engine"].cancel(live["seq"])
 
         async def deltas():
-            seq: Sequence = await self._blocking(sequence)
-            timing.mark("input")
-            live["seq"] = seq
-            remaining = context.time_remaining()
-            if remaining is not None:
-                seq.deadline = time.monotonic() + remaining
-            reader = OutboxReader(seq.outbox)
-            engine.submit(seq)
-            try:
-                while True:
-                    delta = await reader.next()
-                    if delta.error is not None:
-                        raise delta.error
-                    if delta.finished:  # it waited for a batch row, then ran in the batch
-                        timing.engine(delta.queue_time_us * 1000)
-                    yield delta
-                    if stalled.is_set():
-                        raise Cancelled(STALLED)
-                    if delta.finished:
-                        return
-            finally:
-                engine.cancel(seq)  # a no-op once it finished; else it leaves at once
+            engine = self.engines.get(model.name)
+            if engine is None or engine.scheduler.model is not model:  # swapped by a reload
+                raise Unavailable(f"{model.name} was reloaded as this request began; retry")
+            with engine.lease():  # a reload retires this engine only after the stream
+                seq: Sequence = await self._blocking(sequence)
+                timing.mark("input")
+                live["engine"], live["seq"] = engine, seq
+                remaining = context.time_remaining()
+                if remaining is not None:
+                    seq.deadline = time.monotonic() + remaining
+                reader = OutboxReader(seq.outbox)
+                engine.submit(seq)
+                try:
+                    while True:
+                        delta = await reader.next()
+                        if delta.error is not None:
+                            raise delta.error
+                        if delta.finished:  # it waited for a batch row, then ran in the batch
+                            timing.engine(delta.queue_time_us * 1000)
+                        yield delta
+                        if stalled.is_set():
+                            raise Cancelled(STALLED)
+                        if delta.finished:
+                            return
+                finally:
+                    engine.cancel(seq)  # a no-op once it finished; else it leaves at once
 
         return self.streams.run(deltas(), context.peer(), cancel)
 

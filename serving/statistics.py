@@ -131,6 +131,11 @@ class Statistics:
         self._lock = threading.Lock()
         self._models: dict[str, ModelStats] = {}
 
+    def reset(self, name: str) -> None:
+        """Start `name` from zero (a new version); holders of the old counters keep them."""
+        with self._lock:
+            self._models.pop(name, None)
+
     def __getitem__(self, name: str) -> ModelStats:
         with self._lock:
             stats = self._models.get(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import urllib.error
 import urllib.request
 
@@ -102,10 +103,16 @@ def test_live_streams_and_cancellations_show_while_they_happen(served):
     _, during = scrape(url)
     assert value(during, "stepwise_live_streams", model="char_lstm") == 1
     stream.cancel()
-    _, after = scrape(url)
-    cancelled = value(after, "stepwise_requests_total", rpc="stepwise.v1.Inference/Generate",
-                      code="CANCELLED")  # fmt: skip
-    assert cancelled >= 1
+
+    def cancelled():  # the server hears of the cancellation a moment later
+        _, after = scrape(url)
+        return value(after, "stepwise_requests_total", rpc="stepwise.v1.Inference/Generate",
+                     code="CANCELLED")  # fmt: skip
+
+    deadline = time.monotonic() + 10
+    while cancelled() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled() >= 1
 
 
 def test_only_metrics_is_served_and_auth_all_guards_it(repository):

@@ -53,6 +53,14 @@ def serve(repo):
         server.stop(None)
 
 
+def _publish(source, target) -> None:
+    """Copy a version or model directory into place as export does: complete, then
+    renamed, so no scan sees half of it."""
+    staging = target.parent / f".staging-{target.name}"
+    shutil.copytree(source, staging)
+    staging.rename(target)
+
+
 def _versions(client) -> dict[str, str]:
     return {m.name: m.version for m in client.list_models()}
 
@@ -67,14 +75,14 @@ def test_a_new_version_serves_while_streams_on_the_old_finish_there(serve, repo)
     old_engine = server.engines["char_lstm"]
     run = old.run
 
-    def slow_run(*args):  # the old version at 2 ms a step: its stream outlives the reload
-        time.sleep(0.002)
+    def slow_run(*args):  # the old version at 5 ms a step: its stream outlives the reload
+        time.sleep(0.005)
         return run(*args)
 
     old.run = slow_run
     stream = client.generate_stream("KING.\n", max_tokens=800, min_tokens=800, seed=7)
     first = next(stream)
-    shutil.copytree(repo / "char_lstm" / "1", repo / "char_lstm" / "2")
+    _publish(repo / "char_lstm" / "1", repo / "char_lstm" / "2")
     assert _eventually(lambda: _versions(client).get("char_lstm") == "2")
     assert _ready(kserve, "char_lstm", "2") and not _ready(kserve, "char_lstm", "1")
     assert old_engine.scheduler.has_work()  # the old stream is still running on v1
@@ -105,9 +113,8 @@ def test_a_broken_version_leaves_the_old_serving_and_says_why(serve, repo):
     assert all(m.state == "READY" for m in ready_only)
     assert client.list_models()  # and it serves
     # A fixed version 2 (written as export does: a complete directory renamed into place)
-    shutil.copytree(repo / "lenet5" / "1", repo / "lenet5" / ".staging")
     shutil.rmtree(broken)
-    (repo / "lenet5" / ".staging").rename(broken)
+    _publish(repo / "lenet5" / "1", broken)
     assert _eventually(lambda: _versions(client)["lenet5"] == "2")
     assert ("lenet5", "2") not in server.registry.failed_versions
 
@@ -119,10 +126,12 @@ def test_poll_follows_models_coming_and_going(serve, repo):
     with pytest.raises(grpc.RpcError) as info:
         client.classify(b"x", model="lenet5")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    shutil.copytree(repo / "char_lstm", repo / "poet")  # a new model, under a new name
-    card = repo / "poet" / "1" / "model.json"
+    staging = repo / ".staging-poet"  # a new model, under a new name
+    shutil.copytree(repo / "char_lstm", staging)
+    card = staging / "1" / "model.json"
     card.write_text(card.read_text().replace('"name": "char_lstm"', '"name": "poet"'))
-    (repo / "poet" / "config.pbtxt").unlink()  # its config.pbtxt names char_lstm
+    (staging / "config.pbtxt").unlink()  # its config.pbtxt names char_lstm
+    staging.rename(repo / "poet")
     assert _eventually(lambda: "poet" in _versions(client))
     assert "".join(client.generate("KING.\n", model="poet", max_tokens=5, seed=1))
 
@@ -150,8 +159,63 @@ def test_explicit_mode_loads_and_unloads_through_kserve(serve, repo):
     index = {m.name: m for m in kserve.RepositoryIndex(kpb.RepositoryIndexRequest()).models}
     assert index["broken"].state == "UNAVAILABLE" and index["lenet5"].state == "READY"
     time.sleep(0.3)  # explicit mode does not poll: a new version waits for a load
-    shutil.copytree(repo / "lenet5" / "1", repo / "lenet5" / "2")
+    _publish(repo / "lenet5" / "1", repo / "lenet5" / "2")
     time.sleep(0.3)
     assert _versions(client)["lenet5"] == "1"
     kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="lenet5"))
     assert _versions(client)["lenet5"] == "2"
+
+
+def test_a_retired_engine_waits_for_the_requests_that_picked_it(serve, repo):
+    """A request that chose the old engine and has not submitted yet (decoding its
+    input on a worker) holds a lease: the reload closes the old engine only after it."""
+    from serving.engine import text_request
+    from serving.sampling import SamplingParams
+
+    server, client, kserve = serve("poll")
+    old_model, old_engine = server.registry.models["char_lstm"], server.engines["char_lstm"]
+    with old_engine.lease():
+        _publish(repo / "char_lstm" / "1", repo / "char_lstm" / "2")
+        assert _eventually(lambda: server.engines["char_lstm"] is not old_engine)
+        time.sleep(0.3)
+        assert not old_engine._stopped and old_engine.busy()  # still ours
+        seq = text_request(old_model, "KING.\n", 5, SamplingParams(seed=3))
+        old_engine.submit(seq)  # the late submit works, on the old version
+        assert _eventually(lambda: seq.status.name == "FINISHED")
+        assert seq.outbox.take(timeout=0).finish_reason == "length"
+    assert _eventually(lambda: old_engine._stopped)  # retired once the lease is given back
+
+
+def test_health_follows_loads_and_sequences_do_not_cross_versions(serve, repo):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, client, kserve = serve("explicit")
+    health = health_pb2_grpc.HealthStub(client.channel)
+
+    def status():
+        return health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    def step(start=False, sequence_id=41):
+        request = kpb.ModelInferRequest(model_name="char_lstm")
+        request.parameters["sequence_id"].int64_param = sequence_id
+        request.parameters["sequence_start"].bool_param = start
+        tokens = request.inputs.add(name="tokens", datatype="INT64", shape=[1, 1])
+        tokens.contents.int64_contents.append(5)
+        return kserve.ModelInfer(request)
+
+    step(start=True)
+    step()
+    _publish(repo / "char_lstm" / "1", repo / "char_lstm" / "2")
+    kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="char_lstm"))
+    with pytest.raises(grpc.RpcError) as info:  # its state was computed by version 1
+        step()
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "started on version 1" in info.value.details() and "version 2" in info.value.details()
+    step(start=True)  # the same id starts again, on version 2
+    assert step().model_version == "2"
+    names = list(server.registry.models)
+    for name in names:
+        kserve.RepositoryModelUnload(kpb.RepositoryModelUnloadRequest(model_name=name))
+    assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+    kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="lenet5"))
+    assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5)

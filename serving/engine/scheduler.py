@@ -20,6 +20,7 @@ loop on a thread of its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -437,17 +438,33 @@ class StepEngine:
         self.scheduler = Scheduler(model, config, wake=self._wake, observer=observer)
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._leases = 0
 
     @property
     def stats(self) -> EngineStats:
         return self.scheduler.stats
 
-    def submit(self, seq: Sequence) -> None:
+    @contextlib.contextmanager
+    def lease(self):
+        """Held by a request from the moment it picks this engine until it is done with
+        it, so a reload retires the engine only after its last user (`busy`)."""
         with self._cond:
+            self._leases += 1
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._leases -= 1
+
+    def busy(self) -> bool:
+        with self._cond:
+            return self._leases > 0 or self.scheduler.has_work()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:  # re-entrant: the scheduler's wake-up takes it too
             if self._stopped:
                 raise Unavailable(f"{self.scheduler.model.name}: the server is shutting down")
-        self.scheduler.submit(seq)
-        with self._cond:
+            self.scheduler.submit(seq)  # under the lock, so close() cannot slip between
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._loop, name=f"engine-{self.scheduler.model.name}", daemon=True
