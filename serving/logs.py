@@ -134,8 +134,13 @@ class RequestLog(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(QUIET_METHODS):
-            return handler
+        start = None if handler is None else self.starter(details, handler)
+        return handler if start is None else watched(handler, start)
+
+    def starter(self, details, handler):
+        """What `watched` calls as each RPC begins (None: this RPC is not logged)."""
+        if details.method.startswith(QUIET_METHODS):
+            return None
         rpc = details.method.lstrip("/")
         rid = request_id(details.invocation_metadata)
 
@@ -143,7 +148,7 @@ class RequestLog(grpc.aio.ServerInterceptor):
             context.set_trailing_metadata(((REQUEST_ID, rid),))
             return _Logged(self.log, rid, rpc, request, context, handler.response_streaming)
 
-        return watched(handler, start)
+        return start
 
 
 class _Logged(RpcWatch):

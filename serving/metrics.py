@@ -234,10 +234,45 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
+        return None if handler is None else watched(handler, self.starter(details, handler))
+
+    def starter(self, details, handler):
+        rpc = details.method.lstrip("/")
+        return lambda _request, _context: _Timed(self.metrics, rpc)
+
+
+class Watchers(grpc.aio.ServerInterceptor):
+    """Several watchers of every RPC (the request log, the metrics) behind one handler
+    wrapper: each layer of wrapping costs every streamed message an await."""
+
+    def __init__(self, *watchers):
+        self.watchers = watchers  # each with starter(details, handler) -> start or None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
         if handler is None:
             return None
-        rpc = details.method.lstrip("/")
-        return watched(handler, lambda _request, _context: _Timed(self.metrics, rpc))
+        starts = [s for w in self.watchers if (s := w.starter(details, handler)) is not None]
+        if not starts:
+            return handler
+
+        def start(request, context):
+            return _All([s(request, context) for s in starts])
+
+        return watched(handler, start)
+
+
+class _All(RpcWatch):
+    def __init__(self, watches: list[RpcWatch]):
+        self.watches = watches
+
+    def response(self, message) -> None:
+        for watch in self.watches:
+            watch.response(message)
+
+    def done(self, code: str) -> None:
+        for watch in self.watches:
+            watch.done(code)
 
 
 class _Timed(RpcWatch):

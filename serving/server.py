@@ -20,7 +20,7 @@ from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.batching import BatchingConfig, DynamicBatcher
 from serving.engine import EngineConfig, StepEngine
 from serving.logs import RequestLog
-from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics
+from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics, Watchers
 from serving.models import Classifier, StepDecoder
 from serving.preprocess import ImageDecoder, ImageLimits
 from serving.reload import ModelControl
@@ -212,8 +212,8 @@ class Server:
         token = c.security.auth_token
         self.server = grpc.aio.server(
             interceptors=[
-                RequestLog(),  # first, so refused calls are logged and counted too
-                RpcMetrics(self.metrics),
+                # first, so refused calls are logged and counted too; one wrapper for both
+                Watchers(RequestLog(), RpcMetrics(self.metrics)),
                 *([TokenAuth(token, c.security.auth_all)] if token else []),
                 self.live_streams,  # last: it ends the handlers' streams
             ],
