@@ -12,7 +12,6 @@ No gRPC here: the servicer awaits `submit`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.errors import ResourceExhausted, Unavailable
+from serving.leases import Leases
 from serving.statistics import ModelStats, RequestTiming
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class DynamicBatcher:
         self._cond = threading.Condition()
         self._closed = False
         self._running = False  # a batch taken and not yet delivered
-        self._leases = 0  # requests that picked this batcher and are not done with it
+        self._leases = Leases()  # requests that picked this batcher and are not done
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -96,22 +96,15 @@ class DynamicBatcher:
         """One input row -> its result (raises the row's exception), waiting for it."""
         return self.enqueue(x).result(timeout)
 
-    @contextlib.contextmanager
     def lease(self):
         """Held by a request from the moment it picks this batcher until its rows are
-        answered, so a reload retires the batcher only after its last user (`busy`)."""
-        with self._cond:
-            self._leases += 1
-        try:
-            yield self
-        finally:
-            with self._cond:
-                self._leases -= 1
+        answered (`serving.leases`)."""
+        return self._leases.hold()
 
     def busy(self) -> bool:
         """Whether requests hold it, are queued or running."""
         with self._cond:
-            return self._leases > 0 or bool(self._queue) or self._running
+            return self._leases.held or bool(self._queue) or self._running
 
     def close(self) -> None:
         """Stop the thread; requests still queued fail with UNAVAILABLE."""

@@ -20,7 +20,6 @@ loop on a thread of its own.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -38,6 +37,7 @@ from serving.errors import (
     ServingError,
     Unavailable,
 )
+from serving.leases import Leases
 from serving.sampling import sample_rows
 
 log = logging.getLogger(__name__)
@@ -438,27 +438,20 @@ class StepEngine:
         self.scheduler = Scheduler(model, config, wake=self._wake, observer=observer)
         self._thread: threading.Thread | None = None
         self._stopped = False
-        self._leases = 0
+        self._leases = Leases()
 
     @property
     def stats(self) -> EngineStats:
         return self.scheduler.stats
 
-    @contextlib.contextmanager
     def lease(self):
         """Held by a request from the moment it picks this engine until it is done with
-        it, so a reload retires the engine only after its last user (`busy`)."""
-        with self._cond:
-            self._leases += 1
-        try:
-            yield self
-        finally:
-            with self._cond:
-                self._leases -= 1
+        it (`serving.leases`)."""
+        return self._leases.hold()
 
     def busy(self) -> bool:
-        with self._cond:
-            return self._leases > 0 or self.scheduler.has_work()
+        """Whether requests hold it or streams are in it."""
+        return self._leases.held or self.scheduler.has_work()
 
     def submit(self, seq: Sequence) -> None:
         with self._cond:  # re-entrant: the scheduler's wake-up takes it too
