@@ -6,37 +6,35 @@ same topology runs as local processes on free loopback ports: two `python -m ser
 replicas, Debian's nginx with a config rendered from the template the compose `lb` uses
 (deploy/nginx/stepwise.conf.template), Debian's Prometheus with the compose scrape config
 (deploy/prometheus/prometheus.yml) pointed at the two replicas, and `python -m loadtest`
-through nginx. .ci/run installs the three packages; elsewhere these tests skip, saying so.
+through nginx (deploy/topology.py starts them). .ci/run installs the three packages;
+elsewhere these tests skip, saying so.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.parse
-import urllib.request
-from contextlib import suppress
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from deploy.render import placeholders, render
+from deploy.topology import (
+    PROMETHEUS_YML,
+    ROOT,
+    TEMPLATE,
+    Topology,
+    load_yaml,
+    local_topology,
+    until,
+)
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = ROOT / "deploy/nginx/stepwise.conf.template"
-PROMETHEUS_YML = ROOT / "deploy/prometheus/prometheus.yml"
 DASHBOARD = ROOT / "deploy/grafana/dashboards/stepwise.json"
 RATE_INTERVAL = "10s"  # Grafana's $__rate_interval for a 1 s scrape: several scrapes
 CLASSIFY = "stepwise.v1.Inference/Classify"
@@ -49,20 +47,6 @@ def _needs(*tools: str):
         bool(missing),
         reason=f"needs Debian's {', '.join(missing)} (.ci/run installs them with apt-get)",
     )
-
-
-def load_yaml(text: str):
-    """YAML as Python data: PyYAML when this interpreter has it, else docker-compose's own
-    Python, which always has it (Debian's docker-compose depends on python3-yaml)."""
-    try:
-        import yaml
-    except ImportError:
-        interpreter = Path(shutil.which("docker-compose")).read_text().split("\n", 1)[0][2:]
-        code = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
-        out = subprocess.run([interpreter.strip(), "-c", code], input=text, text=True,
-                             capture_output=True, timeout=30, check=True)  # fmt: skip
-        return json.loads(out.stdout)
-    return yaml.safe_load(text)
 
 
 def compose_config(*files: str) -> dict:
@@ -189,203 +173,19 @@ def test_prometheus_config_is_valid():
 # -- the same topology as local processes --------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _until(what: str, check, timeout: float, interval: float = 0.2):
-    """Call `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except (OSError, grpc.RpcError, ValueError) as exc:
-            last = exc
-        time.sleep(interval)
-    pytest.fail(f"{what}: not within {timeout:g} s (last: {last!r})")
-
-
-def _serving(target: str) -> bool:
-    with grpc.insecure_channel(target) as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=1
-        )
-    return status.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def _get(url: str, timeout: float = 5) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.read().decode()
-
-
-@dataclass
-class Replica:
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def instance(self) -> str:
-        return f"127.0.0.1:{self.metrics_port}"
-
-    def requests(self, rpc: str, code: str = "OK") -> float:
-        """stepwise_requests_total{rpc, code} from this replica's /metrics."""
-        text = _get(f"http://{self.instance}/metrics")
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith("stepwise_requests_total{") and f'rpc="{rpc}"' in line:
-                if f'code="{code}"' in line:
-                    total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def live_streams(self) -> float:
-        """stepwise_live_streams, all models, from this replica's /metrics."""
-        text = _get(f"http://{self.instance}/metrics")
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("stepwise_live_streams{")
-        )
-
-
-@dataclass
-class Topology:
-    tmp: Path
-    replicas: list[Replica]
-    lb: str  # nginx's gRPC HOST:PORT
-    prometheus: str  # http://HOST:PORT
-    procs: list[subprocess.Popen] = field(default_factory=list)
-
-    def query(self, expr: str) -> list[dict]:
-        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        body = json.loads(_get(url))
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-
-def nginx_main_conf(tmp: Path, site: Path) -> str:
-    """The process-level settings of a foreground nginx that writes only inside `tmp`;
-    the site is the compose template, rendered."""
-    temp = "\n".join(
-        f"    {kind}_temp_path {tmp}/{kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    user = "user root root;\n" if os.geteuid() == 0 else ""  # workers may write tmp
-    return (
-        f"{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log notice;\n"
-        "events { worker_connections 1024; }\n"
-        f"http {{\n    access_log {tmp}/access.log;\n{temp}\n    include {site};\n}}\n"
-    )
-
-
-def prometheus_config(targets: list[str]) -> dict:
-    """deploy/prometheus/prometheus.yml with the replicas as static targets (no Docker
-    DNS here) and a 1 s scrape, so a few seconds give rate() its two samples."""
-    config = load_yaml(PROMETHEUS_YML.read_text())
-    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    (job,) = config["scrape_configs"]
-    job.pop("dns_sd_configs")
-    job["static_configs"] = [{"targets": targets}]
-    return config
-
-
-def _spawn(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **kwargs)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    with suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def topology(repository, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deployment")
-    procs: list[subprocess.Popen] = []
-    try:
-        replicas = []
-        for i in range(2):
-            port, metrics_port = free_port(), free_port()
-            log = tmp / f"server{i}.log"
-            proc = _spawn(
-                [sys.executable, "-m", "serving", "--model-repository", str(repository),
-                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-                 str(metrics_port), "--device", "cpu"],
-                log,
-            )  # fmt: skip
-            procs.append(proc)
-            replicas.append(Replica(proc, port, metrics_port, log))
-        for r in replicas:
-            _until(f"replica {r.target} SERVING ({r.log.read_text()[-2000:]})",
-                   lambda r=r: r.proc.poll() is None and _serving(r.target), 90)  # fmt: skip
-
-        lb_port, status_port = free_port(), free_port()
-        upstreams = " ".join(f"server {r.target} max_fails=1 fail_timeout=5s;" for r in replicas)
-        site = tmp / "stepwise.conf"
-        site.write_text(
-            render(
-                TEMPLATE.read_text(),
-                {
-                    "STEPWISE_RESOLVER": "127.0.0.1",  # unused: no `resolve` upstreams here
-                    "STEPWISE_UPSTREAMS": upstreams,
-                    "STEPWISE_GRPC_LISTEN": f"127.0.0.1:{lb_port}",
-                    "STEPWISE_STATUS_LISTEN": f"127.0.0.1:{status_port}",
-                },
-            )
-        )
-        conf = tmp / "nginx.conf"
-        conf.write_text(nginx_main_conf(tmp, site))
-        nginx = ["nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
-        check = subprocess.run([*nginx, "-t"], capture_output=True, text=True, timeout=30)
-        assert check.returncode == 0, check.stderr
-        procs.append(_spawn([*nginx, "-g", "daemon off;"], tmp / "nginx.out"))
-        lb = f"127.0.0.1:{lb_port}"
-        _until("nginx /healthz", lambda: _get(f"http://127.0.0.1:{status_port}/healthz"), 20)
-        _until("gRPC health through nginx", lambda: _serving(lb), 20)
-
-        prom_port = free_port()
-        prom_yml = tmp / "prometheus.yml"
-        prom_yml.write_text(json.dumps(prometheus_config([r.instance for r in replicas])))
-        procs.append(
-            _spawn(
-                ["prometheus", f"--config.file={prom_yml}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{prom_port}"],
-                tmp / "prometheus.log",
-            )
-        )  # fmt: skip
-        prometheus = f"http://127.0.0.1:{prom_port}"
-        _until("Prometheus ready", lambda: "Ready" in _get(f"{prometheus}/-/ready"), 30)
-        yield Topology(tmp, replicas, lb, prometheus, procs)
-    finally:
-        for proc in reversed(procs):
-            _stop(proc)
+    with local_topology(repository, tmp_path_factory.mktemp("deployment")) as topology:
+        yield topology
 
 
 def loadtest(topology: Topology, name: str, *args: str) -> subprocess.Popen:
     """`python -m loadtest` through nginx into tmp/<name>/ (one level, one window)."""
-    out = topology.tmp / name
     if "generate" in args:  # prompts in the tiny model's alphabet (tests/conftest.py)
         prompts = topology.tmp / "prompts.txt"
         prompts.write_text("KING.\\nNow is the\nQUEEN.\\nGood night\nFOOL.\\nThe rain\n")
         args = (*args, "--prompts-file", str(prompts))
-    return _spawn(
-        [sys.executable, "-m", "loadtest", "--target", topology.lb, "--warmup", "0.5",
-         "--connect-timeout", "10", "--request-timeout", "20", "--quiet",
-         "--output-dir", str(out), *args],
-        topology.tmp / f"{name}.log", cwd=ROOT,
-    )  # fmt: skip
+    return topology.loadtest(name, *args)
 
 
 def finished(topology: Topology, proc: subprocess.Popen, name: str, timeout: float) -> dict:
@@ -473,9 +273,9 @@ def test_a_replica_killed_mid_run_unary_keeps_succeeding_streams_count_errors(to
                                   "--duration", "5"),
     }  # fmt: skip
     # Kill it once the load has reached it and the measurement window has begun.
-    _until("load on the victim", lambda: victim.requests(CLASSIFY) > victim_before + 20, 30, 0.1)
+    until("load on the victim", lambda: victim.requests(CLASSIFY) > victim_before + 20, 30, 0.1)
     time.sleep(1.0)
-    _until("a stream on the victim", lambda: victim.live_streams() > 0, 30, 0.05)
+    until("a stream on the victim", lambda: victim.live_streams() > 0, 30, 0.05)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(timeout=10)
     killed_at = time.monotonic()

@@ -1,0 +1,278 @@
+"""The docker-compose load-testing deployment as local processes, without a Docker engine.
+
+    with local_topology(Path("model_repository"), tmp) as topology:
+        topology.loadtest("classify", "--rpc", "classify", "--duration", "5").wait()
+        topology.query("sum by (instance) (rate(stepwise_requests_total[10s]))")
+
+The compose services, one process each on free loopback ports: `python -m serving`
+replicas (compose's `server`), Debian's nginx with a site rendered from the template the
+compose `lb` uses (deploy/nginx/stepwise.conf.template, through deploy/render.py),
+Debian's Prometheus with the compose scrape config (deploy/prometheus/prometheus.yml)
+pointed at the replicas, and `python -m loadtest` through nginx (compose's `loadtest`).
+Every process gets a session of its own and everything written goes under one temporary
+folder; leaving the context stops them all, the load first, on success and on error.
+tests/test_deployment.py and tools/dashboard_snapshot.py both run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.render import render
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "deploy/nginx/stepwise.conf.template"
+PROMETHEUS_YML = ROOT / "deploy/prometheus/prometheus.yml"
+
+
+def load_yaml(text: str):
+    """YAML as Python data: PyYAML when this interpreter has it, else docker-compose's own
+    Python, which always has it (Debian's docker-compose depends on python3-yaml)."""
+    try:
+        import yaml
+    except ImportError:
+        interpreter = Path(shutil.which("docker-compose")).read_text().split("\n", 1)[0][2:]
+        code = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
+        out = subprocess.run([interpreter.strip(), "-c", code], input=text, text=True,
+                             capture_output=True, timeout=30, check=True)  # fmt: skip
+        return json.loads(out.stdout)
+    return yaml.safe_load(text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def until(what: str, check, timeout: float, interval: float = 0.2):
+    """Call `check` until it returns something truthy; TimeoutError after `timeout` s."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except (OSError, grpc.RpcError, ValueError) as exc:
+            last = exc
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not within {timeout:g} s (last: {last!r})")
+
+
+def serving(target: str) -> bool:
+    """Whether the gRPC health service at `target` says SERVING."""
+    with grpc.insecure_channel(target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=1
+        )
+    return status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def get(url: str, timeout: float = 5) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read().decode()
+
+
+@dataclass
+class Replica:
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def instance(self) -> str:
+        """Its Prometheus `instance` label: the metrics HOST:PORT."""
+        return f"127.0.0.1:{self.metrics_port}"
+
+    def requests(self, rpc: str, code: str = "OK") -> float:
+        """stepwise_requests_total{rpc, code} from this replica's /metrics."""
+        text = get(f"http://{self.instance}/metrics")
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("stepwise_requests_total{") and f'rpc="{rpc}"' in line:
+                if f'code="{code}"' in line:
+                    total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def live_streams(self) -> float:
+        """stepwise_live_streams, all models, from this replica's /metrics."""
+        text = get(f"http://{self.instance}/metrics")
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("stepwise_live_streams{")
+        )
+
+
+@dataclass
+class Topology:
+    tmp: Path
+    replicas: list[Replica]
+    lb: str  # nginx's gRPC HOST:PORT
+    prometheus: str  # http://HOST:PORT
+    procs: list[subprocess.Popen] = field(default_factory=list)  # stopped last to first
+
+    def _api(self, path: str, **params) -> dict:
+        url = f"{self.prometheus}/api/v1/{path}?" + urllib.parse.urlencode(params)
+        body = json.loads(get(url, timeout=30))
+        if body["status"] != "success":
+            raise ValueError(f"{path} {params}: {body}")
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """An instant query's series: [{"metric": {labels}, "value": [t, "v"]}, ...]."""
+        return self._api("query", query=expr)["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        """A range query's series: [{"metric": {labels}, "values": [[t, "v"], ...]}, ...]."""
+        return self._api("query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def prometheus_version(self) -> str:
+        return self._api("status/buildinfo")["version"]
+
+    def loadtest(self, name: str, *args: str) -> subprocess.Popen:
+        """`python -m loadtest ARGS` through nginx into tmp/<name>/, its output in
+        tmp/<name>.log; stopped with the topology if still running."""
+        proc = spawn(
+            [sys.executable, "-m", "loadtest", "--target", self.lb, "--warmup", "0.5",
+             "--connect-timeout", "10", "--request-timeout", "20", "--quiet",
+             "--output-dir", str(self.tmp / name), *args],
+            self.tmp / f"{name}.log", cwd=ROOT,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+
+def nginx_main_conf(tmp: Path, site: Path) -> str:
+    """The process-level settings of a foreground nginx that writes only inside `tmp`;
+    the site is the compose template, rendered."""
+    temp = "\n".join(
+        f"    {kind}_temp_path {tmp}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    user = "user root root;\n" if os.geteuid() == 0 else ""  # workers may write tmp
+    return (
+        f"{user}worker_processes 1;\npid {tmp}/nginx.pid;\nerror_log {tmp}/error.log notice;\n"
+        "events { worker_connections 1024; }\n"
+        f"http {{\n    access_log {tmp}/access.log;\n{temp}\n    include {site};\n}}\n"
+    )
+
+
+def prometheus_config(targets: list[str], scrape_interval: str = "1s") -> dict:
+    """deploy/prometheus/prometheus.yml with the replicas as static targets (no Docker
+    DNS here) and a short scrape (1 s: a few seconds give rate() its two samples)."""
+    config = load_yaml(PROMETHEUS_YML.read_text())
+    config["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
+    (job,) = config["scrape_configs"]
+    job.pop("dns_sd_configs")
+    job["static_configs"] = [{"targets": targets}]
+    return config
+
+
+def spawn(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """`args` in a session of its own (so stop() reaches its children too), output to `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
+        )
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM to the process's group, SIGKILL after `timeout` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+            return
+
+
+@contextmanager
+def local_topology(
+    repository: Path, tmp: Path, replicas: int = 2, scrape_interval: str = "1s"
+) -> Iterator[Topology]:
+    """Start the deployment serving `repository`, every file under `tmp`; stop it all when
+    the block ends, on error too. Raises TimeoutError when a piece never comes up."""
+    procs: list[subprocess.Popen] = []
+    try:
+        servers = []
+        for i in range(replicas):
+            port, metrics_port = free_port(), free_port()
+            log = tmp / f"server{i}.log"
+            # No drain delay: nothing here health-checks the replicas to drain them.
+            proc = spawn(
+                [sys.executable, "-m", "serving", "--model-repository", str(repository),
+                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
+                 str(metrics_port), "--device", "cpu", "--drain-delay", "0"],
+                log,
+            )  # fmt: skip
+            procs.append(proc)
+            servers.append(Replica(proc, port, metrics_port, log))
+        for r in servers:
+            until(f"replica {r.target} SERVING ({r.log.read_text()[-2000:]})",
+                  lambda r=r: r.proc.poll() is None and serving(r.target), 90)  # fmt: skip
+
+        lb_port, status_port = free_port(), free_port()
+        upstreams = " ".join(f"server {r.target} max_fails=1 fail_timeout=5s;" for r in servers)
+        site = tmp / "stepwise.conf"
+        site.write_text(
+            render(
+                TEMPLATE.read_text(),
+                {
+                    "STEPWISE_RESOLVER": "127.0.0.1",  # unused: no `resolve` upstreams here
+                    "STEPWISE_UPSTREAMS": upstreams,
+                    "STEPWISE_GRPC_LISTEN": f"127.0.0.1:{lb_port}",
+                    "STEPWISE_STATUS_LISTEN": f"127.0.0.1:{status_port}",
+                },
+            )
+        )
+        conf = tmp / "nginx.conf"
+        conf.write_text(nginx_main_conf(tmp, site))
+        nginx = ["nginx", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
+        check = subprocess.run([*nginx, "-t"], capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx -t: {check.stderr}")
+        procs.append(spawn([*nginx, "-g", "daemon off;"], tmp / "nginx.out"))
+        lb = f"127.0.0.1:{lb_port}"
+        until("nginx /healthz", lambda: get(f"http://127.0.0.1:{status_port}/healthz"), 20)
+        until("gRPC health through nginx", lambda: serving(lb), 20)
+
+        prom_port = free_port()
+        prom_yml = tmp / "prometheus.yml"
+        targets = [r.instance for r in servers]
+        prom_yml.write_text(json.dumps(prometheus_config(targets, scrape_interval)))
+        procs.append(
+            spawn(
+                ["prometheus", f"--config.file={prom_yml}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}"],
+                tmp / "prometheus.log",
+            )
+        )  # fmt: skip
+        prometheus = f"http://127.0.0.1:{prom_port}"
+        until("Prometheus ready", lambda: "Ready" in get(f"{prometheus}/-/ready"), 30)
+        yield Topology(tmp, servers, lb, prometheus, procs)
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
