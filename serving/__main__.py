@@ -162,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         default="text",
         help="every log line, one line per request included, as text or as one JSON object",
     )
+    p.add_argument(
+        "--request-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one log line per RPC (health checks aside); --no-request-log leaves startup, "
+        "shutdown, reload and error lines only",
+    )
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS only")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     p.add_argument(
@@ -206,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         model_repository=args.model_repository,
         max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port or None,
+        request_log=args.request_log,
         model_control_mode=args.model_control_mode,
         repository_poll_secs=args.repository_poll_secs,
         security=SecurityConfig(

@@ -1,9 +1,9 @@
 """Logs: one line per request, plain text or JSON lines (`--log-format`).
 
 `configure(fmt)` sets the root logger's formatter, so every line the server writes
-(startup, shutdown, errors, requests) comes in one format. `RequestLog` is a
-`grpc.aio` interceptor that writes one line per RPC to the `serving.requests`
-logger once the RPC ends:
+(startup, shutdown, errors, requests) comes in one format. `RequestLog` watches every
+RPC (through `serving.calls.Calls`) and writes one line per RPC to the
+`serving.requests` logger once the RPC ends (`--no-request-log` turns it off):
 
     request_id  the client's `x-request-id` metadata, or a new uuid4 hex when absent or
                 unfit (over 128 characters, or anything but visible ASCII: never
@@ -31,9 +31,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-import grpc
-
-from serving.metrics import RpcWatch, watched
+from serving.calls import RpcWatch
 
 REQUEST_ID = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
@@ -125,20 +123,16 @@ def request_model(request) -> str | None:
     return None
 
 
-class RequestLog(grpc.aio.ServerInterceptor):
+class RequestLog:
     """One log line per RPC (health checks aside), and its request id in the trailing
-    metadata. Put it first so refused calls (a missing token) are logged too."""
+    metadata: a watcher of `serving.calls.Calls`, the first interceptor, so refused
+    calls (a missing token) are logged too."""
 
     def __init__(self, logger: logging.Logger = log):
         self.log = logger
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        start = None if handler is None else self.starter(details, handler)
-        return handler if start is None else watched(handler, start)
-
     def starter(self, details, handler):
-        """What `watched` calls as each RPC begins (None: this RPC is not logged)."""
+        """What `Calls` calls as each RPC begins (None: this RPC is not logged)."""
         if details.method.startswith(QUIET_METHODS):
             return None
         rpc = details.method.lstrip("/")

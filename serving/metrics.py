@@ -22,7 +22,6 @@ import time
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import grpc
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -32,6 +31,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
+
+from serving.calls import RpcWatch
 
 disable_created_metrics()  # no `_created` series: Triton's dashboards do not use them
 
@@ -170,109 +171,16 @@ class _EngineGauges:
         yield queued
 
 
-class RpcWatch:
-    """What an interceptor sees of one RPC: each response sent, then its final status
-    code (once). `watched` makes one per RPC; subclasses override what they need."""
-
-    def response(self, message) -> None:
-        pass
-
-    def done(self, code: str) -> None:
-        pass
-
-
-def watched(handler: grpc.RpcMethodHandler, start) -> grpc.RpcMethodHandler:
-    """`handler`, with `start(request, context) -> RpcWatch` called as each RPC begins
-    (`request` is None for a client-streaming RPC: its messages are the handler's to
-    read) and the watch told of every response and of the final status code."""
-    if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
-
-        async def unary(request, context):
-            watch, code = start(None if handler.request_streaming else request, context), "UNKNOWN"
-            try:
-                response = await inner(request, context)
-                watch.response(response)
-                code = _code(context, "OK")
-                return response
-            except BaseException as exc:
-                code = _code(context, _code_of(exc))
-                raise
-            finally:
-                watch.done(code)
-
-        kind = grpc.unary_unary_rpc_method_handler
-        if handler.stream_unary:
-            kind = grpc.stream_unary_rpc_method_handler
-        return kind(unary, handler.request_deserializer, handler.response_serializer)
-    inner = handler.unary_stream or handler.stream_stream
-
-    async def streaming(request, context):
-        watch, code = start(None if handler.request_streaming else request, context), "UNKNOWN"
-        try:
-            async for response in inner(request, context):
-                watch.response(response)
-                yield response
-            code = _code(context, "OK")
-        except BaseException as exc:
-            code = _code(context, _code_of(exc))
-            raise
-        finally:
-            watch.done(code)
-
-    kind = grpc.unary_stream_rpc_method_handler
-    if handler.stream_stream:
-        kind = grpc.stream_stream_rpc_method_handler
-    return kind(streaming, handler.request_deserializer, handler.response_serializer)
-
-
-class RpcMetrics(grpc.aio.ServerInterceptor):
-    """Counts every RPC by its final status code and times it."""
+class RpcMetrics:
+    """Counts every RPC by its final status code and times it (a watcher of
+    `serving.calls.Calls`)."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        return None if handler is None else watched(handler, self.starter(details, handler))
-
     def starter(self, details, handler):
         rpc = details.method.lstrip("/")
         return lambda _request, _context: _Timed(self.metrics, rpc)
-
-
-class Watchers(grpc.aio.ServerInterceptor):
-    """Several watchers of every RPC (the request log, the metrics) behind one handler
-    wrapper: each layer of wrapping costs every streamed message an await."""
-
-    def __init__(self, *watchers):
-        self.watchers = watchers  # each with starter(details, handler) -> start or None
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        starts = [s for w in self.watchers if (s := w.starter(details, handler)) is not None]
-        if not starts:
-            return handler
-
-        def start(request, context):
-            return _All([s(request, context) for s in starts])
-
-        return watched(handler, start)
-
-
-class _All(RpcWatch):
-    def __init__(self, watches: list[RpcWatch]):
-        self.watches = watches
-
-    def response(self, message) -> None:
-        for watch in self.watches:
-            watch.response(message)
-
-    def done(self, code: str) -> None:
-        for watch in self.watches:
-            watch.done(code)
 
 
 class _Timed(RpcWatch):
@@ -282,29 +190,6 @@ class _Timed(RpcWatch):
     def done(self, code: str) -> None:
         self.metrics.requests.labels(self.rpc, code).inc()
         self.metrics.latency.labels(self.rpc).observe(time.perf_counter() - self.start)
-
-
-def _code(context, default: str) -> str:
-    """The status the handler set (context.abort / set_code), else `default`."""
-    try:
-        code = context.code()
-    except Exception:  # noqa: BLE001 - older grpcio: no code() on aio contexts
-        code = None
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    if isinstance(code, int):  # some versions hand back the enum's integer value
-        return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)
-    return default
-
-
-def _code_of(exc: BaseException) -> str:
-    import asyncio
-
-    # GeneratorExit: the transport closed a stream before its end (its client cancelled
-    # while a message was being sent).
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-        return "CANCELLED"
-    return "UNKNOWN"
 
 
 # -- the HTTP endpoint ------------------------------------------------------------------

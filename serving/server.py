@@ -18,9 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from serving import kserve
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.batching import BatchingConfig, DynamicBatcher
+from serving.calls import Calls
 from serving.engine import EngineConfig, StepEngine
 from serving.logs import RequestLog
-from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics, Watchers
+from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics
 from serving.models import Classifier, StepDecoder
 from serving.preprocess import ImageDecoder, ImageLimits
 from serving.reload import ModelControl
@@ -49,6 +50,7 @@ class ServerConfig:
     # never reopens) is cancelled and frees its slot; 0 disables the watchdog.
     stream_stall_timeout_s: float = 5.0
     max_message_bytes: int = 32 * 1024 * 1024
+    request_log: bool = True  # one log line per RPC (serving.logs)
     # HTTP/2 connection hygiene: ping idle peers, close connections idle or old (clients
     # reconnect transparently), and bound streams per connection at the transport.
     keepalive_time_ms: int = 60_000
@@ -140,7 +142,10 @@ class Server:
         self.control = ModelControl(self, config.model_control_mode, config.repository_poll_secs)
         self.kserve.control = self.control
         self.health = health.aio.HealthServicer()
-        self.live_streams = LiveStreams()
+        watchers = [RpcMetrics(self.metrics)]
+        if config.request_log:
+            watchers.insert(0, RequestLog())
+        self.calls = Calls(*watchers)
         self._stopped = threading.Event()
         self.port = self._call(self._build())
 
@@ -212,10 +217,10 @@ class Server:
         token = c.security.auth_token
         self.server = grpc.aio.server(
             interceptors=[
-                # first, so refused calls are logged and counted too; one wrapper for both
-                Watchers(RequestLog(), RpcMetrics(self.metrics)),
+                # first, so refused calls are logged and counted too; one wrapper for
+                # the log, the metrics and ending calls at shutdown
+                self.calls,
                 *([TokenAuth(token, c.security.auth_all)] if token else []),
-                self.live_streams,  # last: it ends the handlers' streams
             ],
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
@@ -280,23 +285,23 @@ class Server:
 
     def stop(self, grace: float | None) -> threading.Event:
         """Refuse new RPCs (clients get UNAVAILABLE), give in-flight ones `grace` seconds
-        (None: none), then stop the engines, the pool and the loop. Streams still live
-        shortly before the grace period ends are ended with UNAVAILABLE and a message
-        saying why (gRPC would cut them with "Cancelling all calls"). Returns an event
-        set once all is stopped."""
+        (None: none), then stop the engines, the pool and the loop. Calls still live
+        shortly before the grace period ends, unary or streams, are ended with
+        UNAVAILABLE and a message saying why (gRPC would cut them with "Cancelling all
+        calls"). Returns an event set once all is stopped."""
 
         async def stop():
             stopping = asyncio.ensure_future(self.server.stop(grace))
-            if grace:  # end the streams with our status before gRPC cancels every call
+            if grace:  # end the calls with our status before gRPC cancels every one
                 margin = min(STREAM_END_MARGIN_S, grace / 10)
                 done, _ = await asyncio.wait({stopping}, timeout=grace - margin)
                 if not done:
-                    ended = self.live_streams.end(
-                        f"the server is shutting down: this stream outlived the {grace:g} s "
+                    ended = self.calls.end(
+                        f"the server is shutting down: this call outlived the {grace:g} s "
                         "grace period; retry on another replica"
                     )
                     if ended:
-                        log.warning("ended %d stream(s) still live after %g s", ended, grace)
+                        log.warning("ended %d call(s) still live after %g s", ended, grace)
             await stopping
 
         def finish(_):
@@ -328,63 +333,9 @@ class Server:
 # A replaced engine or batcher still held after this long is closed anyway.
 RETIRE_LIMIT_S = 3600
 
-# Live streams are ended this long (at most a tenth of the grace period) before gRPC
+# Live calls are ended this long (at most a tenth of the grace period) before gRPC
 # cancels every call, so their status reaches the client first.
 STREAM_END_MARGIN_S = 0.5
-
-
-class LiveStreams(grpc.aio.ServerInterceptor):
-    """Knows every live response stream, so that a shutdown can end them with a status
-    of its own (`end(reason)`): UNAVAILABLE with `reason`, after the messages already
-    sent. A stream waiting on its handler (for the next token) ends at once, its
-    handler cancelled and its resources freed as on a client's cancel; one whose client
-    has not taken the last message yet ends when it does."""
-
-    def __init__(self):
-        self.reason: str | None = None
-        self._live: set[asyncio.Task] = set()
-        self._waiting: set[asyncio.Task] = set()  # live and awaiting their handler
-
-    def end(self, reason: str) -> int:
-        """End every live stream with UNAVAILABLE and `reason` (on the event loop's
-        thread); the number of streams live."""
-        self.reason = reason
-        for task in list(self._waiting):
-            task.cancel()
-        return len(self._live)
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or not handler.response_streaming:
-            return handler
-        inner = handler.unary_stream or handler.stream_stream
-
-        async def streaming(request, context):
-            task, responses = asyncio.current_task(), inner(request, context)
-            self._live.add(task)
-            try:
-                while self.reason is None:
-                    self._waiting.add(task)
-                    try:
-                        response = await anext(responses)
-                    except StopAsyncIteration:
-                        return
-                    finally:
-                        self._waiting.discard(task)
-                    yield response
-            except asyncio.CancelledError:
-                if self.reason is None:  # the client's cancel, not ours
-                    raise
-                task.uncancel()
-            finally:
-                self._live.discard(task)
-                await responses.aclose()  # a no-op once it ended; else its cleanup runs now
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self.reason)
-
-        kind = grpc.unary_stream_rpc_method_handler
-        if handler.stream_stream:
-            kind = grpc.stream_stream_rpc_method_handler
-        return kind(streaming, handler.request_deserializer, handler.response_serializer)
 
 
 def create_server(

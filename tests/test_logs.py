@@ -165,3 +165,21 @@ def test_json_log_format_applies_to_every_line(repository):
     (request,) = [e for e in entries if e["logger"] == "serving.requests"]
     assert request["request_id"] == "json-1" and request["code"] == "OK"
     assert request["rpc"] == "stepwise.v1.Inference/ListModels" and "model" not in request
+
+
+def test_no_request_log_writes_no_request_lines_and_still_counts(repository, caplog):
+    caplog.set_level(logging.INFO, logger="serving.requests")
+    server, port = create_server(
+        ServerConfig(repository, port=0, device="cpu", request_log=False, metrics_port=None)
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            stub.Classify(pb.ClassifyRequest(model="lenet5", image=_png()), timeout=30)
+            stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    finally:
+        server.stop(None).wait(30)
+    assert not [r for r in caplog.records if r.name == "serving.requests"]
+    counted = server.metrics.requests.labels("stepwise.v1.Inference/Classify", "OK")
+    assert counted._value.get() == 1  # the metrics watcher still sees every call

@@ -103,7 +103,7 @@ def test_sigterm_drains_live_streams_and_exits_0(repository):
     assert any(s.text for s in ended), "the stream cut short keeps its tokens so far"
     log = proc.stdout.read()
     assert "SIGTERM received" in log and "shutting down: NOT_SERVING" in log
-    assert f"ended {len(ended)} stream(s) still live after {GRACE_S:g} s" in log
+    assert f"ended {len(ended)} call(s) still live after {GRACE_S:g} s" in log
     assert log.count("code=UNAVAILABLE") >= len(ended)  # the request log saw the status
     assert "stopped after" in log and "Traceback" not in log
 

@@ -1,0 +1,184 @@
+"""Every RPC through one handler wrapper (`Calls`, the first interceptor).
+
+The wrapper does two jobs that used to be two interceptors, because each layer of
+wrapping costs every streamed message an await:
+- watchers (the request log, the RPC metrics) see each response and the final status
+  code of every call;
+- a shutdown can end the calls still running with a status of its own
+  (`end(reason)`: UNAVAILABLE and `reason`) shortly before gRPC would cancel them all
+  with its "Cancelling all calls".
+
+A watcher has `starter(details, handler)`, returning None (not interested in this
+RPC) or `start(request, context) -> RpcWatch`, called as the RPC begins (`request` is
+None for a client-streaming RPC: its messages are the handler's to read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+
+class RpcWatch:
+    """What a watcher sees of one RPC: each response sent, then its final status code
+    (once). Subclasses override what they need."""
+
+    def response(self, message) -> None:
+        pass
+
+    def done(self, code: str) -> None:
+        pass
+
+
+class Calls(grpc.aio.ServerInterceptor):
+    """Watches every call and knows the ones running, so that a shutdown can end them.
+
+    `end(reason)` ends a unary call still waiting on its handler at once, and a stream
+    waiting for its handler's next message at once (its handler cancelled, its
+    resources freed as on a client's cancel); a stream whose client has not taken the
+    last message yet ends when it does. Messages already sent stay sent."""
+
+    def __init__(self, *watchers):
+        self.watchers = watchers
+        self.reason: str | None = None
+        self._live: set[asyncio.Task] = set()
+        self._waiting: set[asyncio.Task] = set()  # live and awaiting their handler
+
+    def end(self, reason: str) -> int:
+        """End every live call with UNAVAILABLE and `reason` (on the event loop's
+        thread); the number of calls live."""
+        self.reason = reason
+        for task in list(self._waiting):
+            task.cancel()
+        return len(self._live)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        starts = [s for w in self.watchers if (s := w.starter(details, handler)) is not None]
+        if len(starts) == 1:
+            begin = starts[0]
+        else:
+
+            def begin(request, context):
+                return _All([s(request, context) for s in starts])
+
+        if handler.response_streaming:
+            return self._streaming(handler, begin)
+        return self._unary(handler, begin)
+
+    def _unary(self, handler, begin) -> grpc.RpcMethodHandler:
+        inner, client_streaming = handler.unary_unary or handler.stream_unary, handler.stream_unary
+
+        async def unary(request, context):
+            watch, code = begin(None if client_streaming else request, context), "UNKNOWN"
+            task = asyncio.current_task()
+            self._live.add(task)
+            self._waiting.add(task)
+            try:
+                try:
+                    response = await inner(request, context)
+                except asyncio.CancelledError:
+                    if self.reason is None:  # the client's cancel, not ours
+                        raise
+                    task.uncancel()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.reason)
+                finally:
+                    self._live.discard(task)
+                    self._waiting.discard(task)
+                watch.response(response)
+                code = _code(context, "OK")
+                return response
+            except BaseException as exc:
+                code = _code(context, _code_of(exc))
+                raise
+            finally:
+                watch.done(code)
+
+        kind = (
+            grpc.stream_unary_rpc_method_handler
+            if client_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return kind(unary, handler.request_deserializer, handler.response_serializer)
+
+    def _streaming(self, handler, begin) -> grpc.RpcMethodHandler:
+        inner = handler.unary_stream or handler.stream_stream
+        client_streaming = handler.stream_stream is not None
+
+        async def streaming(request, context):
+            watch, code = begin(None if client_streaming else request, context), "UNKNOWN"
+            task, responses = asyncio.current_task(), inner(request, context)
+            self._live.add(task)
+            try:
+                ended = False
+                try:
+                    while not (ended := self.reason is not None):
+                        self._waiting.add(task)
+                        try:
+                            response = await anext(responses)
+                        except StopAsyncIteration:
+                            break
+                        finally:
+                            self._waiting.discard(task)
+                        watch.response(response)
+                        yield response
+                except asyncio.CancelledError:
+                    if self.reason is None:  # the client's cancel, not ours
+                        raise
+                    task.uncancel()
+                    ended = True
+                finally:
+                    self._live.discard(task)
+                    await responses.aclose()  # a no-op once it ended; else its cleanup runs now
+                if ended:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.reason)
+                code = _code(context, "OK")
+            except BaseException as exc:
+                code = _code(context, _code_of(exc))
+                raise
+            finally:
+                watch.done(code)
+
+        kind = (
+            grpc.stream_stream_rpc_method_handler
+            if client_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return kind(streaming, handler.request_deserializer, handler.response_serializer)
+
+
+class _All(RpcWatch):
+    def __init__(self, watches: list[RpcWatch]):
+        self.watches = watches
+
+    def response(self, message) -> None:
+        for watch in self.watches:
+            watch.response(message)
+
+    def done(self, code: str) -> None:
+        for watch in self.watches:
+            watch.done(code)
+
+
+def _code(context, default: str) -> str:
+    """The status the handler set (context.abort / set_code), else `default`."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - older grpcio: no code() on aio contexts
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):  # some versions hand back the enum's integer value
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)
+    return default
+
+
+def _code_of(exc: BaseException) -> str:
+    # GeneratorExit: the transport closed a stream before its end (its client cancelled
+    # while a message was being sent).
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    return "UNKNOWN"
