@@ -388,9 +388,9 @@ class Scheduler:
             seq.pending = np.asarray([token], np.int64)
 
     def _leave(self, seq: Sequence, reason: str, error: Exception | None = None) -> None:
-        seq.finish(reason, error)
-        self.stats.leaves += 1
+        self.stats.leaves += 1  # counted before the client can see the finish
         self.stats.finish_reasons[reason] += 1
+        seq.finish(reason, error)
 
     def fail_all(self, error: Exception) -> None:
         """Fail every stream (the loop itself broke); the scheduler stays usable."""
