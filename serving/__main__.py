@@ -163,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         help="every log line, one line per request included, as text or as one JSON object",
     )
     p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime threads per graph run on the CPU: 0 (default) one per core, "
+        "spinning between runs; 1 runs each graph on its calling thread: half the CPU "
+        "per Classify here, but about half the Generate tokens/s (docs/BENCHMARKS.md)",
+    )
+    p.add_argument(
         "--request-log",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -226,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         device=args.device,
+        intra_op_threads=args.intra_op_threads,
         max_workers=args.max_workers,
         max_streams=args.max_streams,
         max_streams_per_connection=args.max_streams_per_connection,

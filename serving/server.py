@@ -26,7 +26,7 @@ from serving.models import Classifier, StepDecoder
 from serving.preprocess import ImageDecoder, ImageLimits
 from serving.reload import ModelControl
 from serving.repository import ModelRegistry
-from serving.security import SecurityConfig, TokenAuth, server_credentials
+from serving.security import SecurityConfig, TokenAuth, metrics_ssl_context, server_credentials
 from serving.service import InferenceServicer, add_to_server
 from serving.statistics import Statistics
 from serving.streams import StreamSlots
@@ -42,6 +42,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0 picks a free port
     device: str = "auto"  # cpu, cuda or auto
+    # ONNX Runtime threads per graph run on the CPU; 0: its default, one per core
+    # (they spin between runs); 1: the run stays on the calling thread, no pool.
+    intra_op_threads: int = 0
     # Threads for blocking work (decoding images, running graphs); streams hold none.
     max_workers: int = 16
     max_streams: int = 256  # concurrent Generate/Caption streams, all models together
@@ -128,8 +131,9 @@ class Server:
         if config.metrics_port is not None:
             token = config.security.auth_token if config.security.auth_all else None
             self.metrics_endpoint = MetricsEndpoint(
-                self.metrics, config.host, config.metrics_port, token
-            )
+                self.metrics, config.host, config.metrics_port, token,
+                metrics_ssl_context(config.security),
+            )  # fmt: skip
         self.servicer = InferenceServicer(
             registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
             self.workers, self.statistics,
@@ -349,6 +353,10 @@ def create_server(
         raise ValueError(
             "max_streams_per_connection must be at least 1 and stream_stall_timeout_s >= 0"
         )
-    registry = registry or ModelRegistry.load(config.model_repository, config.device)
+    if config.intra_op_threads < 0:
+        raise ValueError(f"intra_op_threads must be 0 or more, not {config.intra_op_threads}")
+    registry = registry or ModelRegistry.load(
+        config.model_repository, config.device, config.intra_op_threads
+    )
     server = Server(config, registry)
     return server, server.port

@@ -19,6 +19,7 @@ from serving.preprocess import decode_image, image_to_tensor
 from serving.repository import ModelRegistry, latest_versions
 from serving.runtime import CPU, CUDA, SessionFactory, check_providers, requested_providers
 from serving.sampling import SamplingParams
+from serving.server import ServerConfig, create_server
 from training.char_lm import CharLM, CharLMConfig, build_vocab
 from training.checkpoint import save_checkpoint
 from training.data.digits import digit_to_image, image_to_array, load_digits_split
@@ -196,3 +197,16 @@ def test_a_cancelled_sequence_leaves_at_the_next_iteration(repository):
     delta = seq.outbox.take(timeout=0)
     assert (delta.finish_reason, delta.completion_tokens, len(delta.tokens)) == ("cancelled", 3, 3)
     assert next(lm.steps_run) == 3 and scheduler.stats.leaves == 1
+
+
+def test_intra_op_threads_reach_every_session_and_change_no_result(repository):
+    default = ModelRegistry.load(repository, "cpu").models["lenet5"]
+    single = ModelRegistry.load(repository, "cpu", intra_op_threads=1).models["lenet5"]
+    assert single.session.get_session_options().intra_op_num_threads == 1
+    assert default.session.get_session_options().intra_op_num_threads == 0
+    x = np.random.default_rng(0).random((4, *single.input["shape"][1:]), np.float32)
+    np.testing.assert_allclose(
+        np.stack(single.logit_rows(x)), np.stack(default.logit_rows(x)), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        create_server(ServerConfig(repository, port=0, device="cpu", intra_op_threads=-1))
