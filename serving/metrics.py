@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
+import sys
 import threading
 import time
 from socketserver import ThreadingMixIn
@@ -198,6 +200,13 @@ class _Timed(RpcWatch):
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that failed the TLS handshake or hung up: one debug line, not a
+        traceback on stderr per bad connection (Prometheus' targets page shows its
+        own side)."""
+        exc = sys.exc_info()[1]
+        log.debug("metrics: %s from %s: %s", type(exc).__name__, client_address[0], exc)
+
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, *args) -> None:  # one line per scrape would drown the logs
@@ -206,9 +215,18 @@ class _QuietHandler(WSGIRequestHandler):
 
 class MetricsEndpoint:
     """`GET /metrics` on its own port and thread; with a token, only with
-    `Authorization: Bearer <token>` (the server's --auth-all)."""
+    `Authorization: Bearer <token>` (the server's --auth-all); with an `ssl_context`,
+    over HTTPS only (the TLS handshake runs on the request's thread, so a client that
+    stalls it holds no one else up)."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int, token: str | None = None):
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ):
         expected = f"Bearer {token}".encode() if token else None
 
         def app(environ, start_response):
@@ -224,6 +242,10 @@ class MetricsEndpoint:
             return [body]
 
         self.httpd = make_server(host, port, app, _Server, handler_class=_QuietHandler)
+        if ssl_context is not None:
+            self.httpd.socket = ssl_context.wrap_socket(
+                self.httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.port = self.httpd.server_port
         self._thread = threading.Thread(
             target=self.httpd.serve_forever, name="metrics", daemon=True

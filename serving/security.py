@@ -12,6 +12,7 @@ Clients: `channel(target, ...)` opens a TLS or plain channel that sends the toke
 from __future__ import annotations
 
 import hmac
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,25 @@ def _read(path: Path | None, flag: str) -> bytes | None:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+
+
+def metrics_ssl_context(config: SecurityConfig) -> ssl.SSLContext | None:
+    """With TLS on the gRPC port, `/metrics` is served over HTTPS with the same
+    certificate (and, with a client CA, asks for a client certificate it signed), so a
+    token (`--auth-all`) never crosses the metrics port in the clear. None: plain HTTP.
+    """
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.tls_client_ca is not None:
+            context.load_verify_locations(config.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"--tls-cert/--tls-key/--tls-client-ca: cannot load them: {exc}") from None
+    return context
 
 
 def server_credentials(config: SecurityConfig) -> grpc.ServerCredentials | None:

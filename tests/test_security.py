@@ -3,7 +3,9 @@ CA made by openssl for this test session."""
 
 from __future__ import annotations
 
+import http.client
 import shutil
+import ssl
 import subprocess
 import sys
 
@@ -42,9 +44,10 @@ def pki(tmp_path_factory):
     return d
 
 
-def _serve(repository, **security):
+def _serve(repository, metrics_port=None, **security):
+    config = SecurityConfig(**security)
     server, port = create_server(
-        ServerConfig(repository, port=0, device="cpu", security=SecurityConfig(**security))
+        ServerConfig(repository, port=0, device="cpu", security=config, metrics_port=metrics_port)
     )
     server.start()
     return server, f"localhost:{port}"
@@ -152,3 +155,54 @@ def test_bad_security_settings_are_clear_errors(repository, pki, tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 1 and "--auth-token-file" in proc.stderr
+
+
+def _scrape(port: int, context: ssl.SSLContext | None, token: str | None = None):
+    """GET /metrics over HTTPS (with `context`) or plain HTTP: (status, body)."""
+    if context is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    else:
+        conn = http.client.HTTPSConnection("localhost", port, timeout=5, context=context)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        conn.request("GET", "/metrics", headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_metrics_follow_tls_so_the_token_never_crosses_in_the_clear(repository, pki):
+    server, _ = _serve(
+        repository, metrics_port=0, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+        auth_token="m3trics", auth_all=True,
+    )  # fmt: skip
+    port = server.metrics_endpoint.port
+    trusted = ssl.create_default_context(cafile=pki / "ca.pem")
+    try:
+        status, body = _scrape(port, trusted, "m3trics")
+        assert status == 200 and "nv_inference_request_success{" in body
+        assert _scrape(port, trusted)[0] == 401  # TLS alone is not the token
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            _scrape(port, None, "m3trics")  # plain HTTP gets no page
+        with pytest.raises(ssl.SSLError):
+            _scrape(port, ssl.create_default_context(cafile=pki / "stranger.pem"), "m3trics")
+    finally:
+        server.stop(None)
+
+
+def test_metrics_with_mutual_tls_need_a_client_certificate(repository, pki):
+    server, _ = _serve(
+        repository, metrics_port=0, tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+        tls_client_ca=pki / "ca.pem",
+    )  # fmt: skip
+    port = server.metrics_endpoint.port
+    try:
+        anonymous = ssl.create_default_context(cafile=pki / "ca.pem")
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            _scrape(port, anonymous)
+        mine = ssl.create_default_context(cafile=pki / "ca.pem")
+        mine.load_cert_chain(pki / "client.pem", pki / "client.key")
+        assert _scrape(port, mine)[0] == 200
+    finally:
+        server.stop(None)
