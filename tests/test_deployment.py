@@ -13,10 +13,12 @@ elsewhere these tests skip, saying so.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import grpc
@@ -298,3 +300,70 @@ def test_a_replica_killed_mid_run_unary_keeps_succeeding_streams_count_errors(to
     assert sum(streams["errors"].values()) > 0, streams
     assert set(streams["errors"]) <= {"UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED"}
     assert streams["successes"] > 0  # ... and the survivor's streams went on
+
+
+@_needs("nginx", "prometheus")
+def test_the_compose_loadtest_script_sweeps_through_the_lb_into_results(topology, tmp_path):
+    """deploy/loadtest.sh, the compose `loadtest` service's entrypoint, through nginx:
+    both sweeps run and leave JSON, CSV and PNG in $RESULTS/<rpc>/."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("KING.\\nNow is the\nQUEEN.\\nGood night\n")  # the tiny model's alphabet
+    env = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",  # its `python`
+        "TARGET": topology.lb, "RESULTS": str(tmp_path / "results"),
+        "CONCURRENCY": "1,2", "STREAM_CONCURRENCY": "2", "MAX_TOKENS": "24", "WORKERS": "1",
+    }  # fmt: skip
+    proc = subprocess.run(
+        ["sh", str(ROOT / "deploy/loadtest.sh"), "--duration", "1.5", "--warmup", "0.3",
+         "--prompts-file", str(prompts), "--quiet"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rpc, levels in (("classify", [1, 2]), ("generate", [2])):
+        out = tmp_path / "results" / rpc
+        results = json.loads((out / "results.json").read_text())
+        assert [level["concurrency"] for level in results["levels"]] == levels
+        assert all(level["successes"] > 0 and not level["errors"] for level in results["levels"])
+        assert (out / "results.csv").read_text().count("\n") == len(levels) + 1
+        assert list(out.glob("*.png")), f"no plot in {out}"
+    assert "loadtest: results in" in proc.stdout
+
+
+def test_the_compose_trainer_skips_training_when_every_default_model_is_there(tmp_path):
+    """deploy/trainer.sh reads the default models from the Makefile (as the image runs
+    it, from the repository root) and runs `make models` only for a volume missing one:
+    a `make` earlier on PATH records what the script asks of it for `models`."""
+    makefile_models = re.search(r"^MODELS := (.+)$", (ROOT / "Makefile").read_text(), re.M)
+    names = makefile_models.group(1).split()
+    repo = tmp_path / "models"
+    for name in names:
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.json").write_text("{}")
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    real_make = shutil.which("make")
+    (shim / "make").write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in models) echo "$@" > {tmp_path}/asked; exit 0;; esac\n'
+        f'exec {real_make} "$@"\n'
+    )
+    (shim / "make").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}",
+           "STEPWISE_MODEL_REPOSITORY": str(repo)}  # fmt: skip
+    env.pop("STEPWISE_MODELS", None)
+
+    def trainer() -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(ROOT / "deploy/trainer.sh")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    done = trainer()
+    assert done.returncode == 0, done.stderr
+    assert "nothing to train" in done.stdout and " ".join(names) in done.stdout
+    assert not (tmp_path / "asked").exists()
+    (repo / names[-1] / "1" / "model.json").unlink()  # a half-filled volume
+    again = trainer()
+    assert again.returncode == 0, again.stderr
+    assert f"building {names[-1]} into {repo}" in again.stdout
+    asked = (tmp_path / "asked").read_text().split()
+    assert asked == ["models", f"REPO={repo}", "CKPT=/tmp/checkpoints"]
