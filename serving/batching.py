@@ -101,6 +101,11 @@ class DynamicBatcher:
         answered (`serving.leases`)."""
         return self._leases.hold()
 
+    def pending(self) -> int:
+        """Rows queued, not yet taken into a batch."""
+        with self._cond:
+            return len(self._queue)
+
     def busy(self) -> bool:
         """Whether requests hold it, are queued or running."""
         with self._cond:

@@ -6,7 +6,9 @@ Two sources, one page:
   numbers KServe's ModelStatistics reports): `nv_inference_request_success`,
   `nv_inference_request_failure`, `nv_inference_count`, `nv_inference_exec_count`,
   `nv_inference_request_duration_us`, `nv_inference_queue_duration_us`,
-  `nv_inference_compute_{input,infer,output}_duration_us`. Written in Triton's exact
+  `nv_inference_compute_{input,infer,output}_duration_us`; and Triton's gauges
+  `nv_inference_pending_request_count` (per model) and `nv_cpu_utilization`,
+  `nv_cpu_memory_{total,used}_bytes` (the host, from /proc). Written in Triton's exact
   form (counters without a `_total` suffix), which `prometheus_client` would rename.
 - stepwise's own, with `prometheus_client`: requests by RPC and status code and their
   latency, and per step model the time to first token, the inter-token latency and the
@@ -21,6 +23,7 @@ import ssl
 import sys
 import threading
 import time
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -75,9 +78,11 @@ class Metrics:
     """Every metric of one server. `registry` is the model registry (names, versions),
     `statistics` the per-model counters, `engines` the step models' schedulers."""
 
-    def __init__(self, registry, statistics, engines: dict | None = None):
+    def __init__(self, registry, statistics, engines: dict | None = None, batchers=None):
         self.models, self.statistics = registry, statistics
         self.engines = engines if engines is not None else {}
+        self.batchers = batchers if batchers is not None else {}
+        self.host = HostUsage()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -111,17 +116,33 @@ class Metrics:
     def engine_observer(self, model: str) -> EngineMetrics:
         return EngineMetrics(self, model, self.statistics[model])
 
+    def pending(self, name: str) -> int:
+        """Requests of `name` waiting to run: streams waiting for a batch row, or rows
+        queued for the dynamic batcher."""
+        engine, batcher = self.engines.get(name), self.batchers.get(name)
+        if engine is not None:
+            return engine.scheduler.occupancy()[1]
+        return batcher.pending() if batcher is not None else 0
+
     def triton_text(self) -> str:
-        """Triton's counters in the Prometheus text format, as Triton writes them."""
+        """Triton's metrics in the Prometheus text format, as Triton writes them."""
         rows = []
         for name, model in sorted(self.models.models.items()):
             snapshot = self.statistics[name].snapshot()
             labels = f'model="{_label(name)}",version="{_label(model.version)}"'
-            rows.append((labels, snapshot))
+            rows.append((labels, name, snapshot))
         out = []
         for metric, help_text, value in TRITON_COUNTERS:
             out.append(f"# HELP {metric} {help_text}\n# TYPE {metric} counter\n")
-            out.extend(f"{metric}{{{labels}}} {value(s)}\n" for labels, s in rows)
+            out.extend(f"{metric}{{{labels}}} {value(s)}\n" for labels, _, s in rows)
+        metric = "nv_inference_pending_request_count"
+        out.append(
+            f"# HELP {metric} Instantaneous number of pending requests awaiting execution "
+            f"per-model.\n# TYPE {metric} gauge\n"
+        )
+        out.extend(f"{metric}{{{labels}}} {self.pending(name)}\n" for labels, name, _ in rows)
+        for metric, help_text, value in self.host.read():
+            out.append(f"# HELP {metric} {help_text}\n# TYPE {metric} gauge\n{metric} {value}\n")
         return "".join(out)
 
     def render(self) -> bytes:
@@ -150,6 +171,50 @@ class EngineMetrics:
     def token(self, gap_seconds: float) -> None:
         self._itl.observe(gap_seconds)
         self._tokens.inc()
+
+
+class HostUsage:
+    """Triton's CPU metrics, from /proc (Linux; elsewhere none): the CPU utilization of
+    the whole machine since the previous scrape (0.0-1.0, all cores together) and its
+    memory, total and used (total less what the kernel calls available)."""
+
+    def __init__(self, proc: Path = Path("/proc")):
+        self.proc = proc
+        self._lock = threading.Lock()
+        self._last = self._cpu_times()
+
+    def _cpu_times(self) -> tuple[int, int] | None:
+        """(idle, total) jiffies of all cores, or None without /proc/stat."""
+        try:
+            fields = (self.proc / "stat").read_text().split("\n", 1)[0].split()
+        except OSError:
+            return None
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        return ticks[3] + ticks[4], sum(ticks)
+
+    def read(self) -> list[tuple[str, str, float | int]]:
+        out = []
+        now = self._cpu_times()
+        with self._lock:
+            last, self._last = self._last, now
+        if now is not None and last is not None:
+            idle, total = now[0] - last[0], now[1] - last[1]
+            busy = 1 - idle / total if total > 0 else 0.0
+            out.append(("nv_cpu_utilization", "CPU utilization rate [0.0 - 1.0]",
+                        round(min(max(busy, 0.0), 1.0), 4)))  # fmt: skip
+        try:
+            info = dict(
+                line.split(":", 1) for line in (self.proc / "meminfo").read_text().splitlines()
+            )
+            total_kb = int(info["MemTotal"].split()[0])
+            available_kb = int(info["MemAvailable"].split()[0])
+        except (OSError, KeyError, ValueError):
+            return out
+        out.append(("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes",
+                    total_kb * 1024))  # fmt: skip
+        out.append(("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes",
+                    (total_kb - available_kb) * 1024))  # fmt: skip
+        return out
 
 
 class _EngineGauges:

@@ -124,7 +124,7 @@ class Server:
         # Replaced by a reload, closed once their last request is done (`_retire`).
         self.retiring_engines: set[StepEngine] = set()
         self.retiring_batchers: set[DynamicBatcher] = set()
-        self.metrics = Metrics(registry, self.statistics, self.engines)
+        self.metrics = Metrics(registry, self.statistics, self.engines, self.batchers)
         for name, model in list(registry.models.items()):
             self.attach(name, model)
         self.metrics_endpoint = None

@@ -16,6 +16,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.client import StepwiseClient
+from serving.engine import EngineConfig
+from serving.metrics import HostUsage
 from serving.security import SecurityConfig
 from serving.server import ServerConfig, create_server
 
@@ -135,3 +137,71 @@ def test_only_metrics_is_served_and_auth_all_guards_it(repository):
         assert ("nv_inference_request_success", (("model", "lenet5"), ("version", "1"))) in samples
     finally:
         server.stop(None)
+
+
+def test_pending_requests_gauge_counts_streams_waiting_for_a_row(repository):
+    """Triton's nv_inference_pending_request_count: with one batch row, of three
+    streams one runs and two wait."""
+    config = ServerConfig(
+        repository, port=0, device="cpu", metrics_port=0, engine=EngineConfig(max_batch_size=1)
+    )
+    server, port = create_server(config)
+    server.start()
+    url = f"http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
+    lstm = dict(model="char_lstm", version="1")
+    try:
+        with StepwiseClient(f"127.0.0.1:{port}", timeout=60) as client:
+            streams = [
+                client.generate_stream("KING.\n", max_tokens=4000, min_tokens=4000, seed=s)
+                for s in range(3)
+            ]
+            seen, deadline = [], time.monotonic() + 20
+            while time.monotonic() < deadline:
+                _, samples = scrape(url)
+                seen.append(value(samples, "nv_inference_pending_request_count", **lstm))
+                if seen[-1] == 2:
+                    break
+                time.sleep(0.05)
+            assert seen[-1] == 2, seen
+            assert value(samples, "stepwise_live_streams", model="char_lstm") == 1
+            for stream in streams:
+                stream.cancel()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                _, samples = scrape(url)
+                if value(samples, "nv_inference_pending_request_count", **lstm) == 0:
+                    break
+                time.sleep(0.05)
+            assert value(samples, "nv_inference_pending_request_count", **lstm) == 0
+            assert ("nv_inference_pending_request_count", tuple(sorted(
+                dict(model="lenet5", version="1").items()))) in samples  # fmt: skip
+    finally:
+        server.stop(None)
+
+
+def test_host_cpu_and_memory_as_triton_names_them(tmp_path, served):
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    meminfo = "MemTotal:       1000 kB\nMemFree:         100 kB\nMemAvailable:    250 kB\n"
+    (proc / "meminfo").write_text(meminfo)
+    (proc / "stat").write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 1 2 3\n")
+    host = HostUsage(proc)
+    # 400 more jiffies, 100 of them idle or waiting on I/O: 75% busy since the last read
+    (proc / "stat").write_text("cpu  300 0 200 780 120 0 0 0 0 0\ncpu0 1 2 3\n")
+    figures = {name: v for name, _, v in host.read()}
+    assert figures == {
+        "nv_cpu_utilization": 0.75,
+        "nv_cpu_memory_total_bytes": 1000 * 1024,
+        "nv_cpu_memory_used_bytes": 750 * 1024,
+    }
+    assert {name: v for name, _, v in host.read()}["nv_cpu_utilization"] == 0.0  # no change
+    assert HostUsage(tmp_path / "nowhere").read() == []  # no /proc: no CPU metrics
+    _, _, url = served  # and the real server's page has them, from the real /proc
+    text, samples = scrape(url)
+    assert "# TYPE nv_cpu_utilization gauge\n" in text
+    assert 0 <= value(samples, "nv_cpu_utilization") <= 1
+    used, total = (
+        value(samples, "nv_cpu_memory_used_bytes"),
+        value(samples, "nv_cpu_memory_total_bytes"),
+    )
+    assert 0 < used < total
