@@ -16,6 +16,7 @@ None for a client-streaming RPC: its messages are the handler's to read).
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import grpc
 
@@ -66,11 +67,20 @@ class Calls(grpc.aio.ServerInterceptor):
                 return _All([s(request, context) for s in starts])
 
         if handler.response_streaming:
+            inner = handler.unary_stream or handler.stream_stream
+            if not inspect.isasyncgenfunction(inner):  # writes with context.write (Health.Watch)
+                return self._unary(handler, begin, streaming=True)
             return self._streaming(handler, begin)
         return self._unary(handler, begin)
 
-    def _unary(self, handler, begin) -> grpc.RpcMethodHandler:
-        inner, client_streaming = handler.unary_unary or handler.stream_unary, handler.stream_unary
+    def _unary(self, handler, begin, streaming: bool = False) -> grpc.RpcMethodHandler:
+        inner = (
+            handler.unary_unary
+            or handler.stream_unary
+            or handler.unary_stream
+            or handler.stream_stream
+        )
+        client_streaming = handler.request_streaming
 
         async def unary(request, context):
             watch, code = begin(None if client_streaming else request, context), "UNKNOWN"
@@ -81,27 +91,29 @@ class Calls(grpc.aio.ServerInterceptor):
                 try:
                     response = await inner(request, context)
                 except asyncio.CancelledError:
-                    if self.reason is None:  # the client's cancel, not ours
-                        raise
+                    if self.reason is None or _code(context, None) is not None:
+                        raise  # the client's cancel, or the handler's status already sent
                     task.uncancel()
                     await context.abort(grpc.StatusCode.UNAVAILABLE, self.reason)
                 finally:
                     self._live.discard(task)
                     self._waiting.discard(task)
-                watch.response(response)
+                if not streaming:  # a context.write handler's messages go unseen
+                    watch.response(response)
                 code = _code(context, "OK")
                 return response
             except BaseException as exc:
-                code = _code(context, _code_of(exc))
+                code = _code(context, _code_of(exc, context))
                 raise
             finally:
                 watch.done(code)
 
-        kind = (
-            grpc.stream_unary_rpc_method_handler
-            if client_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[bool(client_streaming), streaming]
         return kind(unary, handler.request_deserializer, handler.response_serializer)
 
     def _streaming(self, handler, begin) -> grpc.RpcMethodHandler:
@@ -111,23 +123,29 @@ class Calls(grpc.aio.ServerInterceptor):
         async def streaming(request, context):
             watch, code = begin(None if client_streaming else request, context), "UNKNOWN"
             task, responses = asyncio.current_task(), inner(request, context)
+            loop = asyncio.get_running_loop()
             self._live.add(task)
             try:
                 ended = False
                 try:
-                    while not (ended := self.reason is not None):
+                    while True:
                         self._waiting.add(task)
+                        # After end(): let a handler that has its next message (or its
+                        # end) ready give it; cancel it at its first wait.
+                        late = None if self.reason is None else loop.call_soon(task.cancel)
                         try:
                             response = await anext(responses)
                         except StopAsyncIteration:
                             break
                         finally:
                             self._waiting.discard(task)
+                            if late is not None:
+                                late.cancel()
                         watch.response(response)
                         yield response
                 except asyncio.CancelledError:
-                    if self.reason is None:  # the client's cancel, not ours
-                        raise
+                    if self.reason is None or _code(context, None) is not None:
+                        raise  # the client's cancel, or the handler's status already sent
                     task.uncancel()
                     ended = True
                 finally:
@@ -137,7 +155,7 @@ class Calls(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, self.reason)
                 code = _code(context, "OK")
             except BaseException as exc:
-                code = _code(context, _code_of(exc))
+                code = _code(context, _code_of(exc, context))
                 raise
             finally:
                 watch.done(code)
@@ -176,9 +194,18 @@ def _code(context, default: str) -> str:
     return default
 
 
-def _code_of(exc: BaseException) -> str:
-    # GeneratorExit: the transport closed a stream before its end (its client cancelled
-    # while a message was being sent).
+# A call cancelled this close to its deadline ran out of time (the client's own cancel
+# at its deadline can arrive a few milliseconds before the server's timer fires).
+DEADLINE_SLACK_S = 0.05
+
+
+def _code_of(exc: BaseException, context=None) -> str:
+    """The code of a call that ended with `exc` and no status of its own. GeneratorExit:
+    the transport closed a stream before its end (its client went away while a message
+    was being sent)."""
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None and remaining < DEADLINE_SLACK_S:
+            return "DEADLINE_EXCEEDED"
         return "CANCELLED"
     return "UNKNOWN"
