@@ -31,6 +31,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not 0 <= value <= 3600:
@@ -61,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         "--metrics-port",
         type=int,
         default=8002,
-        help="Prometheus metrics at http://HOST:PORT/metrics (Triton's port; 0 turns it off)",
+        help="Prometheus metrics at http://HOST:PORT/metrics, https:// with --tls-cert "
+        "(Triton's port; 0 turns it off)",
     )
     defaults, engine = ServerConfig(), EngineConfig()
     p.add_argument(
@@ -164,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--intra-op-threads",
-        type=int,
+        type=_count,
         default=0,
-        help="ONNX Runtime threads per graph run on the CPU: 0 (default) one per core, "
+        help="ONNX Runtime threads per graph run on the CPU: 0 (default) its own choice, "
+        "one per physical core, "
         "spinning between runs; 1 runs each graph on its calling thread: half the CPU "
         "per Classify here, but about half the Generate tokens/s (docs/BENCHMARKS.md)",
     )

@@ -270,10 +270,15 @@ class _Server(ThreadingMixIn, WSGIServer):
         traceback on stderr per bad connection (Prometheus' targets page shows its
         own side)."""
         exc = sys.exc_info()[1]
-        log.debug("metrics: %s from %s: %s", type(exc).__name__, client_address[0], exc)
+        if isinstance(exc, OSError):  # ssl.SSLError, timeouts and resets included
+            log.debug("metrics: %s from %s: %s", type(exc).__name__, client_address[0], exc)
+        else:
+            log.exception("metrics: error answering %s", client_address[0])
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # seconds a connection may sit silent (or mid-handshake) holding a thread
+
     def log_message(self, *args) -> None:  # one line per scrape would drown the logs
         pass
 

@@ -64,7 +64,7 @@ def metrics_ssl_context(config: SecurityConfig) -> ssl.SSLContext | None:
     certificate (and, with a client CA, asks for a client certificate it signed), so a
     token (`--auth-all`) never crosses the metrics port in the clear. None: plain HTTP.
     """
-    if config.tls_cert is None or config.tls_key is None:
+    if server_credentials(config) is None:  # also: clear errors naming flag and file
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2

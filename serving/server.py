@@ -42,7 +42,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001  # 0 picks a free port
     device: str = "auto"  # cpu, cuda or auto
-    # ONNX Runtime threads per graph run on the CPU; 0: its default, one per core
+    # ONNX Runtime threads per graph run on the CPU; 0: its default, one per physical core
     # (they spin between runs); 1: the run stays on the calling thread, no pool.
     intra_op_threads: int = 0
     # Threads for blocking work (decoding images, running graphs); streams hold none.

@@ -37,10 +37,11 @@ def repo(tmp_path, repository):
 def serve(repo):
     started = []
 
-    def start(mode: str):
+    def start(mode: str, **options):
         config = ServerConfig(
-            repo, port=0, device="cpu", model_control_mode=mode, repository_poll_secs=0.1
-        )
+            repo, port=0, device="cpu", model_control_mode=mode, repository_poll_secs=0.1,
+            **options,
+        )  # fmt: skip
         server, port = create_server(config)
         server.start()
         client = StepwiseClient(f"127.0.0.1:{port}", timeout=30)
@@ -219,3 +220,12 @@ def test_health_follows_loads_and_sequences_do_not_cross_versions(serve, repo):
     assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
     kserve.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="lenet5"))
     assert _eventually(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5)
+
+
+def test_a_reloaded_version_keeps_the_servers_session_options(serve, repo):
+    server, client, _ = serve("poll", intra_op_threads=1)
+    assert server.registry.models["lenet5"].session.get_session_options().intra_op_num_threads == 1
+    _publish(repo / "lenet5" / "1", repo / "lenet5" / "2")
+    assert _eventually(lambda: _versions(client).get("lenet5") == "2")
+    new = server.registry.models["lenet5"]
+    assert new.version == "2" and new.session.get_session_options().intra_op_num_threads == 1

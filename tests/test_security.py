@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -206,3 +207,23 @@ def test_metrics_with_mutual_tls_need_a_client_certificate(repository, pki):
         assert _scrape(port, mine)[0] == 200
     finally:
         server.stop(None)
+
+
+def test_a_silent_client_on_the_metrics_port_holds_up_no_scrape(repository, pki):
+    """The TLS handshake runs on the request's own thread: a client that connects and
+    says nothing stalls only itself."""
+    server, _ = _serve(
+        repository, metrics_port=0, tls_cert=pki / "server.pem", tls_key=pki / "server.key"
+    )
+    port = server.metrics_endpoint.port
+    try:
+        with socket.create_connection(("127.0.0.1", port)):  # silent, handshake pending
+            status, body = _scrape(port, ssl.create_default_context(cafile=pki / "ca.pem"))
+        assert status == 200 and "nv_inference_request_success{" in body
+    finally:
+        server.stop(None)
+
+
+def test_a_missing_certificate_is_named_with_metrics_on_too(repository, pki):
+    with pytest.raises(ValueError, match="--tls-cert: cannot read /nonexistent.pem"):
+        _serve(repository, metrics_port=0, tls_cert="/nonexistent.pem", tls_key=pki / "server.key")
