@@ -43,8 +43,9 @@ class Calls(grpc.aio.ServerInterceptor):
     def __init__(self, *watchers):
         self.watchers = watchers
         self.reason: str | None = None
-        self._live: set[asyncio.Task] = set()
+        self._live: dict[asyncio.Task, str] = {}  # each live call's task: its method
         self._waiting: set[asyncio.Task] = set()  # live and awaiting their handler
+        self._ended: dict[asyncio.Task, str] = {}  # calls ended one by one: the reason
 
     def end(self, reason: str) -> int:
         """End every live call with UNAVAILABLE and `reason` (on the event loop's
@@ -53,6 +54,24 @@ class Calls(grpc.aio.ServerInterceptor):
         for task in list(self._waiting):
             task.cancel()
         return len(self._live)
+
+    def end_method(self, method: str, reason: str) -> int:
+        """End the live calls of one `method` (such as gRPC's health Watch, whose streams
+        never end on their own) as `end` does; the number ended."""
+        tasks = [task for task, m in self._live.items() if m == method]
+        for task in tasks:
+            self._ended[task] = reason
+            if task in self._waiting:
+                task.cancel()
+        return len(tasks)
+
+    def _reason(self, task: asyncio.Task) -> str | None:
+        return self._ended.get(task, self.reason)
+
+    def _forget(self, task: asyncio.Task) -> None:
+        self._live.pop(task, None)
+        self._waiting.discard(task)
+        self._ended.pop(task, None)
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -69,11 +88,11 @@ class Calls(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             inner = handler.unary_stream or handler.stream_stream
             if not inspect.isasyncgenfunction(inner):  # writes with context.write (Health.Watch)
-                return self._unary(handler, begin, streaming=True)
-            return self._streaming(handler, begin)
-        return self._unary(handler, begin)
+                return self._unary(details.method, handler, begin, streaming=True)
+            return self._streaming(details.method, handler, begin)
+        return self._unary(details.method, handler, begin)
 
-    def _unary(self, handler, begin, streaming: bool = False) -> grpc.RpcMethodHandler:
+    def _unary(self, method, handler, begin, streaming: bool = False) -> grpc.RpcMethodHandler:
         inner = (
             handler.unary_unary
             or handler.stream_unary
@@ -85,19 +104,19 @@ class Calls(grpc.aio.ServerInterceptor):
         async def unary(request, context):
             watch, code = begin(None if client_streaming else request, context), "UNKNOWN"
             task = asyncio.current_task()
-            self._live.add(task)
+            self._live[task] = method
             self._waiting.add(task)
             try:
                 try:
                     response = await inner(request, context)
                 except asyncio.CancelledError:
-                    if self.reason is None or _code(context, None) is not None:
+                    reason = self._reason(task)
+                    if reason is None or _code(context, None) is not None:
                         raise  # the client's cancel, or the handler's status already sent
                     task.uncancel()
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.reason)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
                 finally:
-                    self._live.discard(task)
-                    self._waiting.discard(task)
+                    self._forget(task)
                 if not streaming:  # a context.write handler's messages go unseen
                     watch.response(response)
                 code = _code(context, "OK")
@@ -116,7 +135,7 @@ class Calls(grpc.aio.ServerInterceptor):
         }[bool(client_streaming), streaming]
         return kind(unary, handler.request_deserializer, handler.response_serializer)
 
-    def _streaming(self, handler, begin) -> grpc.RpcMethodHandler:
+    def _streaming(self, method, handler, begin) -> grpc.RpcMethodHandler:
         inner = handler.unary_stream or handler.stream_stream
         client_streaming = handler.stream_stream is not None
 
@@ -124,15 +143,15 @@ class Calls(grpc.aio.ServerInterceptor):
             watch, code = begin(None if client_streaming else request, context), "UNKNOWN"
             task, responses = asyncio.current_task(), inner(request, context)
             loop = asyncio.get_running_loop()
-            self._live.add(task)
+            self._live[task] = method
             try:
-                ended = False
+                ended = None  # the reason it was ended with
                 try:
                     while True:
                         self._waiting.add(task)
                         # After end(): let a handler that has its next message (or its
                         # end) ready give it; cancel it at its first wait.
-                        late = None if self.reason is None else loop.call_soon(task.cancel)
+                        late = None if self._reason(task) is None else loop.call_soon(task.cancel)
                         try:
                             response = await anext(responses)
                         except StopAsyncIteration:
@@ -144,15 +163,15 @@ class Calls(grpc.aio.ServerInterceptor):
                         watch.response(response)
                         yield response
                 except asyncio.CancelledError:
-                    if self.reason is None or _code(context, None) is not None:
+                    ended = self._reason(task)
+                    if ended is None or _code(context, None) is not None:
                         raise  # the client's cancel, or the handler's status already sent
                     task.uncancel()
-                    ended = True
                 finally:
-                    self._live.discard(task)
+                    self._forget(task)
                     await responses.aclose()  # a no-op once it ended; else its cleanup runs now
-                if ended:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.reason)
+                if ended is not None:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, ended)
                 code = _code(context, "OK")
             except BaseException as exc:
                 code = _code(context, _code_of(exc, context))

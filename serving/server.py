@@ -34,6 +34,7 @@ from serving.streams import StreamSlots
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "stepwise.v1.Inference"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
 
 @dataclass
@@ -296,6 +297,9 @@ class Server:
 
         async def stop():
             stopping = asyncio.ensure_future(self.server.stop(grace))
+            # Health watchers heard NOT_SERVING when the drain began; their streams
+            # never end on their own, and would hold the stop for the whole grace.
+            self.calls.end_method(HEALTH_WATCH, "the server is shutting down")
             if grace:  # end the calls with our status before gRPC cancels every one
                 margin = min(STREAM_END_MARGIN_S, grace / 10)
                 done, _ = await asyncio.wait({stopping}, timeout=grace - margin)

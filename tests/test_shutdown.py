@@ -128,3 +128,45 @@ def test_a_second_sigterm_exits_at_once_with_streams_live(repository):
     finally:
         proc.kill()
     assert "second SIGTERM: exiting at once" in proc.stdout.read()
+
+
+def test_health_watchers_hear_not_serving_and_do_not_hold_the_stop(repository):
+    """A client watching health (gRPC's client-side health checking) sees SERVING, then
+    NOT_SERVING at the signal; its stream then ends with UNAVAILABLE as the server stops,
+    instead of holding the stop for the whole grace period."""
+    grace = 20.0
+    proc, target = start_server(
+        repository, "--drain-delay", str(DRAIN_S), "--grace-period", str(grace)
+    )
+    seen, outcome = [], {}
+    try:
+        with grpc.insecure_channel(target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=60
+            )
+
+            def read():
+                try:
+                    for response in watch:
+                        seen.append(response.status)
+                    outcome["code"] = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    outcome["code"], outcome["details"] = exc.code(), exc.details()
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=grace + 10) == 0
+            elapsed = time.monotonic() - start
+            reader.join(timeout=5)
+    finally:
+        proc.kill()
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+    assert seen[:1] == [serving] and not_serving in seen
+    assert outcome.get("code") == grpc.StatusCode.UNAVAILABLE, outcome
+    assert elapsed < DRAIN_S + 5 < grace  # not held for the grace period
