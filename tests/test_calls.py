@@ -6,6 +6,7 @@ server stop would say only "Cancelling all calls")."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 
@@ -84,51 +85,75 @@ def _handlers(started: asyncio.Event, cleaned: list):
     )
 
 
-async def _serve(calls: Calls, started: asyncio.Event, cleaned: list):
-    server = grpc.aio.server(interceptors=[calls])
-    server.add_generic_rpc_handlers((_handlers(started, cleaned),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
+class Rig:
+    """One Calls under test, its recorder, and what its handlers report."""
+
+    def __init__(self):
+        self.recorder, self.cleaned = Recorder(), []
+        self.calls = Calls(self.recorder)
+        self.started = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def channel(self):
+        """A real aio server with the Calls interceptor, and a channel to it."""
+        server = grpc.aio.server(interceptors=[self.calls])
+        server.add_generic_rpc_handlers((_handlers(self.started, self.cleaned),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                yield channel
+        finally:
+            await server.stop(None)
+
+    async def seen(self) -> None:
+        """Until the watcher has heard of a call's end (a moment after the client)."""
+        for _ in range(100):
+            if self.recorder.seen:
+                return
+            await asyncio.sleep(0.02)
+
+    def codes(self) -> dict:
+        return {method: (responses, code) for method, responses, code in self.recorder.seen}
+
+
+async def _outcome(call, timeout: float = 5):
+    """None when `call` (an awaitable) ends well, else the status it ended with."""
+    try:
+        await asyncio.wait_for(call, timeout)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details()
+    return None
+
+
+async def _collect(stream, into: list) -> None:
+    """Read a stream's messages into `into` (kept when the stream then fails)."""
+    async for message in stream:
+        into.append(message)
 
 
 def test_watchers_see_responses_and_codes_and_end_stops_live_calls():
-    recorder, cleaned = Recorder(), []
-    calls = Calls(recorder)
+    rig = Rig()
 
     async def run():
-        started = asyncio.Event()
-        server, port = await _serve(calls, started, cleaned)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with rig.channel() as channel:
             assert await channel.unary_unary("/t.T/Echo")(b"hi", timeout=5) == b"hi"
             slow = channel.unary_unary("/t.T/Slow")(b"", timeout=30)
-            await asyncio.wait_for(started.wait(), 5)
-            started.clear()
+            await asyncio.wait_for(rig.started.wait(), 5)
+            rig.started.clear()
             ticks = channel.unary_stream("/t.T/Ticks")(b"", timeout=30)
             received = []
-
-            async def read():
-                async for message in ticks:
-                    received.append(message)
-
-            reader = asyncio.ensure_future(read())
-            await asyncio.wait_for(started.wait(), 5)
-            assert calls.end(REASON) == 2  # the slow unary call and the stream
-            outcomes = []
-            for call in (slow, reader):
-                try:
-                    await asyncio.wait_for(call, 5)
-                    outcomes.append(None)
-                except grpc.aio.AioRpcError as exc:
-                    outcomes.append((exc.code(), exc.details()))
-        await server.stop(None)
+            reader = asyncio.ensure_future(_collect(ticks, received))
+            await asyncio.wait_for(rig.started.wait(), 5)
+            assert rig.calls.end(REASON) == 2  # the slow unary call and the stream
+            outcomes = [await _outcome(call) for call in (slow, reader)]
         return outcomes, received
 
     outcomes, received = asyncio.run(run())
     assert outcomes == [(grpc.StatusCode.UNAVAILABLE, REASON)] * 2
     assert len(received) >= 3  # the stream's messages so far were delivered
-    assert sorted(cleaned) == ["slow", "ticks"]  # both handlers were cancelled, not left
-    codes = {method: (responses, code) for method, responses, code in recorder.seen}
+    assert sorted(rig.cleaned) == ["slow", "ticks"]  # both handlers were cancelled, not left
+    codes = rig.codes()
     assert codes["/t.T/Echo"] == ([b"hi"], "OK")
     assert codes["/t.T/Slow"] == ([], "UNAVAILABLE")
     assert codes["/t.T/Ticks"][1] == "UNAVAILABLE"
@@ -136,77 +161,53 @@ def test_watchers_see_responses_and_codes_and_end_stops_live_calls():
 
 
 def test_a_clients_cancel_is_not_taken_for_the_shutdown():
-    recorder, cleaned = Recorder(), []
-    calls = Calls(recorder)
+    rig = Rig()
 
     async def run():
-        started = asyncio.Event()
-        server, port = await _serve(calls, started, cleaned)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with rig.channel() as channel:
             slow = channel.unary_unary("/t.T/Slow")(b"", timeout=30)
-            await asyncio.wait_for(started.wait(), 5)
+            await asyncio.wait_for(rig.started.wait(), 5)
             slow.cancel()
-            for _ in range(100):
-                if recorder.seen:
-                    break
-                await asyncio.sleep(0.02)
-        await server.stop(None)
+            await rig.seen()
 
     asyncio.run(run())
-    assert recorder.seen == [("/t.T/Slow", [], "CANCELLED")]
-    assert cleaned == ["slow"] and calls.reason is None
+    assert rig.recorder.seen == [("/t.T/Slow", [], "CANCELLED")]
+    assert rig.cleaned == ["slow"] and rig.calls.reason is None
 
 
 def test_deadlines_are_told_apart_from_cancels():
-    recorder, cleaned = Recorder(), []
+    rig = Rig()
 
     async def run():
-        started = asyncio.Event()
-        server, port = await _serve(Calls(recorder), started, cleaned)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            try:
-                await channel.unary_unary("/t.T/Slow")(b"", timeout=0.3)
-            except grpc.aio.AioRpcError as exc:
-                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            for _ in range(100):
-                if recorder.seen:
-                    break
-                await asyncio.sleep(0.02)
-        await server.stop(None)
+        async with rig.channel() as channel:
+            outcome = await _outcome(channel.unary_unary("/t.T/Slow")(b"", timeout=0.3))
+            assert outcome[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+            await rig.seen()
 
     asyncio.run(run())
-    assert recorder.seen == [("/t.T/Slow", [], "DEADLINE_EXCEEDED")]
+    assert rig.recorder.seen == [("/t.T/Slow", [], "DEADLINE_EXCEEDED")]
 
 
 def test_write_style_and_bidi_streams_pass_through_and_end():
     """A handler that sends with context.write (gRPC's Health.Watch) is a coroutine, not
     an async generator: it streams through the wrapper and ends on end(); a bidi call's
     watchers see its answers (and no request: its messages are the handler's)."""
-    recorder, cleaned = Recorder(), []
-    calls = Calls(recorder)
+    rig = Rig()
 
     async def run():
-        started = asyncio.Event()
-        server, port = await _serve(calls, started, cleaned)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with rig.channel() as channel:
             chat = channel.stream_stream("/t.T/Chat")(iter([b"a", b"b"]), timeout=10)
             answers = [m async for m in chat]
             watch = channel.unary_stream("/t.T/Watch")(b"", timeout=30)
             first = await watch.read()
-            await asyncio.wait_for(started.wait(), 5)
-            assert calls.end(REASON) == 1
-            try:
-                await asyncio.wait_for(watch.read(), 5)
-                outcome = None
-            except grpc.aio.AioRpcError as exc:
-                outcome = (exc.code(), exc.details())
-        await server.stop(None)
-        return answers, first, outcome
+            await asyncio.wait_for(rig.started.wait(), 5)
+            assert rig.calls.end(REASON) == 1
+            return answers, first, await _outcome(watch.read())
 
     answers, first, outcome = asyncio.run(run())
     assert answers == [b"A", b"B"] and first == b"first"
     assert outcome == (grpc.StatusCode.UNAVAILABLE, REASON)
-    codes = {method: (responses, code) for method, responses, code in recorder.seen}
+    codes = rig.codes()
     assert codes["/t.T/Chat"] == ([b"A", b"B"], "OK")
     assert codes["/t.T/Watch"] == ([], "UNAVAILABLE")
 
@@ -214,29 +215,19 @@ def test_write_style_and_bidi_streams_pass_through_and_end():
 def test_after_end_a_stream_with_its_messages_ready_finishes_and_one_that_waits_ends():
     """end() cuts a stream at its next wait, not at a message already at hand: a stream
     whose handler is done gets its end (OK), not UNAVAILABLE."""
-    recorder, cleaned = Recorder(), []
-    calls = Calls(recorder)
+    rig = Rig()
 
     async def run():
-        started = asyncio.Event()
-        server, port = await _serve(calls, started, cleaned)
-        calls.end(REASON)  # from now on, every call is past the grace period
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with rig.channel() as channel:
+            rig.calls.end(REASON)  # from now on, every call is past the grace period
             burst = [m async for m in channel.unary_stream("/t.T/Burst")(b"", timeout=10)]
             ticks = channel.unary_stream("/t.T/Ticks")(b"", timeout=10)
             received = []
-            try:
-                async for message in ticks:
-                    received.append(message)
-                outcome = None
-            except grpc.aio.AioRpcError as exc:
-                outcome = (exc.code(), exc.details())
-        await server.stop(None)
-        return burst, received, outcome
+            return burst, received, await _outcome(_collect(ticks, received), timeout=10)
 
     burst, received, outcome = asyncio.run(run())
     assert burst == [b"\x00", b"\x01", b"\x02"]
     assert received == [b"\x00"]  # its first message was ready; then it waited
-    assert outcome == (grpc.StatusCode.UNAVAILABLE, REASON) and cleaned == ["ticks"]
-    codes = {method: code for method, _, code in recorder.seen}
+    assert outcome == (grpc.StatusCode.UNAVAILABLE, REASON) and rig.cleaned == ["ticks"]
+    codes = {method: code for method, (_, code) in rig.codes().items()}
     assert codes == {"/t.T/Burst": "OK", "/t.T/Ticks": "UNAVAILABLE"}
