@@ -10,6 +10,7 @@ import time
 
 import grpc
 import pytest
+from polling import eventually
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -17,13 +18,8 @@ from serving.client import StepwiseClient
 from serving.server import ServerConfig, create_server
 
 
-def _eventually(predicate, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+def _eventually(predicate, timeout: float = 20.0) -> bool:  # a poll scan and a load
+    return eventually(predicate, timeout)
 
 
 @pytest.fixture()

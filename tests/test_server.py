@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from PIL import Image
+from polling import eventually
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from training.data.digits import digit_to_image, load_digits_split
@@ -423,24 +424,15 @@ def test_seeded_streams_are_identical_alone_and_batched_together(server, target)
 def test_a_deadline_ends_the_stream_and_frees_its_row(client, server, slow_lm):
     engine = server[0].engines["char_lstm"]
     ended = lambda: sum(engine.stats.finish_reasons[r] for r in ("cancelled", "deadline"))  # noqa: E731
-    assert _eventually(lambda: engine.scheduler.live == 0)  # earlier tests' streams are gone
+    assert eventually(lambda: engine.scheduler.live == 0)  # earlier tests' streams are gone
     before = ended()
     stream = client.stub.Generate(
         pb.GenerateRequest(model="char_lstm", prompt="KING.\n", max_tokens=4000), timeout=0.5
     )
     err = _error(lambda: list(stream))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _eventually(lambda: engine.scheduler.live == 0)
+    assert eventually(lambda: engine.scheduler.live == 0)
     assert ended() == before + 1
-
-
-def _eventually(predicate, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_hundreds_of_streams_hold_no_thread_each_and_health_stays_responsive(repository):

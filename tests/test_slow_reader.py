@@ -18,6 +18,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ResponseReceived, StreamEnded, StreamReset, TrailersReceived
 from h2.settings import SettingCodes, Settings
+from polling import eventually
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
@@ -118,15 +119,6 @@ def guarded(repository):
     server.stop(None)
 
 
-def _wait(predicate, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_a_client_that_never_reads_cannot_lock_others_out(guarded):
     server, port = guarded
     hostile = NeverReads(port)
@@ -134,22 +126,24 @@ def test_a_client_that_never_reads_cannot_lock_others_out(guarded):
     try:
         opened = [hostile.generate(request) for _ in range(3)]  # one over its share
         exhausted = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
-        assert _wait(lambda: exhausted in hostile.statuses.values(), 10), hostile.statuses
+        assert eventually(lambda: exhausted in hostile.statuses.values(), 10), hostile.statuses
         held = [s for s in opened if hostile.statuses.get(s) != exhausted]
-        assert len(held) == 2 and _wait(lambda: server.streams.live == 2, 5)
+        assert len(held) == 2 and eventually(lambda: server.streams.live == 2, 5)
         # Meanwhile another client streams on the slots left.
         with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as other:
             assert len("".join(other.generate("KING.\n", max_tokens=20, seed=2))) == 20
             # The stall watchdog cancels the stuck streams and frees their slots; the
             # CANCELLED status waits behind the unread messages (an asyncio server cannot
             # reset one HTTP/2 stream), so the client learns it once it reads again.
-            assert _wait(lambda: server.streams.stalled == 2, 10), hostile.statuses
-            assert _wait(lambda: server.streams.live == 0, 5)
+            assert eventually(lambda: server.streams.stalled == 2, 10), hostile.statuses
+            assert eventually(lambda: server.streams.live == 0, 5)
             # Until they end, they still count against their connection: no new ones.
             again = hostile.generate(request)
-            assert _wait(lambda: hostile.statuses.get(again) == exhausted, 10)
+            assert eventually(lambda: hostile.statuses.get(again) == exhausted, 10)
             hostile.open_windows(held)
-            assert _wait(lambda: all(s in hostile.statuses for s in held), 10), hostile.statuses
+            assert eventually(lambda: all(s in hostile.statuses for s in held), 10), (
+                hostile.statuses
+            )
             assert {hostile.statuses[s] for s in held} == {"1"}  # 1: CANCELLED
         # Every slot is free again: two connections of two streams each fill all four.
         texts = []
