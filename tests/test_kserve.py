@@ -9,6 +9,7 @@ import json
 
 import grpc
 import pytest
+from greedy import EOS, greedy, opening
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -142,22 +143,30 @@ def _outputs(response) -> dict:
     return out
 
 
-def test_model_infer_on_a_classifier_batch_equals_classify(kserve, client, repository):
+def assert_classify_agrees(client, x, logits) -> None:
+    """Each row of `x` sent to Classify (lenet5, every class) gets the softmax of its
+    row of `logits`: KServe's answer and stepwise's are the same model run."""
     import numpy as np
 
     from serving._proto.stepwise.v1 import inference_pb2 as pb
 
-    x = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
-    response = _infer(kserve, "lenet5", {"input": x}, id="req-7")
-    assert (response.model_name, response.model_version, response.id) == ("lenet5", "1", "req-7")
-    logits = _outputs(response)["logits"]
-    assert logits.shape == (3, 10)
     for row, lg in zip(x, logits, strict=True):
         tensor = pb.Tensor(dtype="float32", shape=row.shape, raw_data=row.tobytes())
         got = client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor, top_k=10))
         probs = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
         for c in got.classes:
             assert c.probability == pytest.approx(probs[c.index], abs=1e-5)
+
+
+def test_model_infer_on_a_classifier_batch_equals_classify(kserve, client, repository):
+    import numpy as np
+
+    x = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    response = _infer(kserve, "lenet5", {"input": x}, id="req-7")
+    assert (response.model_name, response.model_version, response.id) == ("lenet5", "1", "req-7")
+    logits = _outputs(response)["logits"]
+    assert logits.shape == (3, 10)
+    assert_classify_agrees(client, x, logits)
 
 
 def test_a_client_runs_the_recurrence_through_the_plain_step_graph(kserve, client, repository):
@@ -172,18 +181,16 @@ def test_a_client_runs_the_recurrence_through_the_plain_step_graph(kserve, clien
     want = "".join(r.text for r in client.generate_stream(prompt, max_tokens=20, temperature=0))
     meta = kserve.ModelMetadata(kpb.ModelMetadataRequest(name="char_lstm"))
     shape = {t.name: list(t.shape) for t in meta.inputs}["h"]  # [-1, L, H]: batch-first
-    h = c = np.zeros([1, *shape[1:]], np.float32)
-    feed, got = [0, *(vocab.index(ch) for ch in prompt)], ""  # <eos> opens a document
-    while len(got) < len(want):
-        for token in feed:
-            out = _outputs(_infer(kserve, "char_lstm", {
-                "tokens": np.asarray([[token]], np.int64), "h": h, "c": c}))  # fmt: skip
-            h, c = out["h_next"], out["c_next"]
-        token = int(np.argmax(out["logits"][0]))
-        if token == 0:
-            break
-        got, feed = got + vocab[token], [token]
-    assert got == want
+    state = {"h": np.zeros([1, *shape[1:]], np.float32)}
+    state["c"] = state["h"]
+
+    def one(token):
+        feeds = {"tokens": np.asarray([[token]], np.int64), **state}
+        out = _outputs(_infer(kserve, "char_lstm", feeds))
+        state["h"], state["c"] = out["h_next"], out["c_next"]
+        return out["logits"][0]
+
+    assert greedy(one, vocab, prompt, len(want)) == want
 
 
 def test_model_infer_typed_contents_and_output_filtering(kserve):
@@ -255,18 +262,9 @@ def _seq_step(kserve, key, token: int, start=False, end=False, model="char_lstm"
 
 
 def _greedy_by_sequence(kserve, key, vocab: list[str], prompt: str, n: int) -> str:
-    import numpy as np
-
-    feed, got, first = [0, *(vocab.index(ch) for ch in prompt)], "", True
-    while len(got) < n:
-        for token in feed:
-            logits = _seq_step(kserve, key, token, start=first)
-            first = False
-        token = int(np.argmax(logits))
-        if token == 0:
-            break
-        got, feed = got + vocab[token], [token]
-    _seq_step(kserve, key, 0, end=True)
+    step = opening(lambda token, start: _seq_step(kserve, key, token, start=start))
+    got = greedy(step, vocab, prompt, n)
+    _seq_step(kserve, key, EOS, end=True)
     return got
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_kserve import assert_classify_agrees
 
-from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.client import StepwiseClient
 
 DRIVER = Path(__file__).with_name("triton_driver.py")
@@ -93,12 +93,7 @@ def test_infer_on_a_classifier_batch_equals_classify(seen, batch, client):
     x, _ = batch
     logits = np.asarray(seen["logits"], np.float32)
     assert logits.shape == (3, 10) and seen["infer_id"] == "batch-1"
-    for row, lg in zip(x, logits, strict=True):
-        tensor = pb.Tensor(dtype="float32", shape=row.shape, raw_data=row.tobytes())
-        got = client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor, top_k=10))
-        probs = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
-        for c in got.classes:
-            assert c.probability == pytest.approx(probs[c.index], abs=1e-5)
+    assert_classify_agrees(client, x, logits)
 
 
 def test_statistics_move_after_calls(seen):

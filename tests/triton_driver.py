@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tritonclient.grpc as tc
+from greedy import EOS, greedy, opening
 from tritonclient.utils import InferenceServerException
 
 
@@ -67,18 +68,9 @@ def step(client, key, token: int, start=False, end=False) -> np.ndarray:
 
 
 def greedy_by_sequence(client, key, vocab: list[str], prompt: str, n: int) -> str:
-    """Greedy decoding with the state held by the server: <eos> and the prompt, then each
-    argmax token fed back, until <eos> or n characters."""
-    feed, got, first = [0, *(vocab.index(ch) for ch in prompt)], "", True
-    while len(got) < n:
-        for token in feed:
-            logits = step(client, key, token, start=first)
-            first = False
-        token = int(np.argmax(logits))
-        if token == 0:
-            break
-        got, feed = got + vocab[token], [token]
-    step(client, key, 0, end=True)
+    """Greedy decoding with the state held by the server (tests/greedy.py)."""
+    got = greedy(opening(lambda t, start: step(client, key, t, start=start)), vocab, prompt, n)
+    step(client, key, EOS, end=True)
     return got
 
 
@@ -86,19 +78,17 @@ def greedy_plain(client, vocab: list[str], prompt: str, n: int) -> str:
     """The client runs the recurrence itself: the step graph with h and c as tensors."""
     meta = client.get_model_metadata("char_lstm", as_json=True)
     shape = [int(d) for d in next(t for t in meta["inputs"] if t["name"] == "h")["shape"]]
-    h = c = np.zeros([1, *shape[1:]], np.float32)
-    feed, got = [0, *(vocab.index(ch) for ch in prompt)], ""
-    while len(got) < n:
-        for token in feed:
-            result = client.infer("char_lstm", [
-                tensor("tokens", np.asarray([[token]], np.int64), "INT64"),
-                tensor("h", h, "FP32"), tensor("c", c, "FP32")])  # fmt: skip
-            h, c = result.as_numpy("h_next"), result.as_numpy("c_next")
-        token = int(np.argmax(result.as_numpy("logits")[0]))
-        if token == 0:
-            break
-        got, feed = got + vocab[token], [token]
-    return got
+    state = {"h": np.zeros([1, *shape[1:]], np.float32)}
+    state["c"] = state["h"]
+
+    def one(token):
+        result = client.infer("char_lstm", [
+            tensor("tokens", np.asarray([[token]], np.int64), "INT64"),
+            tensor("h", state["h"], "FP32"), tensor("c", state["c"], "FP32")])  # fmt: skip
+        state["h"], state["c"] = result.as_numpy("h_next"), result.as_numpy("c_next")
+        return result.as_numpy("logits")[0]
+
+    return greedy(one, vocab, prompt, n)
 
 
 def greedy_by_text(client, key, prompt: str, n: int) -> str:
