@@ -162,20 +162,25 @@ def test_batched_classify_answers_what_unbatched_classify_answers(repository):
                                    rtol=1e-5, atol=1e-7)  # fmt: skip
 
 
-def test_closing_fails_queued_requests_as_unavailable():
-    import threading
-
-    from serving.errors import Unavailable
-
+def _held(max_batch_size: int):
+    """A batcher whose model waits for `release`, with a first row already in it (its
+    thread has taken it and waits in the model): (batcher, release, first)."""
     release = threading.Event()
 
     def slow(x):
         release.wait(5)
         return list(x)
 
-    batcher = DynamicBatcher("slow", slow, BatchingConfig(max_batch_size=1))
+    batcher = DynamicBatcher("slow", slow, BatchingConfig(max_batch_size=max_batch_size))
     first = batcher.enqueue(np.zeros(2, np.float32))
-    time.sleep(0.1)  # the thread has taken the first and waits in the model
+    time.sleep(0.1)
+    return batcher, release, first
+
+
+def test_closing_fails_queued_requests_as_unavailable():
+    from serving.errors import Unavailable
+
+    batcher, release, first = _held(max_batch_size=1)
     queued = [batcher.enqueue(np.ones(2, np.float32)) for _ in range(3)]
     batcher.close()
     release.set()
@@ -190,15 +195,7 @@ def test_closing_fails_queued_requests_as_unavailable():
 def test_a_cancelled_request_drops_out_and_its_batch_is_answered():
     """A caller that gives up while its row is queued (a deadline, a cancelled RPC:
     asyncio cancels the wrapped future) must not fail its neighbours, nor closing."""
-    release = threading.Event()
-
-    def slow(x):
-        release.wait(5)
-        return list(x)
-
-    batcher = DynamicBatcher("slow", slow, BatchingConfig(max_batch_size=8))
-    first = batcher.enqueue(np.zeros(2, np.float32))
-    time.sleep(0.1)  # the thread runs `first`; the next ones queue behind it
+    batcher, release, first = _held(max_batch_size=8)  # the next rows queue behind `first`
     queued = [batcher.enqueue(np.full(2, i, np.float32)) for i in range(1, 5)]
     assert queued[0].cancel()  # its caller went away
     release.set()
