@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.topology import ROOT, free_port  # noqa: E402
+
 LOADS = {
     "generate": (
         ["--rpc", "generate", "--model", "char_lstm", "--concurrency", "16", "--duration", "8",
@@ -37,12 +39,6 @@ LOADS = {
         ("throughput_rps", "server_cpu_s_per_request"),
     ),
 }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_run(tree: str, flags: list[str], repository: Path, out: Path) -> dict[str, dict]:
