@@ -104,6 +104,27 @@ def test_streams_join_at_the_next_iteration_and_leave_at_once():
     assert db.pieces == ["3", "6", "5", "3", "6"]
 
 
+def test_a_finished_stream_is_out_of_the_batch_count_when_its_client_hears():
+    """The live-streams gauge reads occupancy(): at the moment a stream's end is handed
+    to its client, it must no longer count as running (it is dropped from the batch
+    only at the end of that iteration)."""
+    s = Scheduler(FakeStepModel(prefill=False), EngineConfig(max_batch_size=8))
+    a, b = fake_request([1], max_tokens=2), fake_request([2], max_tokens=6)
+    heard = []
+    finish = a.finish
+
+    def finish_then_look(*args, **kwargs):
+        finish(*args, **kwargs)  # the client can read the end from here on
+        heard.append(s.occupancy())
+
+    a.finish = finish_then_look
+    s.submit(a)
+    s.submit(b)
+    while s.has_work():
+        s.step()
+    assert heard == [(1, 0)]  # b still runs; a is not counted
+
+
 def test_max_batch_size_bounds_each_run_and_the_queue_is_bounded():
     model = FakeStepModel(prefill=False)
     s = Scheduler(model, EngineConfig(max_batch_size=2, max_queue_size=3))

@@ -138,9 +138,12 @@ class Scheduler:
         return bool(self._waiting or self._running)
 
     def occupancy(self) -> tuple[int, int]:
-        """(streams in the batch, streams waiting for a row), from any thread."""
+        """(streams in the batch, streams waiting for a row), from any thread. A stream
+        that finished this iteration is out already: its client may have its end before
+        the iteration drops it from the batch."""
         with self._lock:
-            return len(self._running), len(self._waiting)
+            running = sum(1 for s in self._running if s.status is not Status.FINISHED)
+            return running, len(self._waiting)
 
     def submit(self, seq: Sequence) -> None:
         with self._lock:
