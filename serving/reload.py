@@ -84,10 +84,12 @@ class ModelControl:
                           still, exc)  # fmt: skip
                 self.loaded[name] = stamp  # not retried until the files change again
                 raise LoadFailed(f"{name} version {directory.name} failed to load: {exc}") from None
-            self.server.attach(name, model)
-            self.loaded[name] = stamp
+            # The failure records go first: once attached, the version serves, and no
+            # RepositoryIndex may call it failed at the same time.
             self.registry.failed.pop(name, None)
             self.registry.failed_versions.pop((name, directory.name), None)
+            self.server.attach(name, model)
+            self.loaded[name] = stamp
             log.info("serving %s version %s (%s) on %s", name, model.version, model.kind,
                      model.provider)  # fmt: skip
             return model.version
