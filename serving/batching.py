@@ -69,7 +69,7 @@ class DynamicBatcher:
         self.name, self.run, self.config, self.stats = name, run, config, stats
         self.batch_sizes: Counter[int] = Counter()  # size -> batches run: tests, metrics
         self._queue: deque[_Request] = deque()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # re-entrant (an RLock): enqueue_rows
         self._closed = False
         self._running = False  # a batch taken and not yet delivered
         self._leases = Leases()  # requests that picked this batcher and are not done
@@ -91,6 +91,18 @@ class DynamicBatcher:
             self._queue.append(_Request(x, time.monotonic(), future, timing))
             self._cond.notify()
         return future
+
+    def enqueue_rows(self, x: np.ndarray, timing: RequestTiming | None = None) -> list[Future]:
+        """Queue every row of `x` [B, ...] (each answered on its own future), or none:
+        a request the queue cannot take whole is refused before any row of it runs."""
+        with self._cond:
+            room = self.config.max_queue_size - len(self._queue)
+            if len(x) > room and not self._closed:
+                raise ResourceExhausted(
+                    f"{self.name}: a request of {len(x)} rows and room for {max(room, 0)} "
+                    f"in the queue (at most {self.config.max_queue_size}); retry later"
+                )
+            return [self.enqueue(row, timing) for row in x]  # re-entrant: one lock
 
     def submit(self, x: np.ndarray, timeout: float | None = None):
         """One input row -> its result (raises the row's exception), waiting for it."""

@@ -35,6 +35,14 @@ class Unavailable(ServingError):
     code = "UNAVAILABLE"
 
 
+class FailedPrecondition(ServingError):
+    code = "FAILED_PRECONDITION"
+
+
+class Unimplemented(ServingError):
+    code = "UNIMPLEMENTED"
+
+
 class Cancelled(ServingError):
     code = "CANCELLED"
 

@@ -26,15 +26,27 @@ from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving.engine import step_request
 from serving.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NonFiniteOutput,
     NotFound,
     ResourceExhausted,
-    ServingError,
     Unavailable,
+    Unimplemented,
 )
-from serving.kserve_codec import DATATYPES, add_output, decode_inputs
-from serving.model_config import DEFAULT_SEQUENCE_IDLE_US, PLATFORM, config_for_card
+from serving.kserve_codec import (
+    DATATYPES,
+    InputLimits,
+    add_output,
+    check_limits,
+    decode_inputs,
+)
+from serving.model_config import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_SEQUENCE_IDLE_US,
+    PLATFORM,
+    config_for_card,
+)
 from serving.repository import ModelRegistry
 from serving.service import MAX_PROMPT_CHARS, OutboxReader, Undecodable, status_of, streaming, unary
 from serving.service import add_to_server as _add
@@ -116,12 +128,16 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 for s in specs
             ]
 
+        # A step model's state is implicit, as in Triton's sequence batcher: the metadata
+        # lists what a sequence step takes and gives (what perf_analyzer sends and asks
+        # for); explicit state in a request without `sequence_id` is still accepted.
+        hidden = {n for s in getattr(model, "state", []) for n in (s["input"], s["output"])}
         return kpb.ModelMetadataResponse(
             name=model.name,
             versions=[model.version],
             platform=PLATFORM,
-            inputs=tensors(model.card["inputs"]),
-            outputs=tensors(model.card["outputs"]),
+            inputs=tensors([t for t in model.card["inputs"] if t["name"] not in hidden]),
+            outputs=tensors([t for t in model.card["outputs"] if t["name"] not in hidden]),
         )
 
     @unary
@@ -223,7 +239,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         with stats.request() as timing:
             if "sequence_id" in request.parameters:
                 return await self._sequence_step(model, request, timing)
-            feeds = decode_inputs(request, model.card["inputs"])
+            state = [s["input"] for s in getattr(model, "state", [])]
+            feeds = decode_inputs(request, model.card["inputs"], optional=state)
+            check_limits(feeds, input_limits(model), model.name)
+            if state and not any(name in feeds for name in state):
+                # Triton's implicit state starts at zero: a step model's metadata lists
+                # `tokens` alone, and a request that follows it steps from zeros
+                feeds.update(model.zero_state(len(feeds["tokens"])))
             first = next(iter(feeds.values()), None)
             timing.count = int(first.shape[0]) if first is not None and first.ndim else 1
             names = [t["name"] for t in model.card["outputs"]]
@@ -263,7 +285,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         same queue as Classify's), so concurrent requests run together."""
         x = feeds[model.input["name"]]
         with batcher.lease():  # a reload retires this batcher only after the request
-            futures = [batcher.enqueue(row, timing) for row in x]
+            futures = batcher.enqueue_rows(x, timing)  # every row queued, or none
             try:
                 rows = [await asyncio.wrap_future(f) for f in futures]
             except NonFiniteOutput:
@@ -388,6 +410,14 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         control = self._control("RepositoryModelLoad")
         if not request.model_name:
             raise InvalidArgument("model_name", "required")
+        for name in request.parameters:
+            # Triton's `config` (a model configuration to load with) and `file:<path>`
+            # (model files sent with the request) would load something other than the
+            # repository's files: refused, never ignored
+            raise Unimplemented(
+                f"parameters[{name!r}]: not supported; RepositoryModelLoad loads "
+                "the repository's own files (edit config.pbtxt there and load again)"
+            )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.workers, control.load, request.model_name)
         return kpb.RepositoryModelLoadResponse()
@@ -413,6 +443,27 @@ def _requested(request, names, model_name: str) -> list[str]:
         if name in wanted[:i]:
             raise InvalidArgument(f"outputs[{i}].name", f"{name!r} requested twice")
     return wanted or list(names)
+
+
+def input_limits(model) -> InputLimits:
+    """The bounds on one ModelInfer of `model`'s graph: its config.pbtxt's
+    max_batch_size over each input's batch axis (a state tensor's is the card's open
+    dimension, the others' the first), and for a graph that reads token ids (a step
+    graph, or a language model's prefill) its vocabulary and the prompt cap."""
+    owner = getattr(model, "of", None) or model.card  # a published graph: its model's card
+    state_axes = {s["input"]: list(s["shape"]).index(-1) for s in owner.get("state", [])}
+    axes = {}
+    for spec in model.card["inputs"]:
+        if spec["name"] in state_axes:
+            axes[spec["name"]] = state_axes[spec["name"]]
+        elif spec["shape"] and spec["shape"][0] == -1:
+            axes[spec["name"]] = 0
+    return InputLimits(
+        max_batch_size=model.config.max_batch_size or DEFAULT_MAX_BATCH_SIZE,
+        batch_axes=axes,
+        vocab_size=len(owner.get("vocab", ())),
+        max_tokens=MAX_PROMPT_CHARS,
+    )
 
 
 def _sequence_tokens(model, request, start: bool) -> np.ndarray:
@@ -568,10 +619,6 @@ class SequenceStore:
 
     def end(self, key: str) -> None:
         self.live.pop(key, None)
-
-
-class FailedPrecondition(ServingError):
-    code = "FAILED_PRECONDITION"
 
 
 def add_to_server(servicer: KServeServicer, server) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -108,11 +109,12 @@ def add_output(response, name: str, value: np.ndarray) -> None:
     response.raw_output_contents.append(value.astype(value.dtype.newbyteorder("<")).tobytes())
 
 
-def decode_inputs(request, specs: list[dict]) -> dict[str, np.ndarray]:
+def decode_inputs(request, specs: list[dict], optional=()) -> dict[str, np.ndarray]:
     """The request's input tensors as numpy arrays, checked against the graph's inputs
-    (`specs`: name, numpy dtype name, shape with -1 for any): every input present once,
-    its datatype and shape, and its bytes (raw) or values (typed contents); raw and
-    typed contents never mixed in one request. BYTES become object arrays of bytes."""
+    (`specs`: name, numpy dtype name, shape with -1 for any): every input present once
+    (those named in `optional` may be left out, all together), its datatype and shape,
+    and its bytes (raw) or values (typed contents); raw and typed contents never mixed
+    in one request. BYTES become object arrays of bytes."""
     by_name = {s["name"]: s for s in specs}
     raw = list(request.raw_input_contents)
     typed = [t.name for t in request.inputs if t.HasField("contents")]
@@ -147,6 +149,12 @@ def decode_inputs(request, specs: list[dict]) -> dict[str, np.ndarray]:
             raise InvalidArgument(
                 f"{field}.shape", f"{tensor.name!r}: got {shape}; allowed {allowed} (-1: any)"
             )
+        if 0 in shape:  # ONNX Runtime's recurrent kernels abort the process on them
+            raise InvalidArgument(
+                f"{field}.shape",
+                f"{tensor.name!r}: got {shape}; every dimension must be at least 1 "
+                "(empty tensors are refused)",
+            )
         dtype, contents_field = NUMPY[want]
         count = math.prod(shape)
         if raw and want == "BYTES":
@@ -174,6 +182,57 @@ def decode_inputs(request, specs: list[dict]) -> dict[str, np.ndarray]:
                 array = _typed(values, dtype, f"{field}.contents", tensor.name)
         feeds[tensor.name] = array.reshape(shape)
     missing = [n for n in by_name if n not in feeds]
+    if missing and set(missing) == set(optional):
+        missing = []
     if missing:
         raise InvalidArgument("inputs", f"missing {missing}; the graph needs {list(by_name)}")
     return feeds
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one ModelInfer may ask of a graph beyond its shapes: the bounds that keep a
+    request from crashing ONNX Runtime or making its arena grow without limit."""
+
+    max_batch_size: int  # config.pbtxt's, as Triton: past it INVALID_ARGUMENT
+    batch_axes: dict[str, int] = field(default_factory=dict)  # input -> its batch axis
+    vocab_size: int = 0  # `tokens` ids must lie in [0, vocab_size); 0: not a token graph
+    max_tokens: int = 0  # elements of `tokens` per request (the prompt cap), 0: no cap
+
+
+def check_limits(feeds: dict[str, np.ndarray], limits: InputLimits, model: str) -> None:
+    """Refuse, naming the tensor: a batch past `max_batch_size` or inputs whose batch
+    dimensions disagree, token ids outside the vocabulary (ONNX's Gather would wrap a
+    negative one), more tokens than the prompt cap, and NaN or infinite floats."""
+    field_of = {name: f"inputs[{i}]" for i, name in enumerate(feeds)}
+    batches = {n: feeds[n].shape[a] for n, a in limits.batch_axes.items() if n in feeds}
+    if len(set(batches.values())) > 1:
+        raise InvalidArgument(
+            "inputs", f"batch dimensions differ ({batches}); every input's must match"
+        )
+    name, size = next(iter(batches.items()), (None, 0))
+    if size > limits.max_batch_size:
+        raise InvalidArgument(
+            f"{field_of[name]}.shape",
+            f"{name!r}: a batch of {size}; {model} takes at most max_batch_size "
+            f"{limits.max_batch_size}",
+        )
+    tokens = feeds.get("tokens")
+    if tokens is not None and limits.vocab_size and tokens.dtype.kind == "i":
+        if limits.max_tokens and tokens.size > limits.max_tokens:
+            raise InvalidArgument(
+                f"{field_of['tokens']}.shape",
+                f"'tokens': {tokens.size} tokens ({list(tokens.shape)}); at most "
+                f"{limits.max_tokens} per request",
+            )
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= limits.vocab_size:
+            raise InvalidArgument(
+                f"{field_of['tokens']}.contents",
+                f"'tokens': ids {low} to {high}; {model} takes 0 to {limits.vocab_size - 1}",
+            )
+    for name, value in feeds.items():
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise InvalidArgument(
+                f"{field_of[name]}.contents", f"{name!r} holds NaN or infinite values"
+            )

@@ -19,6 +19,9 @@ from serving.errors import ModelLoadError
 CONFIG_FILE = "config.pbtxt"
 PLATFORM = "onnxruntime_onnx"
 DEFAULT_SEQUENCE_IDLE_US = 60_000_000
+# What export writes, and the bound a config without one (0: Triton's "no batching")
+# still gets from the server: no request may run a batch larger than this.
+DEFAULT_MAX_BATCH_SIZE = 64
 # numpy dtype names (model.json) <-> Triton data types.
 DATA_TYPES = {
     "bool": mc.TYPE_BOOL,
@@ -95,7 +98,7 @@ def _tensor(spec: dict, cls):
     return cls(name=spec["name"], data_type=DATA_TYPES[spec["dtype"]], dims=dims)
 
 
-def config_for_card(card: dict, max_batch_size: int = 64) -> ModelConfig:
+def config_for_card(card: dict, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> ModelConfig:
     """What export writes beside a model: its `model.onnx` as Triton would serve it.
     Step models get a sequence batcher whose implicit state maps each state input to
     its output (zero at the start of a sequence); their state is batch-first."""

@@ -228,6 +228,23 @@ class Graph(Model):
     def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card)
         self.session = self._session("model", sessions)
+        # The card of the model this graph belongs to (its vocabulary and state, which
+        # bound what a request may feed the graph), or {} when it cannot be read.
+        self.of = _parent_card(directory, card)
+
+
+def _parent_card(directory: Path, card: dict) -> dict:
+    """The card of `<repository>/<model>/<same version>/`, for a graph published as
+    `<model>_<graph>` (export writes both versions together)."""
+    parent = card.get("graph_of", {}).get("model")
+    if not parent:
+        return {}
+    path = directory.parent.parent / parent / directory.name / MODEL_CARD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s: cannot read %s (%s); its token ids go unchecked", card["name"], path, exc)
+        return {}
 
 
 KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel, Captioner, Graph)}

@@ -442,6 +442,9 @@ def test_step_requests_join_the_batch_and_reproduce_greedy_generation(repository
         while (delta := seq.outbox.take(timeout=0)) is None:
             s.step()
         assert delta.finish_reason == "stepped" and delta.logits.shape == (len(lm.vocab),)
+        # its own row, not a view that keeps the whole batch's state array alive
+        for name, value in delta.state.items():
+            assert value.base is None and value.shape[lm.state_axis[name]] == 1
         tokens, state = [int(np.argmax(delta.logits))], delta.state
         got.append(tokens[0])
         if tokens[0] == lm.eos:

@@ -48,12 +48,18 @@ def test_model_metadata_and_config(kserve):
         ["1"],
         "onnxruntime_onnx",
     )
+    # The state is implicit (Triton's sequence batcher): the metadata lists what a
+    # sequence step sends and gets, as config.pbtxt does, and nothing else
     inputs = {t.name: (t.datatype, list(t.shape)) for t in meta.inputs}
-    assert inputs["tokens"] == ("INT64", [-1, 1]) and inputs["h"] == ("FP32", [-1, 2, 48])
+    assert inputs == {"tokens": ("INT64", [-1, 1])}
+    assert {t.name: t.datatype for t in meta.outputs} == {"logits": "FP32"}
     config = kserve.ModelConfig(kpb.ModelConfigRequest(name="char_lstm")).config
     assert isinstance(config, mc.ModelConfig) and config.name == "char_lstm"
+    assert [t.name for t in config.input] == ["tokens"]
+    assert [t.name for t in config.output] == ["logits"]
     states = [(s.input_name, s.output_name) for s in config.sequence_batching.state]
     assert states == [("h", "h_next"), ("c", "c_next")]
+    assert [list(s.dims) for s in config.sequence_batching.state] == [[2, 48], [2, 48]]
 
 
 @pytest.mark.parametrize(
@@ -179,9 +185,9 @@ def test_a_client_runs_the_recurrence_through_the_plain_step_graph(kserve, clien
     vocab = json.loads((repository / "char_lstm" / "1" / "model.json").read_text())["vocab"]
     prompt = "KING.\n"
     want = "".join(r.text for r in client.generate_stream(prompt, max_tokens=20, temperature=0))
-    meta = kserve.ModelMetadata(kpb.ModelMetadataRequest(name="char_lstm"))
-    shape = {t.name: list(t.shape) for t in meta.inputs}["h"]  # [-1, L, H]: batch-first
-    state = {"h": np.zeros([1, *shape[1:]], np.float32)}
+    config = kserve.ModelConfig(kpb.ModelConfigRequest(name="char_lstm")).config
+    dims = list(config.sequence_batching.state[0].dims)  # [L, H] after the batch axis
+    state = {"h": np.zeros([1, *dims], np.float32)}
     state["c"] = state["h"]
 
     def one(token):
@@ -234,10 +240,17 @@ def test_model_infer_errors_name_the_tensor(kserve, change, field):
 def test_model_infer_missing_input_and_unknown_model(kserve):
     import numpy as np
 
-    with pytest.raises(grpc.RpcError) as info:
-        _infer(kserve, "char_lstm", {"tokens": np.zeros((1, 1), np.int64)})
+    tokens = np.asarray([[3], [5]], np.int64)
+    with pytest.raises(grpc.RpcError) as info:  # the state: all of it, or none
+        _infer(kserve, "char_lstm", {"tokens": tokens, "h": np.zeros((2, 2, 48), np.float32)})
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "missing ['h', 'c']" in info.value.details()
+    assert "missing ['c']" in info.value.details()
+    # none: it starts from zeros, as Triton's implicit state does
+    zeros = np.zeros((2, 2, 48), np.float32)
+    alone = _outputs(_infer(kserve, "char_lstm", {"tokens": tokens}))
+    explicit = _outputs(_infer(kserve, "char_lstm", {"tokens": tokens, "h": zeros, "c": zeros}))
+    assert np.array_equal(alone["logits"], explicit["logits"])
+    assert alone["logits"].shape[0] == 2 and np.array_equal(alone["h_next"], explicit["h_next"])
     with pytest.raises(grpc.RpcError) as info:
         _infer(kserve, "nope", {})
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

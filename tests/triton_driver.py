@@ -76,9 +76,9 @@ def greedy_by_sequence(client, key, vocab: list[str], prompt: str, n: int) -> st
 
 def greedy_plain(client, vocab: list[str], prompt: str, n: int) -> str:
     """The client runs the recurrence itself: the step graph with h and c as tensors."""
-    meta = client.get_model_metadata("char_lstm", as_json=True)
-    shape = [int(d) for d in next(t for t in meta["inputs"] if t["name"] == "h")["shape"]]
-    state = {"h": np.zeros([1, *shape[1:]], np.float32)}
+    config = client.get_model_config("char_lstm", as_json=True)["config"]
+    dims = [int(d) for d in config["sequence_batching"]["state"][0]["dims"]]  # after the batch
+    state = {"h": np.zeros([1, *dims], np.float32)}
     state["c"] = state["h"]
 
     def one(token):
@@ -217,7 +217,11 @@ def protocol(spec: dict) -> dict:
             "shape": error(lambda: client.infer("lenet5", [tensor("input", x[:, :, :16], "FP32")])),
             "missing": error(
                 lambda: client.infer(
-                    "char_lstm", [tensor("tokens", np.zeros((1, 1), np.int64), "INT64")]
+                    "char_lstm",
+                    [
+                        tensor("tokens", np.zeros((1, 1), np.int64), "INT64"),
+                        tensor("h", np.zeros((1, 2, 48), np.float32), "FP32"),
+                    ],
                 )
             ),  # fmt: skip
             "output": error(

@@ -355,7 +355,9 @@ class Scheduler:
         seq.first_token = seq.first_token or now
         if self._resident is not None and any(s is seq for s in self._resident[0]):
             self._settle()  # its state is on the device
-        state = seq.state
+        # Copies: its rows are views into the whole batch's state array, which a client's
+        # idle sequence would otherwise keep alive (every row of it) until it ends.
+        state = {name: np.array(value) for name, value in seq.state.items()}
 
         def add(d: Delta) -> None:
             d.logits, d.state = logits.copy(), state
