@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     servers = []
     try:
-        flags = "--device cpu --max-streams 64 --max-workers 96 --max-streams-per-connection 64"
+        flags = "--device cpu --max-streams 64 --max-workers 96 --max-streams-per-client 64"
         served = Server(
             "stepwise",
             ["serving", "--model-repository", str(repo), *flags.split()],

@@ -103,11 +103,31 @@ def main(argv: list[str] | None = None) -> int:
         "binding); auto: on when the model runs on CUDA",
     )
     p.add_argument(
-        "--max-streams-per-connection",
+        "--max-streams-per-client",
+        "--max-streams-per-connection",  # its old name: a per-connection refusal
+        dest="max_streams_per_client",
+        type=_count,
+        default=defaults.max_streams_per_client,
+        help="streams one client (host, TLS certificate or --client-id-header) may hold; "
+        "more wait (default 0: up to --max-streams; fair admission shares slots anyway)",
+    )
+    p.add_argument(
+        "--max-waiting-streams",
+        type=_count,
+        default=defaults.max_waiting_streams,
+        help="streams that may wait for a slot; past it RESOURCE_EXHAUSTED at once",
+    )
+    p.add_argument(
+        "--client-id-header",
+        default=None,
+        help="a request header naming the client, set by a trusted proxy in front (e.g. "
+        "x-real-ip); without it clients are told apart by TLS certificate, else by host",
+    )
+    p.add_argument(
+        "--max-sequences-per-client",
         type=_positive,
-        default=8,
-        help="concurrent streams one client connection may hold (behind a proxy that "
-        "multiplexes clients onto few connections, raise it to --max-streams)",
+        default=defaults.max_sequences_per_client,
+        help="KServe server-held sequences one client may keep live per model",
     )
     p.add_argument(
         "--stream-stall-timeout",
@@ -246,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         intra_op_threads=args.intra_op_threads,
         max_workers=args.max_workers,
         max_streams=args.max_streams,
-        max_streams_per_connection=args.max_streams_per_connection,
+        max_streams_per_client=args.max_streams_per_client,
+        max_waiting_streams=args.max_waiting_streams,
+        client_id_header=args.client_id_header.lower() if args.client_id_header else None,
+        max_sequences_per_client=args.max_sequences_per_client,
         stream_stall_timeout_s=args.stream_stall_timeout,
         engine=EngineConfig(
             max_batch_size=args.stream_batch_size,

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from serving.clients import client_identity
 from serving.engine import step_request
 from serving.errors import (
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NonFiniteOutput,
@@ -48,9 +52,18 @@ from serving.model_config import (
     config_for_card,
 )
 from serving.repository import ModelRegistry
-from serving.service import MAX_PROMPT_CHARS, OutboxReader, Undecodable, status_of, streaming, unary
+from serving.service import (
+    MAX_PROMPT_CHARS,
+    STALLED,
+    OutboxReader,
+    Undecodable,
+    status_of,
+    streaming,
+    unary,
+)
 from serving.service import add_to_server as _add
 from serving.statistics import Statistics
+from serving.streams import StreamSlots
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "stepwise"
@@ -61,10 +74,15 @@ EXTENSIONS = ("model_configuration", "model_repository", "sequence", "statistics
 # Requests of one ModelStreamInfer stream in flight at once; the next is read when
 # the oldest has been answered (answers go out in request order).
 STREAM_WINDOW = 32
+# Bytes one ModelStreamInfer stream may hold: requests read and not yet answered, and
+# answers its client has not taken. Past it the next request is not read (one request
+# of any allowed size always is), so a client that never reads holds this much at most.
+STREAM_BUDGET_BYTES = 32 * 1024 * 1024
 # A language model's sequence step may send its input as text: one UTF-8 string.
 TEXT_INPUT = {"name": "text", "dtype": "object", "shape": [1, 1]}
 SEQUENCE_OUTPUTS = ("logits", "greedy_text")
 MAX_SEQUENCE_ID_CHARS = 256
+MAX_SEQUENCES = 1024  # live server-held sequences per model; past it RESOURCE_EXHAUSTED
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
@@ -75,8 +93,16 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         engines=None,
         statistics: Statistics | None = None,
         batchers: dict | None = None,
+        streams: StreamSlots | None = None,
+        identify=None,
+        max_sequences_per_client: int = MAX_SEQUENCES,
     ):
         self.registry = registry
+        # ModelStreamInfer streams hold slots of their own (an idle stream is normal for
+        # a KServe client, and must not take Generate's), with the same stall watchdog
+        self.streams = streams or StreamSlots(256)
+        self.identify = identify or (lambda context: client_identity(context))  # quota key
+        self.max_sequences_per_client = max_sequences_per_client
         self.batchers = batchers or {}  # classifier name -> its dynamic batcher
         self.control = None  # serving.reload.ModelControl: repository load and unload
         self.workers = workers  # graph runs happen here, never on the event loop
@@ -170,15 +196,38 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ModelInfer(self, request, context):
-        return await self._infer(request)
+        return await self._infer(request, self.identify(context))
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request answered in request order by a `ModelStreamInferResponse`: its
         `infer_response`, or its `error_message` (the stream goes on). Up to
         STREAM_WINDOW requests run at once, so independent sequences on one stream share
-        a batch; the steps of one sequence run one after another, as sent."""
+        a batch; the steps of one sequence run one after another, as sent. The stream
+        holds a slot (`serving.streams`), at most STREAM_BUDGET_BYTES of requests and
+        answers, and is cancelled when its client takes no answer for the stall timeout."""
+        client = self.identify(context)
+        loop, stalled, drop = asyncio.get_running_loop(), threading.Event(), []
+
+        def cancel():  # the watchdog's thread: free what the stream holds now
+            stalled.set()
+            loop.call_soon_threadsafe(lambda: [f() for f in drop])
+
+        answers = self._stream_answers(request_iterator, client, drop)
+        try:
+            async with contextlib.aclosing(self.streams.run(answers, client, cancel)) as held:
+                async for response in held:
+                    if stalled.is_set():
+                        break
+                    yield response
+        finally:
+            await answers.aclose()
+        if stalled.is_set():  # told when its client reads again (serving.service.STALLED)
+            raise Cancelled(STALLED)
+
+    async def _stream_answers(self, request_iterator, client: str, drop: list):
         window = asyncio.Semaphore(STREAM_WINDOW)
+        budget = _ByteBudget(STREAM_BUDGET_BYTES)
         answers: asyncio.Queue = asyncio.Queue()  # tasks in request order; None: the end
         last: dict[str, asyncio.Task] = {}  # sequence id -> its latest step on this stream
 
@@ -186,8 +235,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for request in request_iterator:
                     await window.acquire()
+                    size = 0 if isinstance(request, Undecodable) else request.ByteSize()
+                    await budget.take(size)
                     key = _sequence_key(request)
-                    task = asyncio.ensure_future(self._stream_answer(request, last.get(key)))
+                    answer = self._stream_answer(request, last.get(key), client)
+                    task = asyncio.ensure_future(answer)
+                    task.add_done_callback(lambda t, n=size: budget.swap(n, t))
                     if key is not None:
                         last[key] = task
                         task.add_done_callback(lambda t, k=key: last.get(k) is t and last.pop(k))
@@ -196,27 +249,33 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 answers.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
-        try:
-            while (task := await answers.get()) is not None:
-                response = await task
-                window.release()
-                yield response
-            await reader  # a request stream that broke ends this one with its status
-        finally:
+
+        def drop_everything():  # stalled: its requests and unsent answers go
             reader.cancel()
             while not answers.empty():
                 task = answers.get_nowait()
                 if task is not None:
                     task.cancel()
 
-    async def _stream_answer(self, request, after: asyncio.Task | None):
+        drop.append(drop_everything)
+        try:
+            while (task := await answers.get()) is not None:
+                response = await task
+                window.release()
+                yield response
+                budget.give(budget.sizes.pop(task, 0))  # taken by the client
+            await reader  # a request stream that broke ends this one with its status
+        finally:
+            drop_everything()
+
+    async def _stream_answer(self, request, after: asyncio.Task | None, client: str):
         """One stream request's answer; an error becomes its `error_message`."""
         if after is not None:  # the previous step of the same sequence goes first
             await asyncio.wait([after])
         try:
             if isinstance(request, Undecodable):
                 request.check()
-            response = await self._infer(request)
+            response = await self._infer(request, client)
             # tritonclient's enable_empty_final_response: mark this the request's last
             # (and only) response, as Triton does for a model that is not decoupled.
             final = request.parameters.get("triton_enable_empty_final_response")
@@ -230,7 +289,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 error_message=message, infer_response=kpb.ModelInferResponse(**echo)
             )
 
-    async def _infer(self, request) -> kpb.ModelInferResponse:
+    async def _infer(self, request, client: str) -> kpb.ModelInferResponse:
         """Run the model's graph (`model.onnx`: a classifier, or a step model's step
         graph with its state as plain inputs and outputs) on the request's tensors; with
         a `sequence_id` parameter on a step model, the server holds the state."""
@@ -238,7 +297,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         stats = self.statistics[model.name]
         with stats.request() as timing:
             if "sequence_id" in request.parameters:
-                return await self._sequence_step(model, request, timing)
+                return await self._sequence_step(model, request, timing, client)
             state = [s["input"] for s in getattr(model, "state", [])]
             feeds = decode_inputs(request, model.card["inputs"], optional=state)
             check_limits(feeds, input_limits(model), model.name)
@@ -299,7 +358,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         timing.mark("output")
         return response
 
-    async def _sequence_step(self, model, request, timing) -> kpb.ModelInferResponse:
+    async def _sequence_step(self, model, request, timing, client) -> kpb.ModelInferResponse:
         """Triton's sequence batcher with implicit state: the client sends `tokens` (or a
         language model's `text`), the server keeps `h`/`c` under the sequence id between
         calls; each call is a step request in the model's continuous batch."""
@@ -314,14 +373,17 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         wanted = _requested(request, SEQUENCE_OUTPUTS, model.name)
         tokens = _sequence_tokens(model, request, start)
         timing.mark("input")
-        store = self.sequences.setdefault(model.name, SequenceStore(_idle_us(model)))
+        store = self.sequences.get(model.name)
+        if store is None:
+            store = SequenceStore(_idle_us(model), per_client=self.max_sequences_per_client)
+            self.sequences[model.name] = store
         with engine.lease():  # a reload retires this engine only after the step
-            async with store.hold(key, start) as entry:
+            async with store.hold(client, key, start) as entry:
                 timing.mark("queue")  # the sequence's previous step went first
                 if start:
                     entry.version = model.version
                 elif entry.version != model.version:  # its state belongs to another version
-                    store.end(key)
+                    store.end((client, key))
                     raise FailedPrecondition(
                         f"parameters.sequence_id: sequence {key} started on version "
                         f"{entry.version}; {model.name} now serves version {model.version}: "
@@ -339,7 +401,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 timing.engine(delta.queue_time_us * 1000)
                 entry.state = delta.state
                 if end:
-                    store.end(key)
+                    store.end((client, key))
         response = kpb.ModelInferResponse(
             model_name=model.name, model_version=model.version, id=request.id
         )
@@ -473,7 +535,9 @@ def _sequence_tokens(model, request, start: bool) -> np.ndarray:
     given = [t.name for t in request.inputs]
     if "text" not in given:
         spec = [t for t in model.card["inputs"] if t["name"] == "tokens"]
-        tokens = decode_inputs(request, spec)["tokens"]
+        feeds = decode_inputs(request, spec)
+        check_limits(feeds, input_limits(model), model.name)  # ids in the vocabulary
+        tokens = feeds["tokens"]
         if tokens.shape[0] != 1:
             raise InvalidArgument("inputs[0].shape", "a sequence steps one row at a time: [1, 1]")
         return tokens[0]
@@ -519,10 +583,9 @@ def _sequence_key(request) -> str | None:
         return None
     value = request.parameters["sequence_id"]
     kind = value.WhichOneof("parameter_choice")
-    return f"{request.model_name}/{getattr(value, kind)}" if kind else None
+    return f"{request.model_name}/{getattr(value, kind)!r}" if kind else None
 
 
-MAX_SEQUENCES = 1024  # live server-held sequences per model; past it RESOURCE_EXHAUSTED
 EXPIRED_KEPT = 4096  # expired ids remembered, so a late call hears "expired"
 
 
@@ -532,20 +595,24 @@ def _idle_us(model) -> int:
 
 
 def _sequence_parameters(params) -> tuple[str, bool, bool]:
-    """(the sequence id as text, sequence_start, sequence_end) from request parameters."""
+    """(the sequence id as its client would write it, sequence_start, sequence_end) from
+    request parameters: an integer as digits, a string quoted, so the string "1000" and
+    the integer 1000 are two sequences (as in Triton); uint64 and int64 ids are one."""
     value = params["sequence_id"]
     kind = value.WhichOneof("parameter_choice")
     if kind not in ("uint64_param", "int64_param", "string_param"):
         raise InvalidArgument("parameters.sequence_id", "must be a uint64, int64 or string")
-    key = str(getattr(value, kind))
-    if key in ("", "0") or key.startswith("-"):
+    raw = getattr(value, kind)
+    if raw in ("", 0) or (kind == "int64_param" and raw < 0):
         raise InvalidArgument(
-            "parameters.sequence_id", f"got {key!r}; 0, negative and empty are not sequence ids"
+            "parameters.sequence_id", f"got {raw!r}; 0, negative and empty are not sequence ids"
         )
-    if len(key) > MAX_SEQUENCE_ID_CHARS:
+    if len(str(raw)) > MAX_SEQUENCE_ID_CHARS:
         raise InvalidArgument(
-            "parameters.sequence_id", f"{len(key)} characters; at most {MAX_SEQUENCE_ID_CHARS}"
+            "parameters.sequence_id",
+            f"{len(str(raw))} characters; at most {MAX_SEQUENCE_ID_CHARS}",
         )
+    key = repr(raw)
     flags = []
     for name in ("sequence_start", "sequence_end"):
         flag = params[name] if name in params else None
@@ -553,6 +620,33 @@ def _sequence_parameters(params) -> tuple[str, bool, bool]:
             raise InvalidArgument(f"parameters.{name}", "must be a bool")
         flags.append(bool(flag and flag.bool_param))
     return key, flags[0], flags[1]
+
+
+class _ByteBudget:
+    """The bytes one ModelStreamInfer stream holds, used from the event loop only:
+    requests read and not yet answered, then their answers until the client takes them."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.sizes: dict[asyncio.Task, int] = {}  # an answered request -> its answer's bytes
+        self._freed = asyncio.Event()
+
+    async def take(self, size: int) -> None:
+        """Wait until `size` more bytes fit (at once when nothing is held)."""
+        while self.used and self.used + size > self.limit:
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        self._freed.set()
+
+    def swap(self, request_size: int, task: asyncio.Task) -> None:
+        """A request was answered: its bytes go, its answer's stay until taken."""
+        answer = 0 if task.cancelled() else task.result().ByteSize()
+        self.sizes[task] = answer
+        self.give(request_size - answer)
 
 
 @dataclass
@@ -565,49 +659,60 @@ class _Entry:
 
 class SequenceStore:
     """Server-held state by sequence id, for one model, used from the event loop only.
-    Idle sequences expire after `idle_us`; at most MAX_SEQUENCES live at once."""
+    Ids belong to the client that started them (`serving.clients`): another client's
+    step on the same id finds no sequence, and can neither read nor end it. Idle
+    sequences expire after `idle_us`; a client keeps at most `per_client` live, and
+    the model at most MAX_SEQUENCES (a backstop for many clients)."""
 
-    def __init__(self, idle_us: int, clock=time.monotonic):
-        self.idle_s, self.clock = idle_us / 1e6, clock
-        self.live: dict[str, _Entry] = {}
-        self.expired: dict[str, float] = {}
+    def __init__(self, idle_us: int, clock=time.monotonic, per_client: int = MAX_SEQUENCES):
+        self.idle_s, self.clock, self.per_client = idle_us / 1e6, clock, per_client
+        self.live: dict[tuple[str, str], _Entry] = {}  # (client, id) -> its state
+        self.expired: dict[tuple[str, str], float] = {}
+        self.held: Counter[str] = Counter()  # client -> its live sequences
 
     def _sweep(self, now: float) -> None:
         for key in [k for k, e in self.live.items() if now - e.last_used > self.idle_s]:
             if not self.live[key].lock.locked():
-                del self.live[key]
+                self.end(key)
                 self.expired[key] = now
         while len(self.expired) > EXPIRED_KEPT:
             self.expired.pop(next(iter(self.expired)))
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: str, start: bool):
-        now = self.clock()
+    async def hold(self, client: str, sequence: str, start: bool):
+        now, key = self.clock(), (client, sequence)
         self._sweep(now)
         entry = self.live.get(key)
         if start:
             if entry is not None:
                 raise InvalidArgument(
-                    "parameters.sequence_start", f"sequence {key} is already in use"
+                    "parameters.sequence_start", f"sequence {sequence} is already in use"
+                )
+            if self.held[client] >= self.per_client:
+                raise ResourceExhausted(
+                    f"parameters.sequence_start: this client already holds {self.held[client]} "
+                    "live sequences on this model, the most one client may "
+                    "(--max-sequences-per-client); end one (sequence_end) first"
                 )
             if len(self.live) >= MAX_SEQUENCES:
                 raise ResourceExhausted(f"{MAX_SEQUENCES} sequences are live; end one first")
             entry = self.live[key] = _Entry(None, now)
+            self.held[client] += 1
             self.expired.pop(key, None)
         elif entry is None:
             if key in self.expired:
                 raise InvalidArgument(
                     "parameters.sequence_id",
-                    f"sequence {key} expired after {self.idle_s:g} s idle; start it again",
+                    f"sequence {sequence} expired after {self.idle_s:g} s idle; start it again",
                 )
             raise InvalidArgument(
                 "parameters.sequence_id",
-                f"sequence {key} does not exist; send sequence_start with its first step",
+                f"sequence {sequence} does not exist; send sequence_start with its first step",
             )
         async with entry.lock:  # one step of a sequence at a time, in arrival order
             if self.live.get(key) is not entry:  # ended, or its start failed, meanwhile
                 raise InvalidArgument(
-                    "parameters.sequence_id", f"sequence {key} ended while this step waited"
+                    "parameters.sequence_id", f"sequence {sequence} ended while this step waited"
                 )
             try:
                 yield entry
@@ -617,8 +722,12 @@ class SequenceStore:
                 raise
             entry.last_used = self.clock()
 
-    def end(self, key: str) -> None:
-        self.live.pop(key, None)
+    def end(self, key: tuple[str, str]) -> None:
+        if self.live.pop(key, None) is not None:
+            client = key[0]
+            self.held[client] -= 1
+            if not self.held[client]:
+                del self.held[client]
 
 
 def add_to_server(servicer: KServeServicer, server) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from serving import kserve
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.batching import BatchingConfig, DynamicBatcher
 from serving.calls import Calls
+from serving.clients import client_identity
 from serving.engine import EngineConfig, StepEngine
 from serving.logs import RequestLog
 from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics
@@ -48,8 +50,17 @@ class ServerConfig:
     intra_op_threads: int = 0
     # Threads for blocking work (decoding images, running graphs); streams hold none.
     max_workers: int = 16
-    max_streams: int = 256  # concurrent Generate/Caption streams, all models together
-    max_streams_per_connection: int = 8  # so one connection cannot hold every stream
+    # Concurrent Generate/Caption/ModelStreamInfer streams, all models together; past it
+    # a stream waits for a slot, fairly across clients (serving/streams.py)
+    max_streams: int = 256
+    max_streams_per_client: int = 0  # one client's streams at most; 0: max_streams
+    max_waiting_streams: int = 256  # streams waiting for a slot; past it RESOURCE_EXHAUSTED
+    # A request header naming the client, set by a trusted proxy (serving/clients.py);
+    # None: clients are told apart by TLS certificate, else by host
+    client_id_header: str | None = None
+    # Server-held KServe sequences one client may keep live per model (the model's own
+    # cap, 1,024, stays as a backstop)
+    max_sequences_per_client: int = 128
     # A stream whose client takes no message for this long (a flow-control window that
     # never reopens) is cancelled and frees its slot; 0 disables the watchdog.
     stream_stall_timeout_s: float = 5.0
@@ -116,8 +127,20 @@ class Server:
         # Blocking work (decoding, graph runs, batcher waits) runs here, never on the loop.
         self.workers = futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="work")
         self.streams = StreamSlots(
-            config.max_streams, config.max_streams_per_connection, config.stream_stall_timeout_s
+            config.max_streams,
+            config.max_streams_per_client or config.max_streams,
+            config.stream_stall_timeout_s,
+            max_waiting=config.max_waiting_streams,
         )
+        # ModelStreamInfer's streams, by the same rules in a pool of their own: a KServe
+        # client keeps its stream open while idle, and must not take Generate's slots
+        self.kserve_streams = StreamSlots(
+            config.max_streams,
+            config.max_streams_per_client or config.max_streams,
+            config.stream_stall_timeout_s,
+            max_waiting=config.max_waiting_streams,
+        )
+        identify = functools.partial(client_identity, header=config.client_id_header)
         # Per-model counts and durations of every protocol's inferences (ModelStatistics).
         self.statistics = Statistics()
         self.batchers: dict[str, DynamicBatcher] = {}
@@ -137,12 +160,14 @@ class Server:
             )  # fmt: skip
         self.servicer = InferenceServicer(
             registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
-            self.workers, self.statistics,
+            self.workers, self.statistics, identify,
         )  # fmt: skip
         # The KServe V2 protocol; its server-held sequences join the same engines.
         self.kserve = kserve.KServeServicer(
-            registry, self.workers, self.engines, self.statistics, self.batchers
-        )
+            registry, self.workers, self.engines, self.statistics, self.batchers,
+            streams=self.kserve_streams, identify=identify,
+            max_sequences_per_client=config.max_sequences_per_client,
+        )  # fmt: skip
         # Loads, reloads and unloads while serving: polled, or through KServe's RPCs.
         self.control = ModelControl(self, config.model_control_mode, config.repository_poll_secs)
         self.kserve.control = self.control
@@ -320,6 +345,7 @@ class Server:
                 for batcher in [*self.batchers.values(), *self.retiring_batchers]:
                     batcher.close()
                 self.streams.close()
+                self.kserve_streams.close()
                 if self.metrics_endpoint is not None:
                     self.metrics_endpoint.stop()
                 self.workers.shutdown(wait=False, cancel_futures=True)
@@ -353,10 +379,10 @@ def create_server(
     """Load the models (unless given), bind, and return the server ready to start."""
     if not 0 < config.max_streams:
         raise ValueError(f"max_streams must be at least 1, not {config.max_streams}")
-    if config.max_streams_per_connection < 1 or config.stream_stall_timeout_s < 0:
-        raise ValueError(
-            "max_streams_per_connection must be at least 1 and stream_stall_timeout_s >= 0"
-        )
+    if config.max_streams_per_client < 0 or config.stream_stall_timeout_s < 0:
+        raise ValueError("max_streams_per_client and stream_stall_timeout_s must be >= 0")
+    if config.max_waiting_streams < 0 or config.max_sequences_per_client < 1:
+        raise ValueError("max_waiting_streams must be >= 0 and max_sequences_per_client at least 1")
     if config.intra_op_threads < 0:
         raise ValueError(f"intra_op_threads must be 0 or more, not {config.intra_op_threads}")
     registry = registry or ModelRegistry.load(

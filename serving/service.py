@@ -22,6 +22,7 @@ import numpy as np
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.batching import DynamicBatcher
+from serving.clients import client_identity
 from serving.engine import Delta, Sequence, StepEngine, caption_request, text_request
 from serving.engine.beam import beam_search
 from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput, ServingError, Unavailable
@@ -256,6 +257,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         batchers: dict[str, DynamicBatcher] | None = None,
         workers: Executor | None = None,
         statistics: Statistics | None = None,
+        identify=None,
     ):
         """The parts come from `create_server`, built from one ServerConfig.
 
@@ -265,7 +267,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.registry = registry
         self.batchers = batchers or {}  # model name -> its dynamic batcher (unary calls)
         self.engines = engines  # step model name -> its continuous-batching engine
-        self.streams = streams  # admission: global and per-connection caps, stall watchdog
+        self.streams = streams  # admission: global and per-client caps, stall watchdog
+        self.identify = identify or (lambda context: client_identity(context))  # quota key
         self.images = images
         self.workers = workers
         self.statistics = statistics or Statistics()  # per model, every protocol's calls
@@ -408,7 +411,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 state["active"] = False
 
         words, start, first = [], time.monotonic(), 0.0
-        async for event in self.streams.run(events(), context.peer(), cancel):
+        async for event in self.streams.run(events(), self.identify(context), cancel):
             if state["stalled"]:
                 break
             words += event.words
@@ -437,7 +440,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise Cancelled(STALLED)
 
     def _stream(self, model, sequence, context: grpc.aio.ServicerContext, timing: RequestTiming):
-        """Hold a slot of the client's connection (or be refused at once), build the
+        """Hold a stream slot (waiting for one, fairly, when all are taken), build the
         sequence (on the worker pool: it may decode an image), submit it to the model's
         engine and yield its deltas as they accumulate. A cancelled, timed-out or
         disconnected stream (its task cancelled) leaves the batch at the next iteration;
@@ -477,7 +480,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 finally:
                     engine.cancel(seq)  # a no-op once it finished; else it leaves at once
 
-        return self.streams.run(deltas(), context.peer(), cancel)
+        return self.streams.run(deltas(), self.identify(context), cancel)
 
 
 class OutboxReader:

@@ -10,6 +10,7 @@ import json
 import grpc
 import numpy as np
 import pytest
+from polling import eventually
 from test_kserve import _infer, _outputs
 
 from serving._proto.inference import grpc_service_pb2 as kpb
@@ -184,3 +185,102 @@ def test_repository_load_refuses_config_and_files_it_would_ignore(repository):
             stub.RepositoryModelLoad(kpb.RepositoryModelLoadRequest(model_name="lenet5"))
     finally:
         server.stop(None)
+
+
+# -- one client cannot take what others need --------------------------------------------
+
+
+def _sequence(stub, client: str, key, token: int, start=False, end=False):
+    request = kpb.ModelInferRequest(model_name="char_lstm")
+    kind = "string_param" if isinstance(key, str) else "uint64_param"
+    setattr(request.parameters["sequence_id"], kind, key)
+    request.parameters["sequence_start"].bool_param = start
+    request.parameters["sequence_end"].bool_param = end
+    request.inputs.add(name="tokens", datatype="INT64", shape=[1, 1])
+    request.raw_input_contents.append(np.asarray([[token]], np.int64).tobytes())
+    response = stub.ModelInfer(request, metadata=[("x-client", client)], timeout=30)
+    return _outputs(response)["logits"][0]
+
+
+@pytest.fixture(scope="module")
+def quotas(repository):
+    """Clients told apart by the header a trusted proxy would set (they all share
+    127.0.0.1 here); 3 live sequences per client; a 1 s stall timeout."""
+    config = ServerConfig(
+        repository, port=0, device="cpu", client_id_header="x-client",
+        max_sequences_per_client=3, stream_stall_timeout_s=1.0,
+    )  # fmt: skip
+    server, port = create_server(config)
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield server, kpb_grpc.GRPCInferenceServiceStub(channel), channel
+    server.stop(None)
+
+
+def test_sequences_are_a_clients_own_and_counted_per_client(quotas):
+    """Issue 17 item 5: one client took all 1,024 sequences; client B stepped client
+    A's sequence 1000, read its continuation and ended it; "1000" was 1000."""
+    _, stub, _ = quotas
+    for key in (1000, 1001, 1002):
+        _sequence(stub, "a", key, 3, start=True)
+    details = _refused(
+        lambda: _sequence(stub, "a", 1003, 3, start=True), grpc.StatusCode.RESOURCE_EXHAUSTED
+    )
+    assert "--max-sequences-per-client" in details and "holds 3" in details
+    # b has its own quota and its own ids: its 1000 is not a's
+    details = _refused(lambda: _sequence(stub, "b", 1000, 4, end=True))
+    assert "sequence 1000 does not exist" in details
+    _sequence(stub, "b", 1000, 5, start=True)
+    _sequence(stub, "b", 1000, 5, end=True)
+    _sequence(stub, "a", 1000, 4)  # a's 1000 lived on through b's start and end
+    # the string "1000" is not the integer 1000
+    assert "sequence '1000' does not exist" in _refused(lambda: _sequence(stub, "a", "1000", 4))
+    for key in (1000, 1001, 1002):
+        _sequence(stub, "a", key, 0, end=True)
+    _sequence(stub, "a", "1000", 3, start=True, end=True)  # room again
+
+
+def _big_answer(i: int) -> kpb.ModelInferRequest:
+    """A 64-row step, its state left to start at zero: a request of 600 bytes whose
+    answer (logits and the new state) is about 60 KiB with the tiny model."""
+    request = kpb.ModelInferRequest(model_name="char_lstm", id=str(i))
+    request.inputs.add(name="tokens", datatype="INT64", shape=[64, 1])
+    request.raw_input_contents.append(np.full((64, 1), 3, np.int64).tobytes())
+    return request
+
+
+def test_a_stream_whose_client_never_reads_holds_its_byte_budget_then_is_cancelled(
+    quotas, monkeypatch
+):
+    """Issue 17 item 3: 40 requests and no reads: the server answered 32 and kept
+    every answer (one stream +900 MiB with big ones). Now it stops reading requests
+    once STREAM_BUDGET_BYTES are held, and the stall watchdog ends the stream."""
+    from test_slow_reader import NeverReads
+
+    from serving import kserve
+
+    server, stub, _ = quotas
+    answer = _outputs(_infer(stub, "char_lstm", {"tokens": np.full((64, 1), 3, np.int64)}))
+    answer_bytes = sum(a.nbytes for a in answer.values())
+    assert answer_bytes > 50_000
+    monkeypatch.setattr(kserve, "STREAM_BUDGET_BYTES", 3 * answer_bytes)
+    executed = lambda: kserve_stats(stub, "char_lstm").inference_count // 64  # noqa: E731
+    before, stalled = executed(), server.kserve_streams.stalled
+    hostile = NeverReads(server.port)  # its flow-control windows are 0 and stay so
+    try:
+        path = "/inference.GRPCInferenceService/ModelStreamInfer"
+        hostile.call(path, [_big_answer(i) for i in range(40)], end=False)
+        assert eventually(lambda: server.kserve_streams.stalled == stalled + 1, 20)
+        answered = executed() - before
+        assert 1 <= answered <= 6, answered  # the budget's few, not the window's 32
+        assert server.kserve_streams.live == 0  # its slot is free
+    finally:
+        hostile.close()
+    # an ordinary stream on the same server is untouched
+    (got,) = list(stub.ModelStreamInfer(iter([_big_answer(99)]), timeout=30))
+    assert got.infer_response.id == "99" and not got.error_message
+
+
+def kserve_stats(stub, name: str):
+    (stats,) = stub.ModelStatistics(kpb.ModelStatisticsRequest(name=name)).model_stats
+    return stats

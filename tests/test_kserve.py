@@ -465,9 +465,9 @@ def _seq_request(key, start=False, text=None, tokens=None, outputs=()):
         (_seq_request("s", True, "K\u00e9".encode()), "inputs[0].contents", "'\u00e9' are not"),
         (_seq_request("s", True, tokens=1, outputs=["h_next"]), "outputs[0].name", "'h_next'"),
         (_seq_request("s", True, tokens=1, outputs=["logits"] * 2), "outputs[1].name", "twice"),
-        (_seq_request(-4, True, tokens=1), "parameters.sequence_id", "'-4'; 0, negative"),
+        (_seq_request(-4, True, tokens=1), "parameters.sequence_id", "got -4; 0, negative"),
         (_seq_request("x" * 257, True, tokens=1), "parameters.sequence_id", "257 characters"),
-        (_seq_request("s", True, tokens=99), "tokens", "each 0 to"),
+        (_seq_request("s", True, tokens=99), "inputs[0].contents", "ids 99 to 99; char_lstm"),
     ],
 )
 def test_sequence_step_errors_name_the_field(kserve, request_, field, problem):

@@ -315,12 +315,14 @@ def test_unexpected_failure_is_internal_and_harms_no_other_request(client, serve
     assert client.stub.Classify(pb.ClassifyRequest(model="lenet5", tensor=tensor)).classes
 
 
-def test_too_many_streams_are_refused_and_health_still_answers(repository):
+def test_streams_past_the_cap_wait_then_are_refused_and_health_still_answers(repository):
     from serving.client import StepwiseClient
     from serving.server import ServerConfig, create_server
 
     server, port = create_server(
-        ServerConfig(repository, port=0, device="cpu", max_workers=4, max_streams=2)
+        ServerConfig(
+            repository, port=0, device="cpu", max_workers=4, max_streams=2, max_waiting_streams=1
+        )
     )
     model = server.registry.models["char_lstm"]
     run = model.run
@@ -330,14 +332,17 @@ def test_too_many_streams_are_refused_and_health_still_answers(repository):
         with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as c:
             streams = [c.generate_stream("KING.\n", max_tokens=4000, seed=i) for i in range(2)]
             assert all(next(s).text for s in streams)  # both running
-            err = _error(lambda: c.generate_stream("KING.\n", max_tokens=5))
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2" in err.details()
+            third = c.generate_stream("KING.\n", max_tokens=5, seed=3)  # waits for a slot
+            assert eventually(lambda: server.streams.waiting == 1)
+            err = _error(lambda: c.generate_stream("KING.\n", max_tokens=5))  # may not wait
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "all 2 streams are busy and 1 wait" in err.details()
             health = health_pb2_grpc.HealthStub(c.channel)
             status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
             assert status == health_pb2.HealthCheckResponse.SERVING
             assert len(c.list_models()) == 3
-            streams[0].cancel()
-            time.sleep(0.3)  # the slot is released when the server sees the cancellation
+            streams[0].cancel()  # its slot goes to the one waiting
+            assert len("".join(r.text for r in third)) == 5
             assert "".join(c.generate("KING.\n", max_tokens=5, seed=1))
             streams[1].cancel()
     finally:
@@ -401,8 +406,7 @@ def test_seeded_streams_are_identical_alone_and_batched_together(server, target)
         stream = pb_grpc.InferenceStub(channel).Generate(request, timeout=30)
         return "".join(r.text for r in stream)
 
-    # Four connections of their own (not the process-wide shared subchannel), so the
-    # per-connection stream cap (8) is not what is tested here.
+    # Four connections of their own (not the process-wide shared subchannel).
     channels = [
         grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(4)
@@ -445,11 +449,7 @@ def test_hundreds_of_streams_hold_no_thread_each_and_health_stays_responsive(rep
     from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
     from serving.server import ServerConfig, create_server
 
-    server, port = create_server(
-        ServerConfig(
-            repository, port=0, device="cpu", max_streams=256, max_streams_per_connection=256
-        )
-    )
+    server, port = create_server(ServerConfig(repository, port=0, device="cpu", max_streams=256))
     model = server.registry.models["char_lstm"]
     run = model.run
     # 5 ms a step: the 200 streams overlap enough to fill a 64-row batch even on a

@@ -1,8 +1,8 @@
 """A client that never reads: one raw HTTP/2 connection (the `h2` package) opens
 `Generate` streams with an initial flow-control window of 0 and never sends
 WINDOW_UPDATE, answering only SETTINGS and PING. It used to hold every stream slot
-for as long as it stayed connected; now it holds at most its connection's share, and
-only until the stall timeout cancels its streams."""
+for as long as it stayed connected; now it holds at most its client's share, and
+only until the stall timeout cancels its streams; its streams past the share wait."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from serving.client import StepwiseClient
 from serving.server import ServerConfig, create_server
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels share none
+# Every test client is on 127.0.0.1, one host: the server tells them apart by this
+# header, as it would behind a proxy that sets it (serving/clients.py).
+CLIENT_HEADER = "x-client"
 
 
 class NeverReads:
@@ -75,18 +78,24 @@ class NeverReads:
             self._flush()
 
     def generate(self, request: pb.GenerateRequest) -> int:
+        return self.call("/stepwise.v1.Inference/Generate", [request])
+
+    def call(self, path: str, requests: list, end: bool = True) -> int:
+        """Open a stream on `path` and send `requests` (small: they must fit the
+        server's receive window), ending the request side when `end`."""
         with self.lock:
             stream_id = self.conn.get_next_available_stream_id()
             self.conn.send_headers(
                 stream_id,
-                [(":method", "POST"), (":scheme", "http"), (":path",
-                  "/stepwise.v1.Inference/Generate"), (":authority", "localhost"),
-                 ("content-type", "application/grpc"), ("te", "trailers")],
+                [(":method", "POST"), (":scheme", "http"), (":path", path),
+                 (":authority", "localhost"), ("content-type", "application/grpc"),
+                 ("te", "trailers"), (CLIENT_HEADER, "hostile")],
             )  # fmt: skip
-            payload = request.SerializeToString()
-            self.conn.send_data(
-                stream_id, b"\0" + struct.pack(">I", len(payload)) + payload, end_stream=True
+            frames = b"".join(
+                b"\0" + struct.pack(">I", len(p)) + p
+                for p in (r.SerializeToString() for r in requests)
             )
+            self.conn.send_data(stream_id, frames, end_stream=end)
         self._flush()
         return stream_id
 
@@ -104,11 +113,11 @@ class NeverReads:
 
 @pytest.fixture()
 def guarded(repository):
-    """A server with 4 stream slots, 2 per connection, a 2 s stall timeout, and a
+    """A server with 4 stream slots, 2 per client, a 2 s stall timeout, and a
     language model slowed to 5 ms a step (a 4000-token stream takes 20 s)."""
     config = ServerConfig(
         repository, port=0, device="cpu", max_workers=8, max_streams=4,
-        max_streams_per_connection=2, stream_stall_timeout_s=2.0,
+        max_streams_per_client=2, stream_stall_timeout_s=2.0, client_id_header=CLIENT_HEADER,
     )  # fmt: skip
     server, port = create_server(config)
     model = server.registry.models["char_lstm"]
@@ -119,39 +128,52 @@ def guarded(repository):
     server.stop(None)
 
 
+def _as(name: str) -> list[tuple[str, str]]:
+    return [(CLIENT_HEADER, name)]
+
+
 def test_a_client_that_never_reads_cannot_lock_others_out(guarded):
     server, port = guarded
     hostile = NeverReads(port)
     request = pb.GenerateRequest(model="char_lstm", prompt="KING.\n", max_tokens=4000, seed=1)
     try:
-        opened = [hostile.generate(request) for _ in range(3)]  # one over its share
-        exhausted = str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
-        assert eventually(lambda: exhausted in hostile.statuses.values(), 10), hostile.statuses
-        held = [s for s in opened if hostile.statuses.get(s) != exhausted]
-        assert len(held) == 2 and eventually(lambda: server.streams.live == 2, 5)
+        opened = [hostile.generate(request) for _ in range(3)]  # one over its share: waits
+        assert eventually(lambda: server.streams.live == 2 and server.streams.waiting == 1, 10)
+        assert not hostile.statuses  # nothing refused
         # Meanwhile another client streams on the slots left.
         with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as other:
-            assert len("".join(other.generate("KING.\n", max_tokens=20, seed=2))) == 20
+            text = other.stub.Generate(
+                pb.GenerateRequest(model="char_lstm", prompt="KING.\n", max_tokens=20, seed=2),
+                metadata=_as("other"),
+            )
+            assert len("".join(r.text for r in text)) == 20
             # The stall watchdog cancels the stuck streams and frees their slots; the
             # CANCELLED status waits behind the unread messages (an asyncio server cannot
             # reset one HTTP/2 stream), so the client learns it once it reads again.
             assert eventually(lambda: server.streams.stalled == 2, 10), hostile.statuses
-            assert eventually(lambda: server.streams.live == 0, 5)
-            # Until they end, they still count against their connection: no new ones.
-            again = hostile.generate(request)
-            assert eventually(lambda: hostile.statuses.get(again) == exhausted, 10)
-            hostile.open_windows(held)
-            assert eventually(lambda: all(s in hostile.statuses for s in held), 10), (
+            # Until they end, they still count against their client: its third waits on.
+            assert server.streams.live == 0 and server.streams.waiting == 1
+            assert server.streams.held("header:hostile") == 2
+            hostile.open_windows(opened[:2])
+            assert eventually(lambda: all(s in hostile.statuses for s in opened[:2]), 10), (
                 hostile.statuses
             )
-            assert {hostile.statuses[s] for s in held} == {"1"}  # 1: CANCELLED
-        # Every slot is free again: two connections of two streams each fill all four.
+            assert {hostile.statuses[s] for s in opened[:2]} == {"1"}  # 1: CANCELLED
+            # their shares given back, the waiting third runs (and stalls in its turn)
+            assert eventually(lambda: server.streams.live == 1, 10)
+            hostile.close()
+            assert eventually(lambda: server.streams.live == 0 and not server.streams.waiting, 30)
+        # Every slot is free again: two clients of two streams each fill all four.
         texts = []
         channels = [grpc.insecure_channel(f"127.0.0.1:{port}", OWN_CONNECTION) for _ in "ab"]
         try:
             stubs = [pb_grpc.InferenceStub(ch) for ch in channels]
             request = pb.GenerateRequest(model="char_lstm", prompt="KING.\n", max_tokens=30)
-            streams = [stub.Generate(request, timeout=30) for stub in stubs for _ in "12"]
+            streams = [
+                stub.Generate(request, timeout=30, metadata=_as(name))
+                for stub, name in zip(stubs, "ab", strict=True)
+                for _ in "12"
+            ]
             texts = ["".join(r.text for r in s) for s in streams]
         finally:
             for ch in channels:
@@ -161,9 +183,28 @@ def test_a_client_that_never_reads_cannot_lock_others_out(guarded):
         hostile.close()
 
 
+def test_one_client_multiplexing_past_its_share_waits_and_is_never_refused(guarded):
+    """Issue 17 item 7: 20 threads each calling generate() over one channel got 12
+    RESOURCE_EXHAUSTED ("this connection already has 8 streams open")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, port = guarded  # 4 slots, 2 per client
+    with StepwiseClient(f"127.0.0.1:{port}", timeout=60) as client:
+        with ThreadPoolExecutor(10) as pool:
+            texts = list(
+                pool.map(
+                    lambda i: "".join(client.generate("KING.\n", max_tokens=15, seed=i)),
+                    range(10),
+                )
+            )
+    assert all(len(t) == 15 for t in texts)
+    assert server.streams.refused == 0 and server.streams.waited >= 8
+
+
 def test_stalled_streams_are_cancelled_by_the_watchdog_without_grpc():
     """The slot bookkeeping alone, with a fake clock: a message out and not taken for
-    longer than the timeout cancels the stream; a reading client is never cancelled."""
+    longer than the timeout cancels the stream; a reading client is never cancelled;
+    a client past its cap waits (never refused) until one of its streams ends."""
     from serving.errors import ResourceExhausted
     from serving.streams import StreamSlots
 
@@ -173,27 +214,60 @@ def test_stalled_streams_are_cancelled_by_the_watchdog_without_grpc():
 
     async def scenario():
         now = [0.0]
-        slots = StreamSlots(3, 2, stall_timeout_s=5.0, clock=lambda: now[0])
+        slots = StreamSlots(3, 2, stall_timeout_s=5.0, clock=lambda: now[0], max_waiting=1)
         cancelled = []
-        reader = slots.run(numbers(100), "conn-a", lambda: cancelled.append("reader"))
-        stuck = slots.run(numbers(100), "conn-a", lambda: cancelled.append("stuck"))
+        reader = slots.run(numbers(100), "a", lambda: cancelled.append("reader"))
+        stuck = slots.run(numbers(100), "a", lambda: cancelled.append("stuck"))
         await anext(reader), await anext(stuck)
-        with pytest.raises(ResourceExhausted, match="this connection already has 2 streams"):
-            await anext(slots.run(numbers(3), "conn-a", lambda: None))
-        other = slots.run(numbers(3), "conn-b", lambda: None)
-        await anext(other)
-        with pytest.raises(ResourceExhausted, match="all 3 streams are busy"):
-            await anext(slots.run(numbers(3), "conn-c", lambda: None))
-        await other.aclose()  # a finished stream: its slot is free at once
+        third = asyncio.ensure_future(anext(slots.run(numbers(3), "a", lambda: None)))
+        await asyncio.sleep(0.01)
+        assert not third.done() and slots.waiting == 1  # a's third waits: its cap is 2
+        with pytest.raises(ResourceExhausted, match="wait for one, the most allowed"):
+            await anext(slots.run(numbers(3), "b", lambda: None))  # 1 may wait, 1 does
         for _ in range(10):  # 10 s: the reader takes a message every second, stuck never
             now[0] += 1.0
             await anext(reader)
             slots.check_stalls()
         assert cancelled == ["stuck"] and slots.stalled == 1
-        with pytest.raises(ResourceExhausted, match="this connection already has 2"):
-            await anext(slots.run(numbers(3), "conn-a", lambda: None))  # stuck still counts
+        await asyncio.sleep(0.01)
+        assert not third.done()  # stuck still counts against a
         await stuck.aclose()  # what the transport does once the cancellation lands
-        assert slots.live == 1 and (slots.admitted, slots.refused) == (3, 3)
-        await anext(slots.run(numbers(3), "conn-a", lambda: None))  # conn-a has room again
+        assert await third == 0 and slots.live == 2
+        assert (slots.admitted, slots.refused, slots.waited) == (3, 1, 1)
+
+    asyncio.run(scenario())
+
+
+def test_a_freed_slot_goes_to_the_waiting_client_holding_fewest():
+    """Fair admission: a hog's many waiting streams do not go first because they came
+    first; the client holding the fewest streams gets the next free slot."""
+    from serving.streams import StreamSlots
+
+    async def forever():
+        while True:
+            yield 0
+
+    async def scenario():
+        slots = StreamSlots(4, stall_timeout_s=0)
+        hog = [slots.run(forever(), "hog", lambda: None) for _ in range(4)]
+        for stream in hog:
+            await anext(stream)
+        waiting = [
+            asyncio.ensure_future(anext(slots.run(forever(), who, lambda: None)))
+            for who in ["hog", "hog", "hog", "victim"]
+        ]
+        await asyncio.sleep(0.01)
+        assert slots.waiting == 4 and not any(w.done() for w in waiting)
+        await hog[0].aclose()
+        await asyncio.sleep(0.01)
+        assert [w.done() for w in waiting] == [False, False, False, True]  # the victim
+        await hog[1].aclose()
+        await asyncio.sleep(0.01)
+        assert [w.done() for w in waiting] == [True, False, False, True]  # then in order
+        assert slots.held("hog") == 3 and slots.held("victim") == 1
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert slots.waiting == 0  # a waiter whose call ends leaves no trace
 
     asyncio.run(scenario())
