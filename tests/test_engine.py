@@ -160,6 +160,32 @@ def test_a_long_prompt_is_consumed_in_chunks_between_decode_iterations():
     assert prefills[1:] == [(1, 4)] * 10 + [(1, 2)] and before == 1
 
 
+def test_a_short_prompt_starts_at_once_whatever_long_prompts_fill_the_batch():
+    """Issue 17 item 6: behind 248 streams of 16k-character prompts a newcomer's first
+    token waited 29 s (FIFO rows, FIFO prefill). Here the batch (2 rows) and the queue
+    hold 40-token prompts (10 chunks each); a 2-token prompt gets its first token at
+    the next iteration, and every long prompt's text is what it is alone."""
+    model = FakeStepModel()
+    longs = [list(range(1, 8)) * 5 + [i + 1] * 5 for i in range(4)]  # 40 tokens each
+    alone = [[int(t) for d in run_alone(model, fake_request(p)) for t in d.tokens] for p in longs]
+    s = Scheduler(model, EngineConfig(max_batch_size=2, prefill_tokens_per_iteration=8))
+    seqs = [fake_request(p) for p in longs]
+    for seq in seqs:
+        s.submit(seq)
+    for _ in range(3):
+        s.step()  # the first two are prefilling, two wait
+    newcomer = fake_request([3, 4], max_tokens=3)
+    s.submit(newcomer)
+    s.step()
+    first = newcomer.outbox.take(timeout=0)
+    assert first is not None and len(first.tokens) == 1  # one iteration: joined, prefilled
+    assert s.stats.preemptions == 1
+    while s.has_work():
+        s.step()
+    assert [drain(seq)[1] for seq in seqs] == alone  # swapped out and back, same text
+    assert len(drain(newcomer)[1]) == 2
+
+
 def test_equal_chunks_are_prefilled_together_and_results_match_alone():
     model = FakeStepModel()
     prompts = [[1, 2, 3], [4, 5, 6], [1, 1]]

@@ -1,10 +1,12 @@
 """Continuous (iteration-level) batching of one step model's streams.
 
 At every iteration (`Scheduler.step`):
-1. decide: waiting streams join while the batch has room (FIFO); cancelled and
-   timed-out streams leave; each stream still consuming its prompt gets its next chunk
-   (`model.prefill_chunk` tokens) while the iteration's prefill budget lasts, so a long
-   prompt never stalls the running streams for more than one chunk per iteration;
+1. decide: waiting streams join while the batch has room (FIFO); with the batch full,
+   a waiting short prompt swaps out the stream with the most prompt still to prefill;
+   cancelled and timed-out streams leave; each stream still consuming its prompt gets
+   its next chunk (`model.prefill_chunk` tokens, the least prompt left first) while the
+   iteration's prefill budget lasts, so a long prompt never stalls the running streams
+   for more than one chunk per iteration, and never delays a short one;
 2. run: one step-graph call for every stream that feeds one sampled token, one
    prefill-graph call per group of equal chunk lengths, the state rows gathered from
    the streams and scattered back (along the card's batch axis);
@@ -78,6 +80,7 @@ class EngineStats:
     joins: int = 0
     leaves: int = 0
     refused: int = 0
+    preemptions: int = 0  # prefilling streams swapped out for a shorter prompt
     batch_sizes: Counter = field(default_factory=Counter)  # decode rows per step run -> runs
     # Batched state moved between host and device (bound decode runs only): an upload
     # when the decode batch's streams change, a download before that and for answers.
@@ -201,19 +204,45 @@ class Scheduler:
             if any(s.cancelled or s.deadline is not None for s in self._waiting):
                 self._waiting = deque(s for s in self._waiting if not self._gone(s, now))
             while self._waiting and len(self._running) < self.config.max_batch_size:
-                seq = self._waiting.popleft()
-                seq.status, seq.joined = Status.PREFILL, now
-                self._running.append(seq)
-                self.stats.joins += 1
+                self._join(self._waiting.popleft(), now)
+            if self._waiting and self._prefill:
+                self._swap_in_shortest(now)
+
+    def _join(self, seq: Sequence, now: float) -> None:
+        seq.status, seq.joined = Status.PREFILL, seq.joined or now  # first join: queue time
+        self._running.append(seq)
+        self.stats.joins += 1
+
+    def _swap_in_shortest(self, now: float) -> None:
+        """Under the lock, the batch full and streams waiting: the waiting stream with the
+        least prompt left takes the row of the running stream with the most still to
+        prefill, when that is PREEMPT_MARGIN_CHUNKS chunks more; the stream swapped out
+        keeps its state and waits at the head of the queue, to resume where it stopped.
+        So a newcomer's short prompt starts within an iteration or two, whatever prompts
+        fill the batch; at most one swap per iteration bounds the churn."""
+        prefilling = [s for s in self._running if not self._by_step(s)]
+        if not prefilling:
+            return
+        longest = max(prefilling, key=lambda s: len(s.pending))
+        shortest = min(self._waiting, key=lambda s: len(s.pending))
+        margin = PREEMPT_MARGIN_CHUNKS * self.model.prefill_chunk
+        if len(longest.pending) - len(shortest.pending) < margin:
+            return
+        self._running.remove(longest)
+        longest.status = Status.WAITING
+        self._waiting.remove(shortest)
+        self._waiting.appendleft(longest)
+        self._join(shortest, now)
+        self.stats.preemptions += 1
 
     def _prefill_groups(self) -> dict[int, list[Sequence]]:
-        """Streams consuming their prompt, oldest first while the budget lasts (at least
-        one), grouped by chunk length so each group is one [G, length] graph run."""
+        """Streams consuming their prompt, the least prompt left first (the oldest among
+        equals: a short prompt never waits behind long ones) while the budget lasts (at
+        least one), grouped by chunk length so each group is one [G, length] graph run."""
         groups: dict[int, list[Sequence]] = {}
         budget = self.config.prefill_tokens_per_iteration
-        for seq in self._running:
-            if self._by_step(seq):
-                continue
+        prefilling = [s for s in self._running if not self._by_step(s)]
+        for seq in sorted(prefilling, key=lambda s: len(s.pending)):
             length = min(len(seq.pending), self.model.prefill_chunk)
             if groups and length > budget:
                 break
@@ -429,6 +458,10 @@ def _internal(exc: Exception) -> ServingError:
         return exc
     return ServingError(f"the model failed on this request: {type(exc).__name__}")
 
+
+# A waiting prompt swaps a prefilling stream out of a full batch only when it has at
+# least this many chunks less to prefill: short prompts first, without swapping equals.
+PREEMPT_MARGIN_CHUNKS = 4
 
 CLOSE_TIMEOUT_S = 10.0  # at most one iteration's wait; far above any iteration
 
