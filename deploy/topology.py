@@ -225,7 +225,8 @@ def local_topology(
             proc = spawn(
                 [sys.executable, "-m", "serving", "--model-repository", str(repository),
                  "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-                 str(metrics_port), "--device", "cpu", "--drain-delay", "0"],
+                 str(metrics_port), "--device", "cpu", "--drain-delay", "0",
+                 "--client-id-header", "x-real-ip"],
                 log,
             )  # fmt: skip
             procs.append(proc)

@@ -93,7 +93,7 @@ def test_compose_files_validate_and_wire_the_topology():
     assert server["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
     check = _healthcheck_text(server)
     assert "grpc_health" in check and "127.0.0.1:8001" in check and "SERVING" in check
-    assert server["command"] == ["--device", "cpu"]
+    assert server["command"] == ["--device", "cpu", "--client-id-header", "x-real-ip"]
 
     lb = services["lb"]
     assert lb["image"].startswith("nginx:")
@@ -134,7 +134,7 @@ def test_compose_files_validate_and_wire_the_topology():
                for m in (_volume(v) for v in loadtest["volumes"]))  # fmt: skip
 
     gpu = compose_config("docker-compose.yml", "docker-compose.gpu.yml")["services"]["server"]
-    assert gpu["command"] == ["--device", "cuda"]
+    assert gpu["command"] == ["--device", "cuda", "--client-id-header", "x-real-ip"]
     assert gpu["build"]["target"] == "serving-gpu"
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
