@@ -114,6 +114,10 @@ class Metrics:
         )
         r.register(_EngineGauges(self.engines))
 
+    def watch_slots(self, pools: dict) -> None:
+        """Stream slots by pool (`serving.streams.StreamSlots`): live and waiting."""
+        self.registry.register(_SlotGauges(pools))
+
     def engine_observer(self, model: str) -> EngineMetrics:
         return EngineMetrics(self, model, self.statistics[model])
 
@@ -237,6 +241,24 @@ class _EngineGauges:
             queued.add_metric([name], waiting)
         yield live
         yield queued
+
+
+class _SlotGauges:
+    """Streams holding a slot and waiting for one, per pool, read at scrape time."""
+
+    def __init__(self, pools: dict):
+        self.pools = pools
+
+    def collect(self):
+        slots = GaugeMetricFamily(
+            "stepwise_stream_slots",
+            "Response streams holding a slot (live) or waiting for one (waiting), by pool",
+            labels=["pool", "state"],
+        )
+        for pool, streams in sorted(self.pools.items()):
+            slots.add_metric([pool, "live"], streams.live)
+            slots.add_metric([pool, "waiting"], streams.waiting)
+        yield slots
 
 
 class RpcMetrics:

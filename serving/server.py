@@ -149,6 +149,7 @@ class Server:
         self.retiring_engines: set[StepEngine] = set()
         self.retiring_batchers: set[DynamicBatcher] = set()
         self.metrics = Metrics(registry, self.statistics, self.engines, self.batchers)
+        self.metrics.watch_slots({"generate": self.streams, "kserve": self.kserve_streams})
         for name, model in list(registry.models.items()):
             self.attach(name, model)
         self.metrics_endpoint = None

@@ -334,6 +334,9 @@ def test_streams_past_the_cap_wait_then_are_refused_and_health_still_answers(rep
             assert all(next(s).text for s in streams)  # both running
             third = c.generate_stream("KING.\n", max_tokens=5, seed=3)  # waits for a slot
             assert eventually(lambda: server.streams.waiting == 1)
+            page = server.metrics.render().decode()
+            assert 'stepwise_stream_slots{pool="generate",state="waiting"} 1.0' in page
+            assert 'stepwise_stream_slots{pool="generate",state="live"} 2.0' in page
             err = _error(lambda: c.generate_stream("KING.\n", max_tokens=5))  # may not wait
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "all 2 streams are busy and 1 wait" in err.details()
