@@ -196,7 +196,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def ModelInfer(self, request, context):
-        return await self._infer(request, self.identify(context))
+        return await self._infer(request, lambda: self.identify(context))
 
     @streaming
     async def ModelStreamInfer(self, request_iterator, context):
@@ -238,7 +238,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                     size = 0 if isinstance(request, Undecodable) else request.ByteSize()
                     await budget.take(size)
                     key = _sequence_key(request)
-                    answer = self._stream_answer(request, last.get(key), client)
+                    answer = self._stream_answer(request, last.get(key), lambda: client)
                     task = asyncio.ensure_future(answer)
                     task.add_done_callback(lambda t, n=size: budget.swap(n, t))
                     if key is not None:
@@ -264,11 +264,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 window.release()
                 yield response
                 budget.give(budget.sizes.pop(task, 0))  # taken by the client
-            await reader  # a request stream that broke ends this one with its status
+            if not reader.cancelled():  # cancelled: the stream stalled, and says so
+                await reader  # a request stream that broke ends this one with its status
         finally:
             drop_everything()
 
-    async def _stream_answer(self, request, after: asyncio.Task | None, client: str):
+    async def _stream_answer(self, request, after: asyncio.Task | None, client):
         """One stream request's answer; an error becomes its `error_message`."""
         if after is not None:  # the previous step of the same sequence goes first
             await asyncio.wait([after])
@@ -289,15 +290,16 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 error_message=message, infer_response=kpb.ModelInferResponse(**echo)
             )
 
-    async def _infer(self, request, client: str) -> kpb.ModelInferResponse:
+    async def _infer(self, request, client) -> kpb.ModelInferResponse:
         """Run the model's graph (`model.onnx`: a classifier, or a step model's step
         graph with its state as plain inputs and outputs) on the request's tensors; with
-        a `sequence_id` parameter on a step model, the server holds the state."""
+        a `sequence_id` parameter on a step model, the server holds the state for the
+        client `client()` names (asked only then: it reads the call's metadata)."""
         model = self._model(request.model_name, request.model_version)
         stats = self.statistics[model.name]
         with stats.request() as timing:
             if "sequence_id" in request.parameters:
-                return await self._sequence_step(model, request, timing, client)
+                return await self._sequence_step(model, request, timing, client())
             state = [s["input"] for s in getattr(model, "state", [])]
             feeds = decode_inputs(request, model.card["inputs"], optional=state)
             check_limits(feeds, input_limits(model), model.name)
