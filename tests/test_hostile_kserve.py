@@ -269,11 +269,14 @@ def test_a_stream_whose_client_never_reads_holds_its_byte_budget_then_is_cancell
     hostile = NeverReads(server.port)  # its flow-control windows are 0 and stay so
     try:
         path = "/inference.GRPCInferenceService/ModelStreamInfer"
-        hostile.call(path, [_big_answer(i) for i in range(40)], end=False)
+        stream = hostile.call(path, [_big_answer(i) for i in range(40)], end=False)
         assert eventually(lambda: server.kserve_streams.stalled == stalled + 1, 20)
         answered = executed() - before
         assert 1 <= answered <= 6, answered  # the budget's few, not the window's 32
         assert server.kserve_streams.live == 0  # its slot is free
+        hostile.open_windows([stream])  # reading again, it hears why: CANCELLED
+        assert eventually(lambda: hostile.statuses.get(stream) == "1", 10), hostile.statuses
+        assert executed() - before == answered  # nothing more ran for it
     finally:
         hostile.close()
     # an ordinary stream on the same server is untouched
