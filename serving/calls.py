@@ -108,7 +108,10 @@ class Calls(grpc.aio.ServerInterceptor):
             self._waiting.add(task)
             try:
                 try:
-                    response = await inner(request, context)
+                    # handed over, not held: a failed call's traceback keeps this frame
+                    # alive until a garbage collection (serving.service.unary)
+                    args, request = [request], None
+                    response = await inner(args.pop(), context)
                 except asyncio.CancelledError:
                     reason = self._reason(task)
                     if reason is None or _code(context, None) is not None:

@@ -129,6 +129,9 @@ def unary(handler):
             return await handler(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             code, message = status_of(exc)
+        # The abort's traceback keeps this frame alive until a garbage collection breaks
+        # its cycle: a refused request (up to --max-message-bytes) must not live on in it.
+        request = None  # noqa: F841
         await context.abort(code, message)
 
     return wrapper

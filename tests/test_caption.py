@@ -142,12 +142,14 @@ def test_teacher_forcing_targets_shift_by_one():
 
 
 def test_caption_streams_share_the_stream_limit(captioner):
-    """A Caption beyond max_streams is refused with RESOURCE_EXHAUSTED while the
-    running one goes on; the slot comes back when the running one is cancelled."""
+    """A Caption beyond max_streams (none may wait here) is refused with
+    RESOURCE_EXHAUSTED while the running one goes on; the slot comes back when the
+    running one is cancelled."""
     import time
 
     repo = captioner[2].parent.parent
-    server, port = create_server(ServerConfig(repo, port=0, device="cpu", max_streams=1))
+    config = ServerConfig(repo, port=0, device="cpu", max_streams=1, max_waiting_streams=0)
+    server, port = create_server(config)
     model = server.registry.models["captioner"]
     run = model.run
     model.run = lambda *args: (time.sleep(0.3), run(*args))[1]  # a word per 0.3 s
