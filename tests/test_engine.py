@@ -543,3 +543,24 @@ def test_a_closed_engine_refuses_new_streams_as_unavailable():
     engine.close()
     with pytest.raises(Unavailable):
         engine.submit(fake_request([1]))
+
+
+def test_a_step_request_gets_the_graphs_logits_not_the_samplers_mask():
+    """The captioner's <start> is never sampled, so the samplers see -inf there; a
+    client-driven sequence step answered those masked logits (the fuzz suite found a
+    KServe sequence step on the captioner returning -inf)."""
+    from serving.engine import step_request
+
+    model = FakeStepModel(prefill=False)
+    model.vocab, model.never_sampled = [str(i) for i in range(V)], [1]
+    s = Scheduler(model)
+    company = fake_request([2], max_tokens=3)  # a sampled stream in the same batch
+    seq = step_request(model, [3])
+    s.submit(company), s.submit(seq)
+    while (delta := seq.outbox.take(timeout=0)) is None:
+        s.step()
+    want, _ = model.run("step", np.asarray([[3]]), model.zero_state(1))
+    assert np.array_equal(delta.logits, want[0]) and np.all(np.isfinite(delta.logits))
+    while s.has_work():
+        s.step()
+    assert 1 not in drain(company)[1]  # the mask still holds for sampling

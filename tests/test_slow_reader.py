@@ -95,7 +95,10 @@ class NeverReads:
                 b"\0" + struct.pack(">I", len(p)) + p
                 for p in (r.SerializeToString() for r in requests)
             )
-            self.conn.send_data(stream_id, frames, end_stream=end)
+            size = 16_384  # HTTP/2's smallest maximum frame: the server's SETTINGS may lag
+            for at in range(0, len(frames), size):
+                last = at + size >= len(frames)
+                self.conn.send_data(stream_id, frames[at : at + size], end_stream=end and last)
         self._flush()
         return stream_id
 

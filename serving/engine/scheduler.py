@@ -360,7 +360,9 @@ class Scheduler:
     def _sample(self, ready: list[tuple[Sequence, np.ndarray]]) -> None:
         logits = np.stack([row for _, row in ready])  # [R, V]
         finite = np.all(np.isfinite(logits), axis=1)
-        if self.model.never_sampled:
+        graph = logits  # what the graph gave: a step request's answer
+        if self.model.never_sampled:  # never sampled: masked for the samplers alone
+            logits = logits.copy()
             logits[:, self.model.never_sampled] = -np.inf
         seqs = [s for (s, _), ok in zip(ready, finite, strict=True) if ok]
         for (seq, _), ok in zip(ready, finite, strict=True):
@@ -371,7 +373,7 @@ class Scheduler:
         now = self.clock()
         rows = {id(s): i for i, (s, _) in enumerate(ready)}
         for seq in [s for s in seqs if s.sampler is None]:  # step requests: logits back
-            self._answer(seq, logits[rows[id(seq)]], now)
+            self._answer(seq, graph[rows[id(seq)]], now)
         seqs = [s for s in seqs if s.sampler is not None]
         if not seqs:
             return
