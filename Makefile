@@ -98,7 +98,8 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-# Not in CI: 2,500 fresh random examples for each of the four fuzz tests (10,000 requests).
+# Not in CI: 2,500 fresh random examples for each of the six fuzz tests (15,000 calls, and
+# the requests on the ModelStreamInfer streams besides: about 26,000 requests).
 fuzz: setup
 	STEPWISE_FUZZ_EXAMPLES=2500 STEPWISE_FUZZ_RANDOM=1 STEPWISE_FUZZ_REPORT=fuzz-report.json \
 		$(PY) -m pytest -q tests/test_fuzz.py; status=$$?; \
