@@ -43,6 +43,7 @@ from serving.kserve_codec import (
     InputLimits,
     add_output,
     check_limits,
+    check_values,
     decode_inputs,
 )
 from serving.model_config import (
@@ -301,8 +302,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             if "sequence_id" in request.parameters:
                 return await self._sequence_step(model, request, timing, client())
             state = [s["input"] for s in getattr(model, "state", [])]
+            limits = input_limits(model)
+            check_limits(_shapes(request), limits, model.name)  # before the bytes are copied
             feeds = decode_inputs(request, model.card["inputs"], optional=state)
-            check_limits(feeds, input_limits(model), model.name)
+            check_values(feeds, limits, model.name)
             if state and not any(name in feeds for name in state):
                 # Triton's implicit state starts at zero: a step model's metadata lists
                 # `tokens` alone, and a request that follows it steps from zeros
@@ -509,6 +512,14 @@ def _requested(request, names, model_name: str) -> list[str]:
     return wanted or list(names)
 
 
+def _shapes(request) -> dict[str, list[int]]:
+    """The shapes a request declares, by input name (the first of a name given twice)."""
+    shapes: dict[str, list[int]] = {}
+    for tensor in request.inputs:
+        shapes.setdefault(tensor.name, list(tensor.shape))
+    return shapes
+
+
 def input_limits(model) -> InputLimits:
     """The bounds on one ModelInfer of `model`'s graph: its config.pbtxt's
     max_batch_size over each input's batch axis (a state tensor's is the card's open
@@ -538,7 +549,7 @@ def _sequence_tokens(model, request, start: bool) -> np.ndarray:
     if "text" not in given:
         spec = [t for t in model.card["inputs"] if t["name"] == "tokens"]
         feeds = decode_inputs(request, spec)
-        check_limits(feeds, input_limits(model), model.name)  # ids in the vocabulary
+        check_values(feeds, input_limits(model), model.name)  # ids in the vocabulary
         tokens = feeds["tokens"]
         if tokens.shape[0] != 1:
             raise InvalidArgument("inputs[0].shape", "a sequence steps one row at a time: [1, 1]")

@@ -200,12 +200,15 @@ class InputLimits:
     max_tokens: int = 0  # elements of `tokens` per request (the prompt cap), 0: no cap
 
 
-def check_limits(feeds: dict[str, np.ndarray], limits: InputLimits, model: str) -> None:
-    """Refuse, naming the tensor: a batch past `max_batch_size` or inputs whose batch
-    dimensions disagree, token ids outside the vocabulary (ONNX's Gather would wrap a
-    negative one), more tokens than the prompt cap, and NaN or infinite floats."""
-    field_of = {name: f"inputs[{i}]" for i, name in enumerate(feeds)}
-    batches = {n: feeds[n].shape[a] for n, a in limits.batch_axes.items() if n in feeds}
+def check_limits(shapes: dict[str, list[int]], limits: InputLimits, model: str) -> None:
+    """Refuse, naming the tensor, from the shapes a request declares (so before its
+    bytes are copied): a batch past `max_batch_size`, inputs whose batch dimensions
+    disagree, more tokens than the prompt cap. Shapes that do not fit the graph are
+    left to `decode_inputs`."""
+    field_of = {name: f"inputs[{i}]" for i, name in enumerate(shapes)}
+    batches = {
+        n: shapes[n][a] for n, a in limits.batch_axes.items() if n in shapes and len(shapes[n]) > a
+    }
     if len(set(batches.values())) > 1:
         raise InvalidArgument(
             "inputs", f"batch dimensions differ ({batches}); every input's must match"
@@ -217,14 +220,21 @@ def check_limits(feeds: dict[str, np.ndarray], limits: InputLimits, model: str) 
             f"{name!r}: a batch of {size}; {model} takes at most max_batch_size "
             f"{limits.max_batch_size}",
         )
+    tokens = shapes.get("tokens")
+    if tokens is not None and limits.max_tokens and math.prod(tokens) > limits.max_tokens:
+        raise InvalidArgument(
+            f"{field_of['tokens']}.shape",
+            f"'tokens': {math.prod(tokens)} tokens ({tokens}); at most {limits.max_tokens} "
+            "per request",
+        )
+
+
+def check_values(feeds: dict[str, np.ndarray], limits: InputLimits, model: str) -> None:
+    """Refuse, naming the tensor: token ids outside the vocabulary (ONNX's Gather would
+    wrap a negative one) and NaN or infinite floats."""
+    field_of = {name: f"inputs[{i}]" for i, name in enumerate(feeds)}
     tokens = feeds.get("tokens")
     if tokens is not None and limits.vocab_size and tokens.dtype.kind == "i":
-        if limits.max_tokens and tokens.size > limits.max_tokens:
-            raise InvalidArgument(
-                f"{field_of['tokens']}.shape",
-                f"'tokens': {tokens.size} tokens ({list(tokens.shape)}); at most "
-                f"{limits.max_tokens} per request",
-            )
         low, high = int(tokens.min()), int(tokens.max())
         if low < 0 or high >= limits.vocab_size:
             raise InvalidArgument(

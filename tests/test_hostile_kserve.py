@@ -110,8 +110,10 @@ def test_a_huge_dimension_beside_a_zero_is_invalid_argument_not_internal(kserve)
     request = kpb.ModelInferRequest(model_name="char_lstm_prefill")
     request.inputs.add(name="tokens", datatype="INT64", shape=[2**62, 0])
     request.raw_input_contents.append(b"")
-    assert "at least 1" in _refused(lambda: kserve.ModelInfer(request))
-    request.inputs[0].shape[:] = [2**62, 2]
+    assert _refused(lambda: kserve.ModelInfer(request)).startswith("inputs[0].shape")
+    request.inputs[0].shape[:] = [1, 2**62]  # past the prompt cap
+    assert "at most 16384 per request" in _refused(lambda: kserve.ModelInfer(request))
+    request.inputs[0].shape[:] = [1, 2]  # and one that fits, with 0 bytes for 16
     assert "raw_input_contents[0]" in _refused(lambda: kserve.ModelInfer(request))
 
 

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,20 +28,14 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from deploy.topology import ROOT, free_port  # noqa: E402
 from serving._proto.stepwise.v1 import inference_pb2 as pb  # noqa: E402
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 OWN = [("grpc.use_local_subchannel_pool", 1)]
 TEXT = "To be, or not to be, that is the question:\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120) -> None:
