@@ -1,0 +1,133 @@
+"""Server-held sequence state for KServe's sequence batcher (`sequence_id`,
+`sequence_start`, `sequence_end`), without gRPC: which ids a request names, and the
+per-model store of each client's live sequences (`serving.kserve` steps them through
+the model's engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from serving.errors import InvalidArgument, ResourceExhausted
+from serving.model_config import DEFAULT_SEQUENCE_IDLE_US
+
+MAX_SEQUENCE_ID_CHARS = 256
+MAX_SEQUENCES = 1024  # live server-held sequences per model; past it RESOURCE_EXHAUSTED
+EXPIRED_KEPT = 4096  # expired ids remembered, so a late call hears "expired"
+
+
+def idle_us(model) -> int:
+    idle = model.config.sequence_batching.max_sequence_idle_microseconds
+    return idle or DEFAULT_SEQUENCE_IDLE_US
+
+
+def sequence_parameters(params) -> tuple[str, bool, bool]:
+    """(the sequence id as its client would write it, sequence_start, sequence_end) from
+    request parameters: an integer as digits, a string quoted, so the string "1000" and
+    the integer 1000 are two sequences (as in Triton); uint64 and int64 ids are one."""
+    value = params["sequence_id"]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("uint64_param", "int64_param", "string_param"):
+        raise InvalidArgument("parameters.sequence_id", "must be a uint64, int64 or string")
+    raw = getattr(value, kind)
+    if raw in ("", 0) or (kind == "int64_param" and raw < 0):
+        raise InvalidArgument(
+            "parameters.sequence_id", f"got {raw!r}; 0, negative and empty are not sequence ids"
+        )
+    if len(str(raw)) > MAX_SEQUENCE_ID_CHARS:
+        raise InvalidArgument(
+            "parameters.sequence_id",
+            f"{len(str(raw))} characters; at most {MAX_SEQUENCE_ID_CHARS}",
+        )
+    key = repr(raw)
+    flags = []
+    for name in ("sequence_start", "sequence_end"):
+        flag = params[name] if name in params else None
+        if flag is not None and flag.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidArgument(f"parameters.{name}", "must be a bool")
+        flags.append(bool(flag and flag.bool_param))
+    return key, flags[0], flags[1]
+
+
+@dataclass
+class _Entry:
+    state: dict | None
+    last_used: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    version: str = ""  # the model version its state was computed by
+
+
+class SequenceStore:
+    """Server-held state by sequence id, for one model, used from the event loop only.
+    Ids belong to the client that started them (`serving.clients`): another client's
+    step on the same id finds no sequence, and can neither read nor end it. Idle
+    sequences expire after `idle_us`; a client keeps at most `per_client` live, and
+    the model at most MAX_SEQUENCES (a backstop for many clients)."""
+
+    def __init__(self, idle_us: int, clock=time.monotonic, per_client: int = MAX_SEQUENCES):
+        self.idle_s, self.clock, self.per_client = idle_us / 1e6, clock, per_client
+        self.live: dict[tuple[str, str], _Entry] = {}  # (client, id) -> its state
+        self.expired: dict[tuple[str, str], float] = {}
+        self.held: Counter[str] = Counter()  # client -> its live sequences
+
+    def _sweep(self, now: float) -> None:
+        for key in [k for k, e in self.live.items() if now - e.last_used > self.idle_s]:
+            if not self.live[key].lock.locked():
+                self.end(key)
+                self.expired[key] = now
+        while len(self.expired) > EXPIRED_KEPT:
+            self.expired.pop(next(iter(self.expired)))
+
+    @contextlib.asynccontextmanager
+    async def hold(self, client: str, sequence: str, start: bool):
+        now, key = self.clock(), (client, sequence)
+        self._sweep(now)
+        entry = self.live.get(key)
+        if start:
+            if entry is not None:
+                raise InvalidArgument(
+                    "parameters.sequence_start", f"sequence {sequence} is already in use"
+                )
+            if self.held[client] >= self.per_client:
+                raise ResourceExhausted(
+                    f"parameters.sequence_start: this client already holds {self.held[client]} "
+                    "live sequences on this model, the most one client may "
+                    "(--max-sequences-per-client); end one (sequence_end) first"
+                )
+            if len(self.live) >= MAX_SEQUENCES:
+                raise ResourceExhausted(f"{MAX_SEQUENCES} sequences are live; end one first")
+            entry = self.live[key] = _Entry(None, now)
+            self.held[client] += 1
+            self.expired.pop(key, None)
+        elif entry is None:
+            if key in self.expired:
+                raise InvalidArgument(
+                    "parameters.sequence_id",
+                    f"sequence {sequence} expired after {self.idle_s:g} s idle; start it again",
+                )
+            raise InvalidArgument(
+                "parameters.sequence_id",
+                f"sequence {sequence} does not exist; send sequence_start with its first step",
+            )
+        async with entry.lock:  # one step of a sequence at a time, in arrival order
+            if self.live.get(key) is not entry:  # ended, or its start failed, meanwhile
+                raise InvalidArgument(
+                    "parameters.sequence_id", f"sequence {sequence} ended while this step waited"
+                )
+            try:
+                yield entry
+            except BaseException:
+                if start:  # a first step that failed never started the sequence
+                    self.end(key)
+                raise
+            entry.last_used = self.clock()
+
+    def end(self, key: tuple[str, str]) -> None:
+        if self.live.pop(key, None) is not None:
+            client = key[0]
+            self.held[client] -= 1
+            if not self.held[client]:
+                del self.held[client]
