@@ -1,7 +1,8 @@
 """NVIDIA's C++ perf_analyzer against the KServe port (issue 17): a client nobody here
-wrote drives a classifier, with every answer checked byte for byte, and a step model in
-sequence mode, the way Triton users benchmark a stateful model. perf_analyzer comes from
-tools/perf_analyzer.sh; these tests skip only when it cannot be had on this machine."""
+wrote drives a classifier, with every answer checked byte for byte, and every kind of
+step model in sequence mode, the way Triton users benchmark a stateful model.
+perf_analyzer comes from tools/perf_analyzer.sh; these tests skip only when it cannot be
+had on this machine."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import collections
 import csv
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,9 +19,11 @@ import grpc
 import numpy as np
 import pytest
 
+from export.__main__ import export_checkpoint
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving.server import ServerConfig, create_server
+from training.__main__ import main as train_main
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "perf_analyzer.sh"
 UNAVAILABLE = 3  # the tool's exit status when perf_analyzer cannot be had here
@@ -41,10 +45,23 @@ def perf_analyzer() -> None:
 
 
 @pytest.fixture(scope="module")
-def kserve_target(repository):
+def step_repository(repository, tmp_path_factory) -> Path:
+    """The session's lenet5 and char_lstm, and a dry-run char_gru and captioner: every
+    kind of step model (LSTM, GRU, and the captioner's decoder)."""
+    root = tmp_path_factory.mktemp("perf") / "repo"
+    shutil.copytree(repository, root)
+    for arch in ("char_gru", "captioner"):
+        checkpoint = root.parent / f"{arch}.pt"
+        assert train_main([arch, "--dry-run", "--quiet", "--out", str(checkpoint)]) == 0
+        export_checkpoint(checkpoint, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def kserve_target(step_repository):
     """A server of this module's own: perf_analyzer numbers its sequences from 1, which
     must not meet sequences other tests left open on the session's server."""
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu"))
+    server, port = create_server(ServerConfig(step_repository, port=0, device="cpu"))
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(None)
@@ -113,22 +130,23 @@ def test_a_classifier_answers_perf_analyzer_byte_for_byte(perf_analyzer, kserve_
     assert count(printed, "Successful request count") >= count(printed, "Request count") > 0
 
 
-def test_a_step_model_runs_in_perf_analyzers_sequence_mode(
-    perf_analyzer, kserve_target, repository, tmp_path
+@pytest.mark.parametrize("model", ["char_lstm", "char_gru", "captioner"])
+def test_every_step_model_runs_in_perf_analyzers_sequence_mode(
+    perf_analyzer, kserve_target, step_repository, tmp_path, model
 ):
     """perf_analyzer reads the model's config (sequence_batching) and metadata (what a
     step takes and gives), then sends `tokens` with sequence_id/start/end and asks for
     what the metadata lists; the server holds the state."""
-    vocab = json.loads((repository / "char_lstm" / "1" / "model.json").read_text())["vocab"]
-    streams = [
-        [{"tokens": [vocab.index(ch)]} for ch in prompt[:SEQUENCE_LENGTH]] for prompt in PROMPTS
-    ]
-    (tmp_path / "char_lstm.json").write_text(json.dumps({"data": streams}))
+    vocab = json.loads((step_repository / model / "1" / "model.json").read_text())["vocab"]
+    # characters of a prompt where the vocabulary has them (the dry-run models' is small)
+    ids = [[vocab.index(c) if c in vocab else 1 for c in p[:SEQUENCE_LENGTH]] for p in PROMPTS]
+    streams = [[{"tokens": [token]} for token in stream] for stream in ids]
+    (tmp_path / "data.json").write_text(json.dumps({"data": streams}))
     concurrency = 2
     printed, row, experiment = run(
-        kserve_target, tmp_path, "-m", "char_lstm", "--concurrency-range", str(concurrency),
+        kserve_target, tmp_path, "-m", model, "--concurrency-range", str(concurrency),
         "--sequence-length", str(SEQUENCE_LENGTH), "--sequence-length-variation", "0",
-        "--input-data", str(tmp_path / "char_lstm.json"),
+        "--input-data", str(tmp_path / "data.json"),
     )  # fmt: skip
     assert row["Concurrency"] == str(concurrency) and float(row["Inferences/Second"]) > 0
     assert count(printed, "Successful request count") >= count(printed, "Request count") > 0
