@@ -431,6 +431,70 @@ def infer_bursts(args) -> list[Burst]:
     return bursts
 
 
+def sequence_step(model: str, key: int, start: bool, end: bool) -> kpb.ModelInferRequest:
+    request = infer_request(model, {"tokens": np.asarray([[3]], np.int64)})
+    request.parameters["sequence_id"].uint64_param = key
+    request.parameters["sequence_start"].bool_param = start
+    request.parameters["sequence_end"].bool_param = end
+    return request
+
+
+def sequence_bursts(args) -> list[Burst]:
+    """`--sequences` server-held sequences started (one step each) while
+    `--sequence-company` Generate streams keep the model's batch full, then all ended:
+    what idle sequences pin (each kept a view of the whole batch's state array)."""
+    if not args.sequences:
+        return []
+    model, n = args.sequence_model, args.sequences
+
+    def warm(target):
+        with grpc.insecure_channel(target, options=OWN) as channel:
+            stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(sequence_step(model, 1, True, True), timeout=60)
+
+    def run(pid, target):
+        # 8 streams a connection: a server before issue 17 refused a connection's ninth
+        channels = [
+            grpc.insecure_channel(target, options=OWN)
+            for _ in range(1 + (args.sequence_company - 1) // 8)
+        ]
+        stub = kpb_grpc.GRPCInferenceServiceStub(channels[0])
+        request = pb.GenerateRequest(model=model, prompt="KING.\n", max_tokens=4096)
+        company = [
+            pb_grpc.InferenceStub(channels[i // 8]).Generate(request, timeout=600)
+            for i in range(args.sequence_company)
+        ]
+        readers = ThreadPoolExecutor(max(1, len(company)))
+        running = [readers.submit(lambda c=call: status_of(lambda: list(c))) for call in company]
+        time.sleep(1.0)  # the batch is full
+        if any(r.done() for r in running):
+            raise SystemExit("a company stream ended early: the batch is not full")
+        keys = range(1_000_000, 1_000_000 + n)
+
+        def step(key, start, end):
+            return status_of(lambda: stub.ModelInfer(sequence_step(model, key, start, end)))
+
+        before = proc_status(pid)["VmRSS"]
+        start = time.perf_counter()
+        with PeakWatch(pid) as watch, ThreadPoolExecutor(args.sequence_clients) as pool:
+            codes = Counter(pool.map(lambda k: step(k, True, False), keys))
+        seconds, live = time.perf_counter() - start, proc_status(pid)["VmRSS"]
+        with ThreadPoolExecutor(16) as pool:
+            codes.update(f"end {c}" for c in pool.map(lambda k: step(k, False, True), keys))
+        for call in company:
+            call.cancel()
+        readers.shutdown(wait=True)
+        for channel in channels:
+            channel.close()
+        time.sleep(2.0)
+        after = proc_status(pid)["VmRSS"]
+        return {"before": before, "peak": watch.peak, "end": live, "after": after,
+                "seconds": seconds, "codes": codes}  # fmt: skip
+
+    name = f"{n} sequences of {model} started beside {args.sequence_company} streams, then ended"
+    return [Burst(name, warm, run)]
+
+
 def stream_request(args, payload: str, rng) -> tuple[kpb.ModelInferRequest, str]:
     """One `--stream-request-mib` MiB request of `payload` kind, and its description."""
     spec = card(args.model_repository, args.stream_model)["inputs"][0]
@@ -567,6 +631,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream-payload", nargs="+", choices=("id", "tensor"), default=["id"])
     p.add_argument("--stream-batch", type=int, default=64, help="rows of an `id` request")
     p.add_argument("--stream-hold", type=float, default=10.0, help="seconds unread")
+    p.add_argument("--sequences", type=int, default=0, help="server-held sequences to start")
+    p.add_argument("--sequence-model", default="char_lstm")
+    p.add_argument("--sequence-company", type=int, default=63, help="Generate streams beside")
+    p.add_argument(
+        "--sequence-clients",
+        type=int,
+        default=1,
+        help="sequences started at once (1: each in an iteration of its own)",
+    )
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag")
     args = p.parse_args(argv)
@@ -574,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     bursts = stepwise_bursts(args) + infer_bursts(args) + stream_bursts(args)
+    bursts += sequence_bursts(args)
     groups = [[b] for b in bursts] if args.fresh_server else [bursts]
     failures = []
     columns = ["burst", "round", "RSS before (MiB)", "peak (MiB)", "at end (MiB)"]
