@@ -111,6 +111,15 @@ def model_engine(model_config, default: EngineConfig) -> EngineConfig:
     )
 
 
+def _stream_slots(config: ServerConfig) -> StreamSlots:
+    return StreamSlots(
+        config.max_streams,
+        config.max_streams_per_client or config.max_streams,
+        config.stream_stall_timeout_s,
+        max_waiting=config.max_waiting_streams,
+    )
+
+
 class Server:
     """The running server: a `grpc.aio` server on an event loop of its own thread, and
     the parts it serves (the composition root owns them, for operators and tests).
@@ -126,20 +135,10 @@ class Server:
         self._thread.start()
         # Blocking work (decoding, graph runs, batcher waits) runs here, never on the loop.
         self.workers = futures.ThreadPoolExecutor(config.max_workers, thread_name_prefix="work")
-        self.streams = StreamSlots(
-            config.max_streams,
-            config.max_streams_per_client or config.max_streams,
-            config.stream_stall_timeout_s,
-            max_waiting=config.max_waiting_streams,
-        )
+        self.streams = _stream_slots(config)  # Generate and Caption
         # ModelStreamInfer's streams, by the same rules in a pool of their own: a KServe
         # client keeps its stream open while idle, and must not take Generate's slots
-        self.kserve_streams = StreamSlots(
-            config.max_streams,
-            config.max_streams_per_client or config.max_streams,
-            config.stream_stall_timeout_s,
-            max_waiting=config.max_waiting_streams,
-        )
+        self.kserve_streams = _stream_slots(config)
         identify = functools.partial(client_identity, header=config.client_id_header)
         # Per-model counts and durations of every protocol's inferences (ModelStatistics).
         self.statistics = Statistics()
