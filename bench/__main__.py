@@ -8,8 +8,11 @@
 - step-wise against recompute: a step graph with carried state against re-running
   the prefix for every token;
 - held: Health/Check latency with 256 Generate streams open, and the server's RSS
-  over 20,000 requests after a warm-up (bench.held); `--only held` runs just this
-  and merges it into the last run's bench.json.
+  over 20,000 requests after a warm-up (bench.held);
+- perf: NVIDIA's perf_analyzer on the KServe port beside `python -m loadtest` at the
+  same models and levels (bench.perf).
+`--only held` or `--only perf` runs just that section and merges it into the last
+run's bench.json.
 
 Writes the tables, with ratios from this one run, between the markers in
 docs/BENCHMARKS.md, copies the plots to docs/bench/, and keeps the raw results under
@@ -33,7 +36,7 @@ from pathlib import Path
 import grpc
 import onnxruntime
 
-from bench import held, inprocess
+from bench import held, inprocess, perf
 from loadtest.__main__ import main as loadtest
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -164,6 +167,61 @@ def run_held(repo: Path, out: Path, quick: bool) -> dict:
     return {"health": health, "rss": rss, "seconds": round(time.time() - started, 1)}
 
 
+def run_perf(repo: Path, out: Path, quick: bool) -> dict:
+    """perf_analyzer and python -m loadtest against one server, same models and levels:
+    ModelInfer on the classifiers, and each language model's step graph as a sequence
+    model (server-held state) beside Generate streams at the same concurrency."""
+    started = time.time()
+    reason = perf.unavailable()
+    if reason is not None:
+        print(f"  perf_analyzer unavailable, section skipped: {reason}", flush=True)
+        return {"unavailable": reason}
+    flags = ["--device", "cpu", "--no-request-log"]
+    server = Server(
+        "stepwise, perf_analyzer",
+        ["serving", "--model-repository", str(repo), *flags],
+        out / "perf.log",
+    )
+    window_ms, timing = (1000, ["--duration", "2", "--warmup", "0.5"]) if quick else (
+        3000, ["--duration", "5", "--warmup", "1"]
+    )  # fmt: skip
+    figures: dict = {"server_flags": " ".join(flags), "classifiers": {}, "sequences": {}}
+    try:
+        for model in ("lenet5", "resnet18"):
+            if not (repo / model).is_dir():
+                continue
+            print(f"  {model}: perf_analyzer and loadtest, ModelInfer", flush=True)
+            levels = ",".join(map(str, perf.CLASSIFIER_LEVELS))
+            figures["classifiers"][model] = {
+                "perf_analyzer": perf.measure(
+                    server.target, model, perf.CLASSIFIER_LEVELS, window_ms, sequence=False
+                ),
+                "loadtest": load(
+                    server, f"perf_loadtest_{model}", out,
+                    f"--rpc model_infer --model {model} --concurrency {levels}".split(), timing,
+                ),
+            }  # fmt: skip
+        for model in ("char_lstm", "char_gru", "char_rnn"):
+            if not (repo / model).is_dir():
+                continue
+            print(f"  {model}: perf_analyzer sequences, loadtest Generate", flush=True)
+            levels = ",".join(map(str, perf.SEQUENCE_LEVELS))
+            figures["sequences"][model] = {
+                "perf_analyzer": perf.measure(
+                    server.target, model, perf.SEQUENCE_LEVELS, window_ms, sequence=True
+                ),
+                "loadtest": load(
+                    server, f"perf_generate_{model}", out,
+                    f"--rpc generate --model {model} --concurrency {levels} --max-tokens "
+                    f"{perf.SEQUENCE_LENGTH} --temperature 0.8".split(), timing,
+                ),
+            }  # fmt: skip
+    finally:
+        server.stop()
+    figures["seconds"] = round(time.time() - started, 1)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer levels, shorter windows")
@@ -177,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("bench/results"))
     p.add_argument(
         "--only",
-        choices=["held"],
+        choices=["held", "perf"],
         help="run only this section and merge it into the last run's bench.json (the "
         "others run together)",
     )
@@ -200,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     quick, repo = args.quick, args.model_repository
     out = args.results / ("quick" if quick else "full")
     if args.only:
-        return only_held(repo, out, args.doc, quick)
+        return only(args.only, repo, out, args.doc, quick)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     started = time.time()
@@ -346,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     report["held"] = run_held(repo, out, quick)
     report["held"]["command"] = report["command"]
     report["held"]["machine"] = report["machine"]
+    print("perf_analyzer beside loadtest", flush=True)
+    report["perf"] = run_perf(repo, out, quick)
+    report["perf"]["command"] = report["command"]
     report["seconds"] = round(time.time() - started, 1)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     from bench.document import write
@@ -355,23 +416,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def only_held(repo: Path, out: Path, doc: Path, quick: bool) -> int:
-    """`--only held`: this section alone, merged into the last run's bench.json."""
-    from bench.document import held_section, write
+def only(section: str, repo: Path, out: Path, doc: Path, quick: bool) -> int:
+    """`--only held|perf`: this section alone, merged into the last run's bench.json."""
+    from bench.document import held_section, perf_section, write
 
     out.mkdir(parents=True, exist_ok=True)
-    print("held: 256 streams, RSS over many requests", flush=True)
-    figures = run_held(repo, out, quick)
-    figures["command"] = "python -m bench --only held" + (" --quick" if quick else "")
-    figures["machine"] = machine()
-    print("\n".join(held_section(figures)))
+    if section == "held":
+        print("held: 256 streams, RSS over many requests", flush=True)
+        figures = run_held(repo, out, quick)
+        figures["machine"] = machine()
+    else:
+        print("perf_analyzer beside loadtest", flush=True)
+        figures = run_perf(repo, out, quick)
+    figures["command"] = f"python -m bench --only {section}" + (" --quick" if quick else "")
+    print("\n".join((held_section if section == "held" else perf_section)(figures)))
     previous = out / "bench.json"
     if not previous.is_file():
-        (out / "held.json").write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"no {previous} to merge into (run the whole bench once); wrote {out}/held.json")
+        (out / f"{section}.json").write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"no {previous} to merge into (run the whole bench once); wrote {out}/{section}.json")
         return 0
     report = json.loads(previous.read_text())
-    report["held"] = figures
+    report[section] = figures
     previous.write_text(json.dumps(report, indent=2) + "\n")
     write(report, doc, out)
     print(f"wrote {doc} and {previous}")

@@ -318,6 +318,8 @@ def render(report: dict, plots: list[str]) -> str:
     )
     if report.get("held"):
         out += [""] + held_section(report["held"])
+    if report.get("perf"):
+        out += [""] + perf_section(report["perf"])
     if plots:
         out += [""] + [f"![{p}](bench/{p})" for p in plots]
     out += ["", END]
@@ -403,6 +405,77 @@ def held_section(held: dict) -> list[str]:
         f"RSS grew {growth:+.2f}% ({r['rss_mib_after_warmup']:.1f} to "
         f"{r['rss_mib_after']:.1f} MiB) over {load['requests']:,} requests after the "
         f"warm-up: " + ("within" if growth < 5 else "outside") + " the issue's 5%.",
+    ]
+    return out
+
+
+def perf_section(perf: dict) -> list[str]:
+    """NVIDIA's perf_analyzer beside python -m loadtest (bench.perf), Triton cited."""
+    from bench.perf import SEQUENCE_LENGTH, TRITON
+
+    out = ["### NVIDIA's perf_analyzer on the KServe port", ""]
+    if perf.get("unavailable"):
+        reason = perf["unavailable"]
+        return out + [f"Not measured in this run: perf_analyzer unavailable ({reason})"]
+    out += [
+        f"`python -m serving {perf['server_flags']}`; perf_analyzer 2.41.1 "
+        "(tools/perf_analyzer.sh) with zeros as input, and `python -m loadtest` against "
+        "the same server, same models and levels, from `"
+        f"{perf.get('command', 'make bench')}`. Both load generators share the two cores "
+        "with the server. The Triton column is cited, not re-run: Triton 2.51 with its ONNX "
+        "Runtime backend on the same repository, one run on a loaded 2-core machine like "
+        "this one (checked on 2026-12-05, issue 18; its char_lstm figure is for sequences "
+        "of 32 steps); its backend is on no registry reachable here.",
+        "",
+    ]
+    rows = []
+    for model, both in perf.get("classifiers", {}).items():
+        pa, lt = both["perf_analyzer"], _by_level(both["loadtest"])
+        for level in pa.get("levels", []):
+            c = level["concurrency"]
+            ours = (lt.get(c) or {}).get("throughput_rps")
+            triton = TRITON.get(model, {}).get(c)
+            rows.append([
+                f"{model} ModelInfer", c, f"{level['infer_per_s']:,.0f}",
+                f"{ours:,.0f}" if ours else "-", _ratio(level["infer_per_s"], ours),
+                f"{level['p50_us'] / 1000:.2f} / {level['p99_us'] / 1000:.2f}",
+                f"{level['server_queue_us']:.0f} / {level['server_input_us']:.0f} / "
+                f"{level['server_infer_us']:.0f} / {level['server_output_us']:.0f}",
+                f"{triton:,} ({_ratio(level['infer_per_s'], triton)})" if triton else "-",
+            ])  # fmt: skip
+        if pa.get("error"):
+            rows.append([f"{model} ModelInfer", "-", f"failed: {pa['error']}", "", "", "", "", ""])
+    for model, both in perf.get("sequences", {}).items():
+        pa, lt = both["perf_analyzer"], _by_level(both["loadtest"])
+        for level in pa.get("levels", []):
+            c = level["concurrency"]
+            ours = (lt.get(c) or {}).get("tokens_per_s")
+            triton = TRITON.get(model, {}).get(c)
+            rows.append([
+                f"{model} sequences of {SEQUENCE_LENGTH} steps (loadtest: Generate)", c,
+                f"{level['infer_per_s']:,.0f} steps/s", f"{ours:,.0f} tokens/s" if ours else "-",
+                _ratio(level["infer_per_s"], ours),
+                f"{level['p50_us'] / 1000:.2f} / {level['p99_us'] / 1000:.2f}",
+                f"{level['server_queue_us']:.0f} / {level['server_input_us']:.0f} / "
+                f"{level['server_infer_us']:.0f} / {level['server_output_us']:.0f}",
+                f"{triton:,} ({_ratio(level['infer_per_s'], triton)})" if triton else "-",
+            ])  # fmt: skip
+        if pa.get("error"):
+            rows.append([model, "-", f"failed: {pa['error']}", "", "", "", "", ""])
+    out += _table(
+        ["model, load", "concurrency", "perf_analyzer", "loadtest", "perf_analyzer/loadtest",
+         "p50 / p99 ms (perf_analyzer)",
+         "server queue / input / infer / output us (ModelStatistics)", "Triton 2.51 (ratio)"],
+        rows,
+    )  # fmt: skip
+    out += [
+        "",
+        "The two load generators measure one server and disagree by their own cost: each "
+        "takes CPU from the two cores the server runs on (perf_analyzer in C++, loadtest "
+        "in Python processes), so the cheaper client leaves the server more. A sequence "
+        "step is one client round trip per token, where Generate runs the recurrence in "
+        "the server and streams several tokens per message: compare the step rate with "
+        "the token rate as two ways to drive the same graph, not as one figure.",
     ]
     return out
 

@@ -3,7 +3,7 @@
 Every adapter talks through the generated stubs only (the wire contract), never
 serving's internals. To add an RPC (a KServe `infer`, say), write one class with
 `name`, `streaming`, `request_type`, `requests(options, channel)` and
-`call(request, timeout, on_tokens)`, and add it to `RPCS`.
+`call(request, timeout, on_tokens)`, and add it to `RPCS` (`ModelInfer` is KServe's).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import grpc
 import numpy as np
 from PIL import Image, ImageDraw
 
+from serving._proto.inference import grpc_service_pb2 as kpb
+from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 
@@ -117,6 +119,46 @@ class Classify:
         return Outcome(code, (time.perf_counter_ns() - start) // 1000)
 
 
+class ModelInfer:
+    """KServe's ModelInfer: batch-1 tensors of the shapes and datatypes the model's
+    ModelMetadata lists, random floats and zero integers (token 0 is a valid id), as
+    raw contents: what NVIDIA's perf_analyzer sends, for side-by-side figures."""
+
+    name, streaming = "model_infer", False
+    request_type = kpb.ModelInferRequest
+    DTYPES = {"FP32": "<f4", "INT64": "<i8"}
+
+    def __init__(self, channel: grpc.Channel):
+        self.stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+
+    @classmethod
+    def requests(cls, options, channel: grpc.Channel) -> list[kpb.ModelInferRequest]:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        meta = stub.ModelMetadata(kpb.ModelMetadataRequest(name=options.model), timeout=10)
+        rng, out = np.random.default_rng(options.seed or 0), []
+        for _ in range(8):
+            request = kpb.ModelInferRequest(model_name=options.model)
+            for tensor in meta.inputs:
+                if tensor.datatype not in cls.DTYPES:
+                    raise ValueError(f"--rpc model_infer: {tensor.name} is {tensor.datatype}")
+                shape = [1 if d < 0 else int(d) for d in tensor.shape]
+                dtype = np.dtype(cls.DTYPES[tensor.datatype])
+                value = rng.random(shape) if dtype.kind == "f" else np.zeros(shape)
+                request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+                request.raw_input_contents.append(value.astype(dtype).tobytes())
+            out.append(request)
+        return out
+
+    def call(self, request, timeout: float, on_tokens=None) -> Outcome:
+        start = time.perf_counter_ns()
+        try:
+            self.stub.ModelInfer(request, timeout=timeout)
+            code = "OK"
+        except grpc.RpcError as err:
+            code = _code(err)
+        return Outcome(code, (time.perf_counter_ns() - start) // 1000)
+
+
 class _Stream:
     """A server-streaming RPC whose messages carry output `text`."""
 
@@ -207,5 +249,10 @@ class Caption(_Stream):
         ]
 
 
-RPCS = {cls.name: cls for cls in (Classify, Generate, Caption)}
-DEFAULT_MODELS = {"classify": "lenet5", "generate": "char_lstm", "caption": "captioner"}
+RPCS = {cls.name: cls for cls in (Classify, Generate, Caption, ModelInfer)}
+DEFAULT_MODELS = {
+    "classify": "lenet5",
+    "generate": "char_lstm",
+    "caption": "captioner",
+    "model_infer": "lenet5",
+}

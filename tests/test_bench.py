@@ -88,3 +88,33 @@ def test_document_ratios_come_from_the_same_run(tmp_path):
     assert "| 64 | 0.1 | 1.0 | 10.0x |" in text
     # Batching on (800) against off (the served 400) and against the transport (2000).
     assert "| lenet5 PNG | 1 | 400 | 3.00 | 800 | 3.00 | 2.00x | 0.40x |" in text
+
+
+def test_the_perf_analyzer_section_puts_both_load_generators_and_triton_side_by_side():
+    level = {
+        "concurrency": 1, "infer_per_s": 1200.0, "p50_us": 800.0, "p99_us": 3000.0,
+        "server_queue_us": 40.0, "server_input_us": 60.0, "server_infer_us": 90.0,
+        "server_output_us": 80.0,
+    }  # fmt: skip
+    figures = {
+        "server_flags": "--device cpu",
+        "classifiers": {
+            "lenet5": {
+                "perf_analyzer": {"command": "perf_analyzer ...", "levels": [level]},
+                "loadtest": [{"concurrency": 1, "throughput_rps": 1000.0}],
+            }
+        },
+        "sequences": {
+            "char_lstm": {
+                "perf_analyzer": {"command": "perf_analyzer ...", "error": "it broke"},
+                "loadtest": [],
+            }
+        },
+    }
+    text = "\n".join(document.perf_section(figures))
+    row = "| lenet5 ModelInfer | 1 | 1,200 | 1,000 | 1.20x | 0.80 / 3.00 | 40 / 60 / 90 / 80 |"
+    assert row in text
+    assert "3,785 (0.32x)" in text  # Triton 2.51's figure, cited
+    assert "char_lstm | - | failed: it broke" in text
+    gone = document.perf_section({"unavailable": "no libb64"})
+    assert gone[-1] == "Not measured in this run: perf_analyzer unavailable (no libb64)"

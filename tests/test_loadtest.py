@@ -68,6 +68,17 @@ def test_generate_reports_token_figures(target, tmp_path):
     assert (tmp_path / "tokens.png").is_file()
 
 
+@pytest.mark.parametrize("model", ["lenet5", "char_lstm"])
+def test_model_infer_drives_kserve_with_what_the_metadata_lists(target, tmp_path, model):
+    """KServe's ModelInfer, as perf_analyzer drives it (bench.perf compares the two):
+    a classifier's image, a step model's tokens alone (its state starts at zero)."""
+    status, results = _run(tmp_path, "--target", target, "--rpc", "model_infer",
+                           "--model", model, "--concurrency", "2")  # fmt: skip
+    (level,) = results["levels"]
+    assert status == 0 and level["errors"] == {} and level["successes"] > 0
+    _counts_add_up(level)
+
+
 def test_unknown_model_is_counted_as_not_found(target, tmp_path):
     status, results = _run(tmp_path, "--target", target, "--rpc", "classify",
                            "--model", "nope")  # fmt: skip
@@ -157,8 +168,12 @@ def test_the_load_generator_uses_only_the_wire_contract():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert eval(out.stdout) == [  # noqa: S307 - our own subprocess's repr of a list
-        "serving", "serving._proto", "serving._proto.stepwise", "serving._proto.stepwise.v1",
-        "serving._proto.stepwise.v1.inference_pb2", "serving._proto.stepwise.v1.inference_pb2_grpc",
+        "serving", "serving._proto", "serving._proto.inference",
+        "serving._proto.inference.grpc_service_pb2",
+        "serving._proto.inference.grpc_service_pb2_grpc",
+        "serving._proto.inference.model_config_pb2", "serving._proto.stepwise",
+        "serving._proto.stepwise.v1", "serving._proto.stepwise.v1.inference_pb2",
+        "serving._proto.stepwise.v1.inference_pb2_grpc",
     ]  # fmt: skip
 
 
