@@ -5,7 +5,10 @@
 #            (docker-compose.gpu.yml serves with --device cuda on it).
 #   loadtest: serving's dependencies plus the load generator (`python -m loadtest`).
 # Training has its own image (Dockerfile.train): it needs PyTorch, serving must not.
-FROM python:3.11-slim AS base
+# BASE_IMAGE: any Debian-like image with Python 3.10+ and pip (a locally made one where
+# no registry can be reached).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE} AS base
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY serving ./serving
@@ -14,7 +17,7 @@ RUN pip install --no-cache-dir . && python -c "import serving.server" \
 
 FROM base AS loadtest
 COPY loadtest ./loadtest
-RUN pip install --no-cache-dir ".[loadtest]" && python -c "import hdrhistogram, matplotlib" \
+RUN pip install --no-cache-dir ".[loadtest]" && python -c "import hdrh, matplotlib" \
     && ! python -c "import torch" 2>/dev/null
 COPY deploy/loadtest.sh /usr/local/bin/stepwise-loadtest
 ENTRYPOINT ["stepwise-loadtest"]

@@ -74,6 +74,23 @@ def _healthcheck_text(service: dict) -> str:
 # -- the compose files ---------------------------------------------------------------------
 
 
+def test_the_dockerfiles_import_checks_name_modules_that_exist():
+    """The loadtest image checked `import hdrhistogram`, a module the package does not
+    have (it is `hdrh`), so the image could not be built anywhere (issue 18). Every
+    module a Dockerfile's check imports must import here, where the same extras are."""
+    import importlib.util
+    import re
+
+    checks = []
+    for dockerfile in ("Dockerfile", "Dockerfile.train"):
+        text = (ROOT / dockerfile).read_text()
+        for negated, modules in re.findall(r'(!\s*)?python -c "import ([\w., ]+)"', text):
+            checks += [(m.strip(), bool(negated)) for m in modules.split(",")]
+    assert ("hdrh", False) in checks and ("torch", True) in checks
+    missing = [m for m, negated in checks if not negated and not importlib.util.find_spec(m)]
+    assert not missing, f"Dockerfile checks import modules that do not exist: {missing}"
+
+
 @_needs("docker-compose")
 def test_compose_files_validate_and_wire_the_topology():
     base = compose_config("docker-compose.yml")
