@@ -429,39 +429,29 @@ def perf_section(perf: dict) -> list[str]:
         "",
     ]
     rows = []
-    for model, both in perf.get("classifiers", {}).items():
-        pa, lt = both["perf_analyzer"], _by_level(both["loadtest"])
-        for level in pa.get("levels", []):
-            c = level["concurrency"]
-            ours = (lt.get(c) or {}).get("throughput_rps")
-            triton = TRITON.get(model, {}).get(c)
-            rows.append([
-                f"{model} ModelInfer", c, f"{level['infer_per_s']:,.0f}",
-                f"{ours:,.0f}" if ours else "-", _ratio(level["infer_per_s"], ours),
-                f"{level['p50_us'] / 1000:.2f} / {level['p99_us'] / 1000:.2f}",
-                f"{level['server_queue_us']:.0f} / {level['server_input_us']:.0f} / "
-                f"{level['server_infer_us']:.0f} / {level['server_output_us']:.0f}",
-                f"{triton:,} ({_ratio(level['infer_per_s'], triton)})" if triton else "-",
-            ])  # fmt: skip
-        if pa.get("error"):
-            rows.append([f"{model} ModelInfer", "-", f"failed: {pa['error']}", "", "", "", "", ""])
-    for model, both in perf.get("sequences", {}).items():
-        pa, lt = both["perf_analyzer"], _by_level(both["loadtest"])
-        for level in pa.get("levels", []):
-            c = level["concurrency"]
-            ours = (lt.get(c) or {}).get("tokens_per_s")
-            triton = TRITON.get(model, {}).get(c)
-            rows.append([
-                f"{model} sequences of {SEQUENCE_LENGTH} steps (loadtest: Generate)", c,
-                f"{level['infer_per_s']:,.0f} steps/s", f"{ours:,.0f} tokens/s" if ours else "-",
-                _ratio(level["infer_per_s"], ours),
-                f"{level['p50_us'] / 1000:.2f} / {level['p99_us'] / 1000:.2f}",
-                f"{level['server_queue_us']:.0f} / {level['server_input_us']:.0f} / "
-                f"{level['server_infer_us']:.0f} / {level['server_output_us']:.0f}",
-                f"{triton:,} ({_ratio(level['infer_per_s'], triton)})" if triton else "-",
-            ])  # fmt: skip
-        if pa.get("error"):
-            rows.append([model, "-", f"failed: {pa['error']}", "", "", "", "", ""])
+    loads = [  # section, its row label and a failed run's, loadtest's figure and unit,
+        # perf_analyzer's unit
+        ("classifiers", "{} ModelInfer", "{} ModelInfer", "throughput_rps", "", ""),
+        ("sequences", f"{{}} sequences of {SEQUENCE_LENGTH} steps (loadtest: Generate)", "{}",
+         "tokens_per_s", " tokens/s", " steps/s"),
+    ]  # fmt: skip
+    for section, label, failed, figure, unit, pa_unit in loads:
+        for model, both in perf.get(section, {}).items():
+            pa, lt = both["perf_analyzer"], _by_level(both["loadtest"])
+            for level in pa.get("levels", []):
+                c, rate = level["concurrency"], level["infer_per_s"]
+                ours = (lt.get(c) or {}).get(figure)
+                triton = TRITON.get(model, {}).get(c)
+                rows.append([
+                    label.format(model), c, f"{rate:,.0f}{pa_unit}",
+                    f"{ours:,.0f}{unit}" if ours else "-", _ratio(rate, ours),
+                    f"{level['p50_us'] / 1000:.2f} / {level['p99_us'] / 1000:.2f}",
+                    f"{level['server_queue_us']:.0f} / {level['server_input_us']:.0f} / "
+                    f"{level['server_infer_us']:.0f} / {level['server_output_us']:.0f}",
+                    f"{triton:,} ({_ratio(rate, triton)})" if triton else "-",
+                ])  # fmt: skip
+            if pa.get("error"):
+                rows.append([failed.format(model), "-", f"failed: {pa['error']}"] + [""] * 5)
     out += _table(
         ["model, load", "concurrency", "perf_analyzer", "loadtest", "perf_analyzer/loadtest",
          "p50 / p99 ms (perf_analyzer)",

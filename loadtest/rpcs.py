@@ -76,6 +76,17 @@ def _input_shape(channel: grpc.Channel, model: str) -> list[int]:
     raise ValueError(f"--input-data tensor: the server has no model {model!r}")
 
 
+def _unary(method, request, timeout: float) -> Outcome:
+    """One unary call, timed from send to its status."""
+    start = time.perf_counter_ns()
+    try:
+        method(request, timeout=timeout)
+        code = "OK"
+    except grpc.RpcError as err:
+        code = _code(err)
+    return Outcome(code, (time.perf_counter_ns() - start) // 1000)
+
+
 class Classify:
     name, streaming = "classify", False
     request_type = pb.ClassifyRequest
@@ -110,13 +121,7 @@ class Classify:
         return [pb.ClassifyRequest(model=options.model, image=p.read_bytes()) for p in files]
 
     def call(self, request, timeout: float, on_tokens=None) -> Outcome:
-        start = time.perf_counter_ns()
-        try:
-            self.stub.Classify(request, timeout=timeout)
-            code = "OK"
-        except grpc.RpcError as err:
-            code = _code(err)
-        return Outcome(code, (time.perf_counter_ns() - start) // 1000)
+        return _unary(self.stub.Classify, request, timeout)
 
 
 class ModelInfer:
@@ -150,13 +155,7 @@ class ModelInfer:
         return out
 
     def call(self, request, timeout: float, on_tokens=None) -> Outcome:
-        start = time.perf_counter_ns()
-        try:
-            self.stub.ModelInfer(request, timeout=timeout)
-            code = "OK"
-        except grpc.RpcError as err:
-            code = _code(err)
-        return Outcome(code, (time.perf_counter_ns() - start) // 1000)
+        return _unary(self.stub.ModelInfer, request, timeout)
 
 
 class _Stream:

@@ -96,7 +96,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         # ModelStreamInfer streams hold slots of their own (an idle stream is normal for
         # a KServe client, and must not take Generate's), with the same stall watchdog
         self.streams = streams or StreamSlots(256)
-        self.identify = identify or (lambda context: client_identity(context))  # quota key
+        self.identify = identify or client_identity  # quota key: context -> client
         self.max_sequences_per_client = max_sequences_per_client
         self.batchers = batchers or {}  # classifier name -> its dynamic batcher
         self.control = None  # serving.reload.ModelControl: repository load and unload

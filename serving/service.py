@@ -271,7 +271,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.batchers = batchers or {}  # model name -> its dynamic batcher (unary calls)
         self.engines = engines  # step model name -> its continuous-batching engine
         self.streams = streams  # admission: global and per-client caps, stall watchdog
-        self.identify = identify or (lambda context: client_identity(context))  # quota key
+        self.identify = identify or client_identity  # quota key: context -> client
         self.images = images
         self.workers = workers
         self.statistics = statistics or Statistics()  # per model, every protocol's calls
