@@ -310,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    stop.wait()
+    # The kernel hands a process's signal to any of its threads, under load often a busy
+    # gRPC one; Python then runs the handler in the main thread only when that thread next
+    # runs bytecode, which a wait with no timeout never does (`docker stop` of a loaded
+    # replica waited out its stop_grace_period and was killed). Wait in short slices.
+    while not stop.wait(0.25):
+        pass
     # Health turns NOT_SERVING while every port still answers, so load balancers and
     # readiness probes see it and move traffic; only then does the server stop accepting.
     log.info(

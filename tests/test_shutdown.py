@@ -166,3 +166,24 @@ def test_health_watchers_hear_not_serving_and_do_not_hold_the_stop(repository):
     assert seen[:1] == [serving] and not_serving in seen
     assert outcome.get("code") == grpc.StatusCode.UNAVAILABLE, outcome
     assert elapsed < DRAIN_S + 5 < grace  # not held for the grace period
+
+
+def test_sigterm_delivered_to_another_thread_still_shuts_down(repository):
+    """The kernel gives a process's signal to any of its threads; under load that is often
+    a busy gRPC thread, and `docker stop` of a loaded replica in the compose test waited
+    out its 40 s stop_grace_period, then killed it. Here the signal goes to one thread
+    that is not the main one (tgkill), every time."""
+    import ctypes
+    import os
+
+    proc, _ = start_server(repository, "--drain-delay", "0", "--grace-period", "1")
+    try:
+        others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        assert others, "the server runs threads besides its main one"
+        libc = ctypes.CDLL(None, use_errno=True)
+        sys_tgkill = 131 if os.uname().machine == "aarch64" else 234  # else: x86_64
+        assert libc.syscall(sys_tgkill, proc.pid, others[-1], signal.SIGTERM) == 0
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+    assert "SIGTERM received" in proc.stdout.read()
