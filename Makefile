@@ -8,6 +8,10 @@ CKPT := checkpoints
 HOST ?= 0.0.0.0
 PORT ?= 8001
 DEVICE ?= auto
+# The torch `make setup` installs, and pip's flags for finding it (Dockerfile.train sets
+# both: the CPU build from a wheel folder or index).
+TORCH ?= torch==2.13.0
+TORCH_PIP_FLAGS ?=
 
 # Two budgets, one recipe. `make models` trains the default models at the default
 # (quick, <= 15 min) budget into $(REPO); `make quality` trains every registered name
@@ -59,13 +63,13 @@ CAPTION_SRC := $(COMMON_SRC) training/captioner.py training/caption_metrics.py \
 	training/train_captioner.py training/data/scenes.py
 
 .PHONY: setup models quality run run-full test fuzz bench bench-quick evaluate evaluate-full \
-	model-card lint protos clean
+	model-card lint protos clean compose-test
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet $(TORCH_PIP_FLAGS) '$(TORCH)'
 	$(PY) -m pip install --quiet -e '.[train,dev]'
 	touch $@
 
@@ -97,6 +101,11 @@ run-full: quality
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# The docker-compose deployment on a real Docker engine (tests/test_compose_stack.py): the
+# engine that runs, or dockerd started as root; skips, saying why, where none can run.
+compose-test: setup
+	$(PY) -m pytest -q -m docker tests/test_compose_stack.py
 
 # Not in CI: 2,500 fresh random examples for each of the six fuzz tests (15,000 calls, and
 # the requests on the ModelStreamInfer streams besides: about 26,000 requests).

@@ -1,7 +1,8 @@
 #!/bin/sh
-# The compose `trainer`: `make models` into /models (a named volume), unless every
-# default model is already there. Checkpoints live in the container only: once exported,
-# serving needs nothing else, and a rerun with the models present skips all training.
+# The compose `trainer`: `make models` into /models (a named volume) for the default
+# models missing there (STEPWISE_MODELS: other names); nothing when all are there.
+# Arguments go to make (a training budget: FLAGS_default_lenet5="--epochs 1").
+# Checkpoints live in the container only: once exported, serving needs nothing else.
 set -eu
 REPO=${STEPWISE_MODEL_REPOSITORY:-/models}
 MODELS=${STEPWISE_MODELS:-$(make -qp -f Makefile 2>/dev/null | sed -n 's/^MODELS := //p' | head -n 1)}
@@ -13,5 +14,6 @@ if [ -z "$missing" ]; then
     echo "trainer: every model is in $REPO ($MODELS); nothing to train"
     exit 0
 fi
-echo "trainer: building$missing into $REPO (make models)"
-exec make models REPO="$REPO" CKPT=/tmp/checkpoints "$@"
+missing=${missing# }
+echo "trainer: building $missing into $REPO (make models)"
+exec make models MODELS="$missing" REPO="$REPO" CKPT=/tmp/checkpoints "$@"

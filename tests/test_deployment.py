@@ -383,4 +383,4 @@ def test_the_compose_trainer_skips_training_when_every_default_model_is_there(tm
     assert again.returncode == 0, again.stderr
     assert f"building {names[-1]} into {repo}" in again.stdout
     asked = (tmp_path / "asked").read_text().split()
-    assert asked == ["models", f"REPO={repo}", "CKPT=/tmp/checkpoints"]
+    assert asked == ["models", f"MODELS={names[-1]}", f"REPO={repo}", "CKPT=/tmp/checkpoints"]
