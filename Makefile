@@ -105,7 +105,9 @@ test: setup
 # The docker-compose deployment on a real Docker engine (tests/test_compose_stack.py): the
 # engine that runs, or dockerd started as root; skips, saying why, where none can run.
 compose-test: setup
-	$(PY) -m pytest -q -m docker tests/test_compose_stack.py
+	@reason=$$($(PY) -m deploy.docker_engine); \
+	if [ -n "$$reason" ]; then echo "compose-test: skipped: $$reason"; \
+	else $(PY) -m pytest -q -m docker tests/test_compose_stack.py; fi
 
 # Not in CI: 2,500 fresh random examples for each of the six fuzz tests (15,000 calls, and
 # the requests on the ModelStreamInfer streams besides: about 26,000 requests).

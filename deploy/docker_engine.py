@@ -77,27 +77,38 @@ def docker_client() -> str | None:
     return None
 
 
-@contextmanager
-def docker_engine() -> Iterator[Engine]:
+def unavailable_reason() -> str | None:
+    """Why no engine can be had here, or None: one answers, or dockerd can be started."""
     client = docker_client()
     if client is None:
-        raise EngineUnavailable("no docker client (Debian's docker.io provides one)")
-    running = Engine(client, dict(os.environ), started=False)
+        return "no docker client (Debian's docker.io provides one)"
+    if Engine(client, dict(os.environ), started=False).answers():
+        return None
+    if os.geteuid() != 0:
+        return "no Docker engine answers, and starting dockerd needs root"
+    if shutil.which("dockerd") is None:
+        return "no Docker engine answers, and there is no dockerd to start"
+    return None
+
+
+@contextmanager
+def docker_engine() -> Iterator[Engine]:
+    reason = unavailable_reason()
+    if reason:
+        raise EngineUnavailable(reason)
+    running = Engine(docker_client(), dict(os.environ), started=False)
     if running.answers():
         yield running
         return
-    if os.geteuid() != 0:
-        raise EngineUnavailable("no Docker engine answers, and starting dockerd needs root")
     dockerd = shutil.which("dockerd")
-    if dockerd is None:
-        raise EngineUnavailable("no Docker engine answers, and there is no dockerd to start")
     # Short paths: containerd's sockets live under the exec root (108-byte socket paths).
     home = Path(tempfile.mkdtemp(prefix="swd-", dir="/tmp"))
     bridge_before = _has_link("docker0")
-    engine = Engine(client, {**os.environ, "DOCKER_HOST": f"unix://{home}/docker.sock"}, True)
+    socket = f"unix://{home}/docker.sock"
+    engine = Engine(running.docker, {**os.environ, "DOCKER_HOST": socket}, started=True)
     log = (home / "dockerd.log").open("w")
     proc = subprocess.Popen(
-        [dockerd, "--host", f"unix://{home}/docker.sock", "--data-root", str(home / "data"),
+        [dockerd, "--host", socket, "--data-root", str(home / "data"),
          "--exec-root", str(home / "exec"), "--pidfile", str(home / "docker.pid")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -261,3 +272,8 @@ def remove_images(engine: Engine, images: Images) -> None:
     on an engine that was already running; a started one takes them all with it)."""
     if images.built and not engine.started:
         engine.run("image", "rm", "--force", *images.built, check=False, timeout=300)
+
+
+if __name__ == "__main__":
+    # `make compose-test`: print why no engine can be had (nothing when one can).
+    print(unavailable_reason() or "")
