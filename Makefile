@@ -107,7 +107,7 @@ test: setup
 compose-test: setup
 	@reason=$$($(PY) -m deploy.docker_engine); \
 	if [ -n "$$reason" ]; then echo "compose-test: skipped: $$reason"; \
-	else $(PY) -m pytest -q -m docker tests/test_compose_stack.py; fi
+	else $(PY) -m pytest -q -s -m docker tests/test_compose_stack.py; fi
 
 # Not in CI: 2,500 fresh random examples for each of the six fuzz tests (15,000 calls, and
 # the requests on the ModelStreamInfer streams besides: about 26,000 requests).
