@@ -249,18 +249,20 @@ def build_images(engine: Engine, log_dir: Path, tag: str) -> Images:
             "--target", "prometheus", *from_base,
         )  # fmt: skip
         images.standins.append(f"{STANDIN_PROMETHEUS} (Debian's) for {OFFICIAL_PROMETHEUS}")
-    for kind, target in (("server", "serving"), ("loadtest", "loadtest")):
-        name = build(engine, log_dir, f"stepwise-{kind}:{tag}", "--target", target, *from_base)
-        setattr(images, kind, name)
-        images.built.append(name)
     have_wheel, added = torch_wheel()
+    # With a CPU wheel in deploy/wheels/, PyTorch's CPU index is not asked (it may not be
+    # reachable); without one, the Dockerfile's default index is.
+    index = ("--build-arg", "TORCH_INDEX_URL=") if have_wheel else ()
     try:
-        # With a CPU wheel in deploy/wheels/, PyTorch's CPU index is not asked (it may not
-        # be reachable); without one, the Dockerfile's default index is.
-        index = ("--build-arg", "TORCH_INDEX_URL=") if have_wheel else ()
-        images.trainer = build(engine, log_dir, f"stepwise-trainer:{tag}", "-f",
-                               "Dockerfile.train", *from_base, *index)  # fmt: skip
-        images.built.append(images.trainer)
+        for kind, args in (("server", ("--target", "serving")),
+                           ("loadtest", ("--target", "loadtest")),
+                           ("trainer", ("-f", "Dockerfile.train", *index))):  # fmt: skip
+            name = build(engine, log_dir, f"stepwise-{kind}:{tag}", *args, *from_base)
+            setattr(images, kind, name)
+            images.built.append(name)
+    except BaseException:
+        remove_images(engine, images)  # the ones built before the failure
+        raise
     finally:
         if added:
             added.unlink(missing_ok=True)
