@@ -308,8 +308,10 @@ def test_a_replica_killed_mid_run_unary_keeps_succeeding_streams_count_errors(to
     assert time.monotonic() - killed_at < 40  # no stream hung on the dead replica
     unary = levels["kill-classify"]
     # Only the calls in flight on the victim when it died may fail (nginx does not resend
-    # a request body already streamed to it): one per client connection at most.
-    assert set(unary["errors"]) <= {"UNAVAILABLE"}, unary
+    # a request body already streamed to it): one per client connection at most, which the
+    # client reads as UNAVAILABLE (nginx's 502) or, less often, INTERNAL (a clean-clone CI
+    # run saw one: nginx reset the call rather than answer it).
+    assert set(unary["errors"]) <= {"UNAVAILABLE", "INTERNAL"}, unary
     assert sum(unary["errors"].values()) <= 4 and unary["successes"] > 100, unary
     assert survivor.requests(CLASSIFY) > before + unary["successes"] / 4
     # Streams cut mid-way are errors at the client (nginx cannot retry a started stream).
