@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--max-queue-delay-us",
-        type=int,
+        type=_count,
         default=batching.max_queue_delay_us,
         help="how long the oldest queued request may wait for a batch to fill (default 0: "
         "batch what queued while the model ran)",
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         batching=BatchingConfig(
             max_batch_size=args.max_batch_size,
-            max_queue_delay_us=max(0, args.max_queue_delay_us),
+            max_queue_delay_us=args.max_queue_delay_us,
             preferred_batch_sizes=tuple(args.preferred_batch_size),
         ),
         images=ImageLimits(

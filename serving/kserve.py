@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import threading
 
 import numpy as np
@@ -64,7 +65,16 @@ from serving.streams import StreamSlots
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "stepwise"
-SERVER_VERSION = "0.1.0"
+
+def _installed_version() -> str:
+    """The installed package's version (pyproject.toml's, at install time)."""
+    try:
+        return importlib.metadata.version("stepwise")
+    except importlib.metadata.PackageNotFoundError:  # a source tree never installed
+        return "0+unknown"
+
+
+SERVER_VERSION = _installed_version()
 # Exactly what is served, in Triton's extension names (ModelStreamInfer is part of
 # Triton's gRPC service itself and has no extension name).
 EXTENSIONS = ("model_configuration", "model_repository", "sequence", "statistics")

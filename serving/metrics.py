@@ -76,16 +76,17 @@ def _label(value: str) -> str:
 
 
 class Metrics:
-    """Every metric of one server. `registry` is the model registry (names, versions),
-    `statistics` the per-model counters, `engines` the step models' schedulers."""
+    """Every metric of one server. `models` is the model registry (names, versions),
+    `statistics` the per-model counters, `engines` the step models' schedulers;
+    `prometheus` is the Prometheus collector registry the metrics live in."""
 
-    def __init__(self, registry, statistics, engines: dict | None = None, batchers=None):
-        self.models, self.statistics = registry, statistics
+    def __init__(self, models, statistics, engines: dict | None = None, batchers=None):
+        self.model_registry, self.statistics = models, statistics
         self.engines = engines if engines is not None else {}
         self.batchers = batchers if batchers is not None else {}
         self.host = HostUsage()
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.prometheus = CollectorRegistry()
+        r = self.prometheus
         self.requests = Counter(
             "stepwise_requests", "RPCs answered, by RPC and status code", ["rpc", "code"],
             registry=r,
@@ -116,7 +117,7 @@ class Metrics:
 
     def watch_slots(self, pools: dict) -> None:
         """Stream slots by pool (`serving.streams.StreamSlots`): live and waiting."""
-        self.registry.register(_SlotGauges(pools))
+        self.prometheus.register(_SlotGauges(pools))
 
     def engine_observer(self, model: str) -> EngineMetrics:
         return EngineMetrics(self, model, self.statistics[model])
@@ -132,7 +133,7 @@ class Metrics:
     def triton_text(self) -> str:
         """Triton's metrics in the Prometheus text format, as Triton writes them."""
         rows = []
-        for name, model in sorted(self.models.models.items()):
+        for name, model in sorted(self.model_registry.models.items()):
             snapshot = self.statistics[name].snapshot()
             labels = f'model="{_label(name)}",version="{_label(model.version)}"'
             rows.append((labels, name, snapshot))
@@ -151,7 +152,7 @@ class Metrics:
         return "".join(out)
 
     def render(self) -> bytes:
-        return self.triton_text().encode() + generate_latest(self.registry)
+        return self.triton_text().encode() + generate_latest(self.prometheus)
 
 
 class EngineMetrics:

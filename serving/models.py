@@ -126,7 +126,10 @@ class StepDecoder(Model):
         self.state = card["state"]  # [{input, output, dtype, shape}] fed back each step
         # The batch axis of each state tensor: the card's one dynamic (-1) dimension.
         self.state_axis = {s["input"]: list(s["shape"]).index(-1) for s in self.state}
-        self.steps_run = itertools.count()  # graph runs, for tests and metrics
+        # Graph runs, for tests and metrics: read as a plain int (reading an itertools.count
+        # with next() moved the counter it read).
+        self._runs = itertools.count(1)
+        self.steps_run = 0
         # A start token of its own (the captioner's <start>) only ever opens a sequence.
         self.never_sampled = [self.bos] if self.bos != self.eos else []
 
@@ -139,7 +142,7 @@ class StepDecoder(Model):
     def run(self, graph: str, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         """tokens: [B, T] int64, state: batched -> (logits of the last position [B, V],
         the state after the last token)."""
-        next(self.steps_run)
+        self.steps_run = next(self._runs)
         names = ["logits", *(s["output"] for s in self.state)]
         logits, *new = self.graphs[graph].run(names, {"tokens": tokens, **state})
         return logits, {s["input"]: v for s, v in zip(self.state, new, strict=True)}
@@ -165,7 +168,7 @@ class StepDecoder(Model):
     def run_bound(self, graph: str, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         """As `run`, with `state` a dict of OrtValues on the device, and the new state
         returned as OrtValues left on the device."""
-        next(self.steps_run)
+        self.steps_run = next(self._runs)
         session = self.graphs[graph]
         binding = session.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens))

@@ -46,7 +46,9 @@ class ModelControl:
             raise ValueError(f"--repository-poll-secs must be more than 0, not {poll_secs}")
         self.server, self.mode, self.poll_secs = server, mode, poll_secs
         self.root = Path(server.config.model_repository)
-        self.sessions = SessionFactory(server.config.device, server.config.intra_op_threads)
+        self.sessions = server.registry.sessions or SessionFactory(
+            server.config.device, server.config.intra_op_threads
+        )
         self._lock = threading.Lock()  # one load or unload at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

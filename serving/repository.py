@@ -34,8 +34,16 @@ def latest_versions(root: Path) -> dict[str, Path]:
 
 
 class ModelRegistry:
-    def __init__(self, models: dict[str, Model], failed: dict[str, str] | None = None):
+    def __init__(
+        self,
+        models: dict[str, Model],
+        failed: dict[str, str] | None = None,
+        sessions: SessionFactory | None = None,
+    ):
         self.models = models
+        # The server's one session factory: later loads (serving.reload) use it too, so
+        # `--device auto` settles on the CPU once per server, not once per factory.
+        self.sessions = sessions
         self.failed = failed or {}  # name -> why it is not served at all
         # (name, version) -> why that version failed to load (an older one may serve)
         self.failed_versions: dict[tuple[str, str], str] = {}
@@ -57,7 +65,7 @@ class ModelRegistry:
             log.info(
                 "loaded %s version %s (%s) on %s", name, model.version, model.kind, model.provider
             )
-        return cls(models, failed)
+        return cls(models, failed, sessions)
 
     def get(self, name: str, kind: str, field: str = "model") -> Model:
         names = ", ".join(sorted(n for n, m in self.models.items() if m.kind == kind))

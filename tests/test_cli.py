@@ -211,3 +211,14 @@ def test_model_card_reports_figures_commands_and_targets(repository, tmp_path, b
     lag_100 = lstm["gradient_through_time"]["100"]
     assert gradients.count("| `") == 1 and f"| {lag_100:.2g} |" in gradients
     assert "Budget: **" + budget in card and "`make quality`" in card
+
+
+def test_a_negative_queue_delay_is_refused_not_clamped(capsys):
+    """`--max-queue-delay-us -5` was clamped to 0 before BatchingConfig could refuse it:
+    a typo served with another setting than the one asked for."""
+    from serving.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:  # no repository: clamped, it fails to start
+        main(["--max-queue-delay-us", "-5", "--model-repository", "/nonexistent"])
+    assert exit_.value.code == 2
+    assert "--max-queue-delay-us: must be 0 or more, not -5" in capsys.readouterr().err

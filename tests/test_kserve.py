@@ -6,6 +6,8 @@ the same service with the real tritonclient package."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import grpc
 import pytest
@@ -33,6 +35,9 @@ def test_live_ready_and_model_ready(kserve, server):
 def test_server_metadata_lists_exactly_what_is_served(kserve):
     meta = kserve.ServerMetadata(kpb.ServerMetadataRequest())
     assert meta.name == "stepwise"
+    # The version is the project's, from pyproject.toml (it was a literal that could drift).
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert meta.version == re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1)
     extensions = ["model_configuration", "model_repository", "sequence", "statistics"]
     assert list(meta.extensions) == extensions
     with pytest.raises(grpc.RpcError) as info:  # served, but not in model control mode none

@@ -34,10 +34,10 @@ def serve(repo):
     started = []
 
     def start(mode: str, **options):
+        options.setdefault("device", "cpu")
         config = ServerConfig(
-            repo, port=0, device="cpu", model_control_mode=mode, repository_poll_secs=0.1,
-            **options,
-        )  # fmt: skip
+            repo, port=0, model_control_mode=mode, repository_poll_secs=0.1, **options
+        )
         server, port = create_server(config)
         server.start()
         client = StepwiseClient(f"127.0.0.1:{port}", timeout=30)
@@ -225,3 +225,20 @@ def test_a_reloaded_version_keeps_the_servers_session_options(serve, repo):
     assert _eventually(lambda: _versions(client).get("lenet5") == "2")
     new = server.registry.models["lenet5"]
     assert new.version == "2" and new.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_device_auto_settles_on_the_cpu_once_per_server(serve, repo, caplog):
+    """One session factory per server: a reload reuses the one the first load settled
+    (before, reload made its own, so `--device auto` tried CUDA and warned again)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="serving.runtime"):
+        server, client, _ = serve("poll", device="auto")
+        first = [r for r in caplog.records if "CUDA is unavailable" in r.getMessage()]
+        if not first:
+            pytest.skip("CUDA loads here: device auto does not fall back")
+        _publish(repo / "lenet5" / "1", repo / "lenet5" / "2")
+        assert _eventually(lambda: _versions(client).get("lenet5") == "2")
+    warned = [r for r in caplog.records if "CUDA is unavailable" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    assert server.registry.models["lenet5"].provider == "CPUExecutionProvider"

@@ -15,7 +15,7 @@ from export.__main__ import export_checkpoint
 from serving.engine import Scheduler, run_alone, text_request
 from serving.errors import DeviceError, InvalidArgument, NotFound
 from serving.models import load_model
-from serving.preprocess import decode_image, image_to_tensor
+from serving.preprocess import ImageDecoder, decode_image, image_to_tensor
 from serving.repository import ModelRegistry, latest_versions
 from serving.runtime import CPU, CUDA, SessionFactory, check_providers, requested_providers
 from serving.sampling import SamplingParams
@@ -45,14 +45,17 @@ def test_silent_cpu_fallback_is_caught_for_cuda_only():
 
 
 def test_serving_preprocessing_equals_training_preprocessing(repository):
-    """No train/serve skew: an 8x8 digit PNG becomes the very tensor training saw."""
+    """No train/serve skew: an 8x8 digit PNG becomes the very tensor training saw, on the
+    path the server takes (ImageDecoder.tensor: the size check, the bounded decoders,
+    the reduced decode)."""
     card = json.loads((repository / "lenet5" / "1" / "model.json").read_text())
     pixels = load_digits_split()[4][:20]
     pre = card["preprocess"]
+    decoder = ImageDecoder()
     for p in pixels:
         buf = io.BytesIO()
         digit_to_image(p).save(buf, "PNG")
-        served = image_to_tensor(decode_image(buf.getvalue()), pre)
+        served = decoder.tensor(buf.getvalue(), pre)
         trained = (image_to_array(digit_to_image(p)) - pre["mean"][0]) / pre["std"][0]
         np.testing.assert_allclose(served, trained, atol=1e-6)
 
@@ -196,7 +199,7 @@ def test_a_cancelled_sequence_leaves_at_the_next_iteration(repository):
     assert scheduler.step() == 0 and not scheduler.has_work()
     delta = seq.outbox.take(timeout=0)
     assert (delta.finish_reason, delta.completion_tokens, len(delta.tokens)) == ("cancelled", 3, 3)
-    assert next(lm.steps_run) == 3 and scheduler.stats.leaves == 1
+    assert lm.steps_run == 3 and scheduler.stats.leaves == 1
 
 
 def test_intra_op_threads_reach_every_session_and_change_no_result(repository):
