@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from deploy.topology import ROOT, stop
+
 WHEELS = ROOT / "deploy/wheels"
 OFFICIAL_BASE = "python:3.11-slim"
 OFFICIAL_NGINX = "nginx:1.27-alpine"
@@ -123,7 +123,7 @@ def docker_engine() -> Iterator[Engine]:
         print(f"docker_engine: started dockerd (pid {proc.pid}) under {home}", file=sys.stderr)
         yield engine
     finally:
-        _stop(proc)
+        stop(proc, timeout=30)  # SIGTERM to its group (containerd with it), then SIGKILL
         log.close()
         # Its overlay mounts are gone once it has stopped; anything still mounted (a crash)
         # is unmounted before the folder goes.
@@ -132,17 +132,6 @@ def docker_engine() -> Iterator[Engine]:
         shutil.rmtree(home, ignore_errors=True)
         if not bridge_before and _has_link("docker0"):
             subprocess.run(["ip", "link", "delete", "docker0"], capture_output=True, timeout=30)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to dockerd's group (containerd with it), SIGKILL after 30 s."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        if proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait)
-            return
 
 
 def _has_link(name: str) -> bool:

@@ -66,6 +66,7 @@ from serving.streams import StreamSlots
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "stepwise"
 
+
 def _installed_version() -> str:
     """The installed package's version (pyproject.toml's, at install time)."""
     try:
