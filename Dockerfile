@@ -12,7 +12,7 @@ FROM ${BASE_IMAGE} AS base
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY serving ./serving
-RUN pip install --no-cache-dir . && python -c "import serving.server" \
+RUN pip install --no-cache-dir . && python -c "import serving.app" \
     && ! python -c "import torch" 2>/dev/null
 
 FROM base AS loadtest

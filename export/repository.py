@@ -49,7 +49,7 @@ def write_model_config(model_dir: Path, card: dict) -> Path:
     """`<root>/<name>/config.pbtxt` (Triton's ModelConfig) for the model's graph, unless
     one is there already: an operator's edits (dynamic batching, instance groups) belong
     to the model, not to one version. Written to a temporary file and renamed into place."""
-    from serving.model_config import CONFIG_FILE, config_for_card, to_text
+    from serving.core.model_config import CONFIG_FILE, config_for_card, to_text
 
     path = Path(model_dir) / CONFIG_FILE
     if path.exists():

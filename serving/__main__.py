@@ -11,15 +11,15 @@ import threading
 import time
 from pathlib import Path
 
-from serving.batching import BatchingConfig
+from serving.api.logs import FORMATS, configure
+from serving.api.security import SecurityConfig, read_token
+from serving.app import ServerConfig, create_server
+from serving.batching.dynamic import BatchingConfig
+from serving.core.memory import DEFAULT_MMAP_THRESHOLD, fix_mmap_threshold
+from serving.core.preprocess import ImageLimits
+from serving.core.runtime import DEVICES
 from serving.engine import EngineConfig
 from serving.errors import DeviceError
-from serving.logs import FORMATS, configure
-from serving.memory import DEFAULT_MMAP_THRESHOLD, fix_mmap_threshold
-from serving.preprocess import ImageLimits
-from serving.runtime import DEVICES
-from serving.security import SecurityConfig, read_token
-from serving.server import ServerConfig, create_server
 
 log = logging.getLogger("serving")
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=DEFAULT_MMAP_THRESHOLD,
         help="bytes from which glibc malloc maps each allocation on its own, so freed images "
-        "return to the system (0: keep glibc's adaptive default; see serving/memory.py)",
+        "return to the system (0: keep glibc's adaptive default; see serving/core/memory.py)",
     )
     args = p.parse_args(argv)
     configure(args.log_format)

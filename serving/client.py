@@ -17,7 +17,7 @@ import grpc
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.security import channel, read_token
+from serving.api.security import channel, read_token
 
 
 class StepwiseClient:

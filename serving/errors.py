@@ -1,6 +1,6 @@
 """One exception hierarchy for the serving core, each class with a neutral status name.
 
-The core raises these without knowing gRPC; `serving.service` maps the names to
+The core raises these without knowing gRPC; `serving.api.stepwise` maps the names to
 gRPC status codes in one place. Every message names the field and what is allowed,
 and lists at most a few offending items (`preview`), so a message never outgrows
 the status header that carries it.

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from export.__main__ import export_checkpoint
+from serving.app import ServerConfig, create_server
 from serving.client import StepwiseClient
-from serving.server import ServerConfig, create_server
 from training import train_classifier, train_lm
 from training.__main__ import parse_args
 

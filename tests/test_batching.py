@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
-from serving.batching import BatchingConfig, DynamicBatcher
+from serving.app import ServerConfig, create_server
+from serving.batching.dynamic import BatchingConfig, DynamicBatcher
 from serving.errors import ResourceExhausted, Unavailable
-from serving.server import ServerConfig, create_server
 
 
 class Model:

@@ -1,4 +1,4 @@
-"""serving.calls.Calls, the one wrapper around every RPC, over a real channel: its
+"""serving.api.calls.Calls, the one wrapper around every RPC, over a real channel: its
 watchers see every response and the final code, and `end(reason)` ends the calls
 still running, unary and streaming, with UNAVAILABLE and the reason (gRPC's own
 server stop would say only "Cancelling all calls")."""
@@ -10,7 +10,7 @@ import contextlib
 
 import grpc
 
-from serving.calls import Calls, RpcWatch
+from serving.api.calls import Calls, RpcWatch
 
 REASON = "the server is shutting down: this call outlived the grace period"
 

@@ -10,8 +10,8 @@ import torch
 
 from export.__main__ import export_checkpoint
 from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving.app import ServerConfig, create_server
 from serving.client import StepwiseClient
-from serving.server import ServerConfig, create_server
 from training import train_captioner
 from training.__main__ import parse_args
 from training.checkpoint import load_checkpoint
@@ -176,7 +176,7 @@ def _sequence_scores(model, state, max_length: int) -> dict[tuple[str, ...], flo
     token (<end> included when it ends), by brute force over the decoder step graph."""
     import numpy as np
 
-    from serving.sampling import log_softmax
+    from serving.engine.sampler import log_softmax
 
     vocab, eos = model.vocab, model.eos
     scores = {}
@@ -201,8 +201,8 @@ def _sequence_scores(model, state, max_length: int) -> dict[tuple[str, ...], flo
 
 
 def test_beam_search_finds_the_best_caption_and_streams_only_decided_words(captioner):
-    from serving.models import load_model
-    from serving.preprocess import ImageDecoder
+    from serving.core.models import load_model
+    from serving.core.preprocess import ImageDecoder
 
     client, _, version, _ = captioner
     model = load_model(version, "cpu")

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from serving.core.models import load_model
 from serving.engine import (
     EngineConfig,
     Scheduler,
@@ -18,9 +19,8 @@ from serving.engine import (
     text_request,
 )
 from serving.engine.output import TextOutput
+from serving.engine.sampler import Sampler, SamplingParams, log_softmax, sample_rows
 from serving.errors import DeadlineExceeded, NonFiniteOutput, ResourceExhausted
-from serving.models import load_model
-from serving.sampling import Sampler, SamplingParams, log_softmax, sample_rows
 
 V = 8  # fake vocabulary: token 0 is EOS
 

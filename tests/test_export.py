@@ -60,8 +60,8 @@ def test_other_graphs_are_published_as_plain_tensor_models(repository):
     """The prefill graph is a model of its own, `char_lstm_prefill`: its card and
     config.pbtxt read from the graph (batch-first state as plain inputs and outputs), the
     same bytes as the language model's prefill.onnx, and it runs as that graph does."""
-    from serving.model_config import read_model_config
-    from serving.models import Graph, load_model
+    from serving.core.model_config import read_model_config
+    from serving.core.models import Graph, load_model
 
     sub = repository / "char_lstm_prefill" / "1"
     card = json.loads((sub / "model.json").read_text())

@@ -46,7 +46,7 @@ from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.inference import model_config_pb2 as mc
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.server import ServerConfig, create_server
+from serving.app import ServerConfig, create_server
 from training.__main__ import main as train_main
 
 EXAMPLES = int(os.environ.get("STEPWISE_FUZZ_EXAMPLES", "60"))

@@ -15,9 +15,9 @@ from test_kserve import _infer, _outputs
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving.batching import BatchingConfig
-from serving.server import ServerConfig, create_server
-from serving.service import MAX_PROMPT_CHARS
+from serving.api.stepwise import MAX_PROMPT_CHARS
+from serving.app import ServerConfig, create_server
+from serving.batching.dynamic import BatchingConfig
 
 STATE = (2, 48)  # the tiny char_lstm's [layers, hidden] after its batch axis
 
@@ -259,7 +259,7 @@ def test_a_stream_whose_client_never_reads_holds_its_byte_budget_then_is_cancell
     once STREAM_BUDGET_BYTES are held, and the stall watchdog ends the stream."""
     from test_slow_reader import NeverReads
 
-    from serving import kserve
+    from serving.api import kserve
 
     server, stub, _ = quotas
     answer = _outputs(_infer(stub, "char_lstm", {"tokens": np.full((64, 1), 3, np.int64)}))

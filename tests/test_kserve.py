@@ -100,7 +100,7 @@ def test_reflection_lists_it_and_shutdown_turns_server_ready_false(repository):
         ProtoReflectionDescriptorDatabase,
     )
 
-    from serving.server import ServerConfig, create_server
+    from serving.app import ServerConfig, create_server
 
     server, port = create_server(ServerConfig(repository, port=0, device="cpu"))
     server.start()
@@ -142,7 +142,7 @@ def _outputs(response) -> dict:
 
     import numpy as np
 
-    from serving.kserve_codec import deserialize_bytes
+    from serving.api.kserve_codec import deserialize_bytes
 
     kinds = {"FP32": np.float32, "INT64": np.int64}
     out = {}
@@ -321,7 +321,7 @@ def test_idle_sequences_expire_and_many_clients_interleave(tmp_path, repository)
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.server import ServerConfig, create_server
+    from serving.app import ServerConfig, create_server
 
     root = tmp_path / "repo"
     shutil.copytree(repository / "char_lstm", root / "char_lstm")
@@ -364,8 +364,8 @@ def test_idle_sequences_expire_and_many_clients_interleave(tmp_path, repository)
 def test_bytes_codec_round_trips_and_refuses_malformed_elements():
     import numpy as np
 
+    from serving.api.kserve_codec import decode_inputs, deserialize_bytes, serialize_bytes
     from serving.errors import InvalidArgument
-    from serving.kserve_codec import decode_inputs, deserialize_bytes, serialize_bytes
 
     values = np.asarray([[b"", "caf\u00e9", b"\x00\xff"]], dtype=object)
     raw = serialize_bytes(values)
@@ -397,8 +397,8 @@ def test_bytes_codec_round_trips_and_refuses_malformed_elements():
 
 
 def test_narrow_typed_integers_are_refused_out_of_range_never_wrapped():
+    from serving.api.kserve_codec import decode_inputs
     from serving.errors import InvalidArgument
-    from serving.kserve_codec import decode_inputs
 
     spec = [{"name": "x", "dtype": "int8", "shape": [-1]}]
     request = kpb.ModelInferRequest()
@@ -410,7 +410,7 @@ def test_narrow_typed_integers_are_refused_out_of_range_never_wrapped():
 
 
 def _text_step(kserve, key, text: bytes, start=False, outputs=(), model="char_lstm"):
-    from serving.kserve_codec import serialize_bytes
+    from serving.api.kserve_codec import serialize_bytes
 
     request = kpb.ModelInferRequest(model_name=model)
     request.parameters["sequence_id"].string_param = key
@@ -442,7 +442,7 @@ def test_sequence_text_in_and_greedy_text_out(kserve, repository):
 def _seq_request(key, start=False, text=None, tokens=None, outputs=()):
     import numpy as np
 
-    from serving.kserve_codec import serialize_bytes
+    from serving.api.kserve_codec import serialize_bytes
 
     request = kpb.ModelInferRequest(model_name="char_lstm")
     if isinstance(key, int):
@@ -591,9 +591,9 @@ def test_model_infer_on_a_classifier_goes_through_its_dynamic_batcher(repository
 
     from serving._proto.stepwise.v1 import inference_pb2 as pb
     from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-    from serving.batching import BatchingConfig
-    from serving.models import load_model
-    from serving.server import ServerConfig, create_server
+    from serving.app import ServerConfig, create_server
+    from serving.batching.dynamic import BatchingConfig
+    from serving.core.models import load_model
 
     batching = BatchingConfig(max_batch_size=8, max_queue_delay_us=100_000)
     server, port = create_server(ServerConfig(repository, port=0, device="cpu", batching=batching))

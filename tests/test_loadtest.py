@@ -12,7 +12,7 @@ import pytest
 from loadtest.__main__ import main
 from loadtest.rpcs import Outcome
 from loadtest.stats import Window, stable
-from serving.server import ServerConfig, create_server
+from serving.app import ServerConfig, create_server
 
 QUICK = ["--warmup", "0.2", "--duration", "0.8", "--quiet"]
 

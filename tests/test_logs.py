@@ -21,8 +21,8 @@ from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.logs import JsonFormatter, TextFormatter, request_id
-from serving.server import ServerConfig, create_server
+from serving.api.logs import JsonFormatter, TextFormatter, request_id
+from serving.app import ServerConfig, create_server
 
 HEX32 = r"^[0-9a-f]{32}$"
 

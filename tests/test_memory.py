@@ -11,7 +11,7 @@ import pytest
 # adaptive mmap threshold keeps in the threads' arenas stays in RSS afterwards.
 ALLOCATE_FROM_THREADS = """
 import sys, threading
-from serving.memory import fix_mmap_threshold
+from serving.core.memory import fix_mmap_threshold
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.api.security import SecurityConfig
+from serving.app import ServerConfig, create_server
 from serving.client import StepwiseClient
 from serving.engine import EngineConfig
-from serving.metrics import HostUsage
-from serving.security import SecurityConfig
-from serving.server import ServerConfig, create_server
+from serving.metrics.prometheus import HostUsage
 
 
 @pytest.fixture(scope="module")

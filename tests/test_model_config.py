@@ -8,8 +8,8 @@ from google.protobuf import text_format
 
 from export.repository import write_model_config
 from serving._proto.inference import model_config_pb2 as mc
-from serving.repository import ModelRegistry
-from serving.server import ServerConfig, create_server
+from serving.app import ServerConfig, create_server
+from serving.core.repository import ModelRegistry
 
 
 def _read(path) -> mc.ModelConfig:

@@ -22,7 +22,7 @@ import pytest
 from export.__main__ import export_checkpoint
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving.server import ServerConfig, create_server
+from serving.app import ServerConfig, create_server
 from training.__main__ import main as train_main
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "perf_analyzer.sh"

@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 from pngs import GRAY, GRAY_ALPHA, PALETTE, RGB, RGBA, write_png
 
-from serving.errors import InvalidArgument, ResourceExhausted
-from serving.preprocess import (
+from serving.core.preprocess import (
     ImageDecoder,
     ImageLimits,
     decode_image,
     decode_reduced,
     image_to_tensor,
 )
+from serving.errors import InvalidArgument, ResourceExhausted
 from training.data.digits import digit_to_image, load_digits_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -204,7 +204,7 @@ def test_pixel_limit_is_one_message_below_and_above_pillows_own_limit():
 
 def test_concurrent_decodes_are_bounded(monkeypatch):
     """With one decoder, a second image waits, and past the wait it is refused."""
-    import serving.preprocess as pre
+    import serving.core.preprocess as pre
 
     entered, release = threading.Event(), threading.Event()
     real = pre.decode_reduced

@@ -1,4 +1,4 @@
-"""Model control while serving (serving/reload.py): poll mode picks up new versions
+"""Model control while serving (serving/dataplane/control.py): poll mode picks up new versions
 beside the old (streams on the old finish there), survives a broken version and
 follows models coming and going; explicit mode loads and unloads through KServe's
 repository RPCs."""
@@ -14,8 +14,8 @@ from polling import eventually
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from serving.app import ServerConfig, create_server
 from serving.client import StepwiseClient
-from serving.server import ServerConfig, create_server
 
 
 def _eventually(predicate, timeout: float = 20.0) -> bool:  # a poll scan and a load
@@ -167,7 +167,7 @@ def test_a_retired_engine_waits_for_the_requests_that_picked_it(serve, repo):
     """A request that chose the old engine and has not submitted yet (decoding its
     input on a worker) holds a lease: the reload closes the old engine only after it."""
     from serving.engine import text_request
-    from serving.sampling import SamplingParams
+    from serving.engine.sampler import SamplingParams
 
     server, client, kserve = serve("poll")
     old_model, old_engine = server.registry.models["char_lstm"], server.engines["char_lstm"]
@@ -232,7 +232,7 @@ def test_device_auto_settles_on_the_cpu_once_per_server(serve, repo, caplog):
     (before, reload made its own, so `--device auto` tried CUDA and warned again)."""
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="serving.runtime"):
+    with caplog.at_level(logging.WARNING, logger="serving.core.runtime"):
         server, client, _ = serve("poll", device="auto")
         first = [r for r in caplog.records if "CUDA is unavailable" in r.getMessage()]
         if not first:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.sampling import Sampler, SamplingParams, StopMatcher
+from serving.engine.sampler import Sampler, SamplingParams, StopMatcher
 
 LOGITS = np.log(np.array([0.05, 0.4, 0.3, 0.15, 0.1]))
 

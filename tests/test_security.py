@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from serving.api.security import SecurityConfig, channel, read_token
+from serving.app import ServerConfig, create_server
 from serving.client import StepwiseClient
-from serving.security import SecurityConfig, channel, read_token
-from serving.server import ServerConfig, create_server
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 

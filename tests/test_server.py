@@ -70,8 +70,8 @@ def test_classify_png_of_any_size_and_mode(client, held_out, size, mode):
 
 
 def test_classify_tensor_matches_image(client, repository, held_out):
-    from serving.models import load_model
-    from serving.preprocess import ImageDecoder
+    from serving.core.models import load_model
+    from serving.core.preprocess import ImageDecoder
 
     model = load_model(repository / "lenet5" / "1", "cpu")
     data = png(digit_to_image(held_out[0][0]))
@@ -316,8 +316,8 @@ def test_unexpected_failure_is_internal_and_harms_no_other_request(client, serve
 
 
 def test_streams_past_the_cap_wait_then_are_refused_and_health_still_answers(repository):
+    from serving.app import ServerConfig, create_server
     from serving.client import StepwiseClient
-    from serving.server import ServerConfig, create_server
 
     server, port = create_server(
         ServerConfig(
@@ -353,7 +353,7 @@ def test_streams_past_the_cap_wait_then_are_refused_and_health_still_answers(rep
 
 
 def test_a_busy_port_is_an_error_not_a_shared_socket(repository, server):
-    from serving.server import ServerConfig, create_server
+    from serving.app import ServerConfig, create_server
 
     with pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
         create_server(ServerConfig(repository, port=server[1], device="cpu"))
@@ -388,7 +388,7 @@ def test_min_tokens_and_repetition_penalty_change_what_is_sampled(client):
     assert penalised != plain
     assert len(set(penalised)) > len(set(plain))  # seen characters are pushed away
     # min_tokens reaches the engine (whose EOS ban tests/test_engine.py checks).
-    from serving.service import sampling_params
+    from serving.api.stepwise import sampling_params
 
     request = pb.GenerateRequest(model="char_lstm", max_tokens=30, min_tokens=12)
     assert sampling_params(request, 84)[1].min_tokens == 12
@@ -450,7 +450,7 @@ def test_hundreds_of_streams_hold_no_thread_each_and_health_stays_responsive(rep
     import threading
 
     from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-    from serving.server import ServerConfig, create_server
+    from serving.app import ServerConfig, create_server
 
     server, port = create_server(ServerConfig(repository, port=0, device="cpu", max_streams=256))
     model = server.registry.models["char_lstm"]

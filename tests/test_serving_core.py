@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from export.__main__ import export_checkpoint
+from serving.app import ServerConfig, create_server
+from serving.core.models import load_model
+from serving.core.preprocess import ImageDecoder, decode_image, image_to_tensor
+from serving.core.repository import ModelRegistry, latest_versions
+from serving.core.runtime import CPU, CUDA, SessionFactory, check_providers, requested_providers
 from serving.engine import Scheduler, run_alone, text_request
+from serving.engine.sampler import SamplingParams
 from serving.errors import DeviceError, InvalidArgument, NotFound
-from serving.models import load_model
-from serving.preprocess import ImageDecoder, decode_image, image_to_tensor
-from serving.repository import ModelRegistry, latest_versions
-from serving.runtime import CPU, CUDA, SessionFactory, check_providers, requested_providers
-from serving.sampling import SamplingParams
-from serving.server import ServerConfig, create_server
 from training.char_lm import CharLM, CharLMConfig, build_vocab
 from training.checkpoint import save_checkpoint
 from training.data.digits import digit_to_image, image_to_array, load_digits_split

@@ -22,12 +22,12 @@ from polling import eventually
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.app import ServerConfig, create_server
 from serving.client import StepwiseClient
-from serving.server import ServerConfig, create_server
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels share none
 # Every test client is on 127.0.0.1, one host: the server tells them apart by this
-# header, as it would behind a proxy that sets it (serving/clients.py).
+# header, as it would behind a proxy that sets it (serving/api/clients.py).
 CLIENT_HEADER = "x-client"
 
 
@@ -208,8 +208,8 @@ def test_stalled_streams_are_cancelled_by_the_watchdog_without_grpc():
     """The slot bookkeeping alone, with a fake clock: a message out and not taken for
     longer than the timeout cancels the stream; a reading client is never cancelled;
     a client past its cap waits (never refused) until one of its streams ends."""
+    from serving.api.streams import StreamSlots
     from serving.errors import ResourceExhausted
-    from serving.streams import StreamSlots
 
     async def numbers(n: int):
         for i in range(n):
@@ -244,7 +244,7 @@ def test_stalled_streams_are_cancelled_by_the_watchdog_without_grpc():
 def test_a_freed_slot_goes_to_the_waiting_client_holding_fewest():
     """Fair admission: a hog's many waiting streams do not go first because they came
     first; the client holding the fewest streams gets the next free slot."""
-    from serving.streams import StreamSlots
+    from serving.api.streams import StreamSlots
 
     async def forever():
         while True:

@@ -173,7 +173,7 @@ def test_stream_sequences_equal_generate_and_answer_in_order(seen, target):
 def test_idle_sequences_expire_and_many_clients_stay_independent(tmp_path, repository):
     """A server whose sequences expire after 1 s idle (config.pbtxt); then eight
     tritonclient connections decode at once, batched together, each text as alone."""
-    from serving.server import ServerConfig, create_server
+    from serving.app import ServerConfig, create_server
 
     root = tmp_path / "repo"
     shutil.copytree(repository / "char_lstm", root / "char_lstm")

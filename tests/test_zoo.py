@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from export.__main__ import export_checkpoint
+from serving.core.models import load_model
+from serving.core.preprocess import ImageDecoder
 from serving.engine import caption_request, run_alone, text_request
-from serving.models import load_model
-from serving.preprocess import ImageDecoder
-from serving.sampling import SamplingParams
+from serving.engine.sampler import SamplingParams
 from training.__main__ import main as train_main
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cnn_config import ClassifierConfig, initialize

@@ -28,11 +28,11 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving.core.models import Classifier, LanguageModel, load_model  # noqa: E402
+from serving.core.repository import latest_versions  # noqa: E402
+from serving.core.runtime import SessionFactory  # noqa: E402
 from serving.engine import EngineConfig, Scheduler, run_alone, text_request  # noqa: E402
-from serving.models import Classifier, LanguageModel, load_model  # noqa: E402
-from serving.repository import latest_versions  # noqa: E402
-from serving.runtime import SessionFactory  # noqa: E402
-from serving.sampling import SamplingParams  # noqa: E402
+from serving.engine.sampler import SamplingParams  # noqa: E402
 
 
 def _text(lm, seq, config: EngineConfig | None = None) -> str:
@@ -108,8 +108,8 @@ def engine_speed(
 
 def check_server(repository: Path) -> dict:
     from serving._proto.stepwise.v1 import inference_pb2 as pb
+    from serving.app import ServerConfig, create_server
     from serving.client import StepwiseClient
-    from serving.server import ServerConfig, create_server
 
     server, port = create_server(ServerConfig(repository, port=0, device="cuda"))
     server.start()

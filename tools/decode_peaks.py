@@ -4,7 +4,7 @@
 
 For each kind (RGBA PNG, keyed 8-bit RGB, keyed 16-bit gray, palette with tRNS,
 baseline and progressive JPEG in RGB and CMYK) it decodes one side x side image for a
-32x32 grayscale model in a fresh process, through `serving.preprocess.ImageDecoder`,
+32x32 grayscale model in a fresh process, through `serving.core.preprocess.ImageDecoder`,
 and prints how much the process's peak RSS (VmHWM) grew, in MiB and bytes a pixel.
 Linux only (/proc). Numbers for docs/BENCHMARKS.md.
 """
@@ -28,7 +28,7 @@ from pngs import GRAY, PALETTE, RGB, write_png  # noqa: E402
 
 CHILD = """
 import sys
-from serving.preprocess import ImageDecoder, ImageLimits
+from serving.core.preprocess import ImageDecoder, ImageLimits
 def peak_kb():  # VmHWM: reset by exec, unlike ru_maxrss
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM"):

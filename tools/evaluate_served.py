@@ -23,8 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from serving.app import ServerConfig, create_server  # noqa: E402
 from serving.client import StepwiseClient  # noqa: E402
-from serving.server import ServerConfig, create_server  # noqa: E402
 from training.caption_metrics import corpus_bleu, object_recall  # noqa: E402
 from training.data.digits import digit_to_image, load_digits_split  # noqa: E402
 from training.data.scenes import make_scenes  # noqa: E402

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from serving.core.models import Captioner, LanguageModel
 from serving.engine.output import Output, TextOutput, WordOutput
 from serving.engine.request import Delta, Outbox, Sequence, Status
+from serving.engine.sampler import Sampler, SamplingParams
 from serving.engine.scheduler import (
     EngineConfig,
     EngineObserver,
@@ -21,8 +23,6 @@ from serving.engine.scheduler import (
     run_alone,
 )
 from serving.errors import InvalidArgument
-from serving.models import Captioner, LanguageModel
-from serving.sampling import Sampler, SamplingParams
 
 __all__ = [
     "Delta",

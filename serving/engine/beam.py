@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.engine.sampler import log_softmax
 from serving.errors import NonFiniteOutput
-from serving.sampling import log_softmax
 
 
 @dataclass(frozen=True)

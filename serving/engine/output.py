@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from serving.sampling import StopMatcher
+from serving.engine.sampler import StopMatcher
 
 
 class Output:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving.engine.output import Output
-from serving.sampling import Sampler, TokenLogprob
+from serving.engine.sampler import Sampler, TokenLogprob
 
 _ids = itertools.count(1)
 

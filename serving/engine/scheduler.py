@@ -11,7 +11,7 @@ At every iteration (`Scheduler.step`):
    prefill-graph call per group of equal chunk lengths, the state rows gathered from
    the streams and scattered back (along the card's batch axis);
 3. deliver: the streams whose input is consumed sample their next token together
-   (`serving.sampling.sample_rows`, each with its own parameters and generator), and
+   (`serving.engine.sampler.sample_rows`, each with its own parameters and generator), and
    each token goes through the stream's output processor into its outbox.
 
 A graph run that raises is retried one row at a time, so a request that breaks the
@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from serving.core.leases import Leases
 from serving.engine.request import Delta, Sequence, Status
+from serving.engine.sampler import sample_rows
 from serving.errors import (
     DeadlineExceeded,
     NonFiniteOutput,
@@ -39,8 +41,6 @@ from serving.errors import (
     ServingError,
     Unavailable,
 )
-from serving.leases import Leases
-from serving.sampling import sample_rows
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class EngineStats:
 
 
 class EngineObserver:
-    """What a scheduler reports as it goes, for metrics (`serving.metrics`); these
+    """What a scheduler reports as it goes, for metrics (`serving.metrics.prometheus`); these
     defaults ignore it. Called on the engine's thread: keep it cheap."""
 
     def run(self, graph: str, rows: int, seconds: float) -> None:
@@ -486,7 +486,7 @@ class StepEngine:
 
     def lease(self):
         """Held by a request from the moment it picks this engine until it is done with
-        it (`serving.leases`)."""
+        it (`serving.core.leases`)."""
         return self._leases.hold()
 
     def busy(self) -> bool:

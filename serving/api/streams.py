@@ -8,7 +8,7 @@ ordinary client for multiplexing calls over one connection:
 - fair admission: when a slot frees, it goes to the waiting client that holds the
   fewest streams (the longest-waiting among equals), so no client grows past its
   share while others wait, however many connections or streams it opens; a client
-  is who `serving.clients.client_identity` says (a host, a certificate, a proxy's
+  is who `serving.api.clients.client_identity` says (a host, a certificate, a proxy's
   header), not a connection;
 - a per-client cap (`max_per_client`, default `max_streams`): a client's streams past
   it wait even with slots free;

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from serving.core.models import MODEL_CARD, Model, load_model
+from serving.core.runtime import SessionFactory
 from serving.errors import InvalidArgument, ModelLoadError, NotFound
-from serving.models import MODEL_CARD, Model, load_model
-from serving.runtime import SessionFactory
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ModelRegistry:
         sessions: SessionFactory | None = None,
     ):
         self.models = models
-        # The server's one session factory: later loads (serving.reload) use it too, so
+        # The server's one session factory: later loads (serving.dataplane.control) use it too, so
         # `--device auto` settles on the CPU once per server, not once per factory.
         self.sessions = sessions
         self.failed = failed or {}  # name -> why it is not served at all

@@ -1,5 +1,5 @@
 """Who a call comes from, for the quotas that keep one client from locking others out
-(stream slots in `serving.streams`, server-held sequences in `serving.kserve`).
+(stream slots in `serving.api.streams`, server-held sequences in `serving.api.kserve`).
 
 A client is, in order of preference:
 1. the value of a request header the operator trusts (`--client-id-header`, for a

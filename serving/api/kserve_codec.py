@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving._proto.inference import model_config_pb2 as mc
+from serving.core.model_config import DATA_TYPES
 from serving.errors import InvalidArgument
-from serving.model_config import DATA_TYPES
 
 # numpy dtype names (model.json) -> the protocol's datatypes: Triton's TYPE_* names
 # without the prefix (TYPE_FP32 -> "FP32"), from the one table config.pbtxt uses;

@@ -2,7 +2,7 @@
 
 `configure(fmt)` sets the root logger's formatter, so every line the server writes
 (startup, shutdown, errors, requests) comes in one format. `RequestLog` watches every
-RPC (through `serving.calls.Calls`) and writes one line per RPC to the
+RPC (through `serving.api.calls.Calls`) and writes one line per RPC to the
 `serving.requests` logger once the RPC ends (`--no-request-log` turns it off):
 
     request_id  the client's `x-request-id` metadata, or a new uuid4 hex when absent or
@@ -31,7 +31,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from serving.calls import RpcWatch
+from serving.api.calls import RpcWatch
 
 REQUEST_ID = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
@@ -125,7 +125,7 @@ def request_model(request) -> str | None:
 
 class RequestLog:
     """One log line per RPC (health checks aside), and its request id in the trailing
-    metadata: a watcher of `serving.calls.Calls`, the first interceptor, so refused
+    metadata: a watcher of `serving.api.calls.Calls`, the first interceptor, so refused
     calls (a missing token) are logged too."""
 
     def __init__(self, logger: logging.Logger = log):

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.core.leases import Leases
 from serving.errors import ResourceExhausted, Unavailable
-from serving.leases import Leases
-from serving.statistics import ModelStats, RequestTiming
+from serving.metrics.statistics import ModelStats, RequestTiming
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class DynamicBatcher:
 
     def lease(self):
         """Held by a request from the moment it picks this batcher until its rows are
-        answered (`serving.leases`)."""
+        answered (`serving.core.leases`)."""
         return self._leases.hold()
 
     def pending(self) -> int:

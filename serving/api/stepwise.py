@@ -21,17 +21,17 @@ import numpy as np
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.batching import DynamicBatcher
-from serving.clients import client_identity
+from serving.api.clients import client_identity
+from serving.api.streams import StreamSlots
+from serving.batching.dynamic import DynamicBatcher
+from serving.core.models import Captioner, Classifier, LanguageModel
+from serving.core.preprocess import ImageDecoder
+from serving.core.repository import ModelRegistry
 from serving.engine import Delta, Sequence, StepEngine, caption_request, text_request
 from serving.engine.beam import beam_search
+from serving.engine.sampler import SamplingParams
 from serving.errors import Cancelled, InvalidArgument, NonFiniteOutput, ServingError, Unavailable
-from serving.models import Captioner, Classifier, LanguageModel
-from serving.preprocess import ImageDecoder
-from serving.repository import ModelRegistry
-from serving.sampling import SamplingParams
-from serving.statistics import RequestTiming, Statistics
-from serving.streams import StreamSlots
+from serving.metrics.statistics import RequestTiming, Statistics
 
 log = logging.getLogger(__name__)
 

@@ -16,22 +16,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # health.aio: the servicer
 from grpc_reflection.v1alpha import reflection
 
-from serving import kserve
 from serving._proto.stepwise.v1 import inference_pb2 as pb
-from serving.batching import BatchingConfig, DynamicBatcher
-from serving.calls import Calls
-from serving.clients import client_identity
+from serving.api import kserve
+from serving.api.calls import Calls
+from serving.api.clients import client_identity
+from serving.api.logs import RequestLog
+from serving.api.rpc_metrics import RpcMetrics
+from serving.api.security import SecurityConfig, TokenAuth, metrics_ssl_context, server_credentials
+from serving.api.stepwise import InferenceServicer, add_to_server
+from serving.api.streams import StreamSlots
+from serving.batching.dynamic import BatchingConfig, DynamicBatcher
+from serving.core.models import Classifier, StepDecoder
+from serving.core.preprocess import ImageDecoder, ImageLimits
+from serving.core.repository import ModelRegistry
+from serving.dataplane.control import ModelControl
 from serving.engine import EngineConfig, StepEngine
-from serving.logs import RequestLog
-from serving.metrics import Metrics, MetricsEndpoint, RpcMetrics
-from serving.models import Classifier, StepDecoder
-from serving.preprocess import ImageDecoder, ImageLimits
-from serving.reload import ModelControl
-from serving.repository import ModelRegistry
-from serving.security import SecurityConfig, TokenAuth, metrics_ssl_context, server_credentials
-from serving.service import InferenceServicer, add_to_server
-from serving.statistics import Statistics
-from serving.streams import StreamSlots
+from serving.metrics.prometheus import Metrics, MetricsEndpoint
+from serving.metrics.statistics import Statistics
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ class ServerConfig:
     # Threads for blocking work (decoding images, running graphs); streams hold none.
     max_workers: int = 16
     # Concurrent Generate/Caption/ModelStreamInfer streams, all models together; past it
-    # a stream waits for a slot, fairly across clients (serving/streams.py)
+    # a stream waits for a slot, fairly across clients (serving/api/streams.py)
     max_streams: int = 256
     max_streams_per_client: int = 0  # one client's streams at most; 0: max_streams
     max_waiting_streams: int = 256  # streams waiting for a slot; past it RESOURCE_EXHAUSTED
-    # A request header naming the client, set by a trusted proxy (serving/clients.py);
+    # A request header naming the client, set by a trusted proxy (serving/api/clients.py);
     # None: clients are told apart by TLS certificate, else by host
     client_id_header: str | None = None
     # Server-held KServe sequences one client may keep live per model (the model's own
@@ -65,7 +66,7 @@ class ServerConfig:
     # never reopens) is cancelled and frees its slot; 0 disables the watchdog.
     stream_stall_timeout_s: float = 5.0
     max_message_bytes: int = 32 * 1024 * 1024
-    request_log: bool = True  # one log line per RPC (serving.logs)
+    request_log: bool = True  # one log line per RPC (serving.api.logs)
     # HTTP/2 connection hygiene: ping idle peers, close connections idle or old (clients
     # reconnect transparently), and bound streams per connection at the transport.
     keepalive_time_ms: int = 60_000
@@ -79,7 +80,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # continuous batching
     security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, bearer token
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one)
-    model_control_mode: str = "none"  # none, poll or explicit, as Triton (serving/reload.py)
+    model_control_mode: str = "none"  # none, poll or explicit, as Triton (serving/dataplane/control.py)
     repository_poll_secs: float = 15.0  # poll mode: seconds between repository scans
 
 

@@ -1,6 +1,6 @@
 """Server-held sequence state for KServe's sequence batcher (`sequence_id`,
 `sequence_start`, `sequence_end`), without gRPC: which ids a request names, and the
-per-model store of each client's live sequences (`serving.kserve` steps them through
+per-model store of each client's live sequences (`serving.api.kserve` steps them through
 the model's engine)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from serving.core.model_config import DEFAULT_SEQUENCE_IDLE_US
 from serving.errors import InvalidArgument, ResourceExhausted
-from serving.model_config import DEFAULT_SEQUENCE_IDLE_US
 
 MAX_SEQUENCE_ID_CHARS = 256
 MAX_SEQUENCES = 1024  # live server-held sequences per model; past it RESOURCE_EXHAUSTED
@@ -62,7 +62,7 @@ class _Entry:
 
 class SequenceStore:
     """Server-held state by sequence id, for one model, used from the event loop only.
-    Ids belong to the client that started them (`serving.clients`): another client's
+    Ids belong to the client that started them (`serving.api.clients`): another client's
     step on the same id finds no sequence, and can neither read nor end it. Idle
     sequences expire after `idle_us`; a client keeps at most `per_client` live, and
     the model at most MAX_SEQUENCES (a backstop for many clients)."""

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serving.core.model_config import read_model_config
+from serving.core.runtime import SessionFactory
 from serving.errors import DeviceError, InvalidArgument, ModelLoadError, NonFiniteOutput, preview
-from serving.model_config import read_model_config
-from serving.runtime import SessionFactory
 
 MODEL_CARD = "model.json"
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class Captioner(StepDecoder):
     def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
         super().__init__(directory, card, sessions)
         self.encoder = self._session("encoder", sessions)
-        self.preprocess = card["preprocess"]  # what `serving.preprocess` makes of an image
+        self.preprocess = card["preprocess"]  # what `serving.core.preprocess` makes of an image
         self.max_length = card["max_length"]
         self.image_input = card["encoder"]["inputs"][0]["name"]
 

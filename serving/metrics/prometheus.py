@@ -2,7 +2,7 @@
 
 Two sources, one page:
 - Triton's per-model counters, with Triton's names and `model`/`version` labels so its
-  dashboards work unchanged, read at scrape time from `serving.statistics` (the same
+  dashboards work unchanged, read at scrape time from `serving.metrics.statistics` (the same
   numbers KServe's ModelStatistics reports): `nv_inference_request_success`,
   `nv_inference_request_failure`, `nv_inference_count`, `nv_inference_exec_count`,
   `nv_inference_request_duration_us`, `nv_inference_queue_duration_us`,
@@ -37,8 +37,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
-
-from serving.calls import RpcWatch
 
 disable_created_metrics()  # no `_created` series: Triton's dashboards do not use them
 
@@ -116,7 +114,7 @@ class Metrics:
         r.register(_EngineGauges(self.engines))
 
     def watch_slots(self, pools: dict) -> None:
-        """Stream slots by pool (`serving.streams.StreamSlots`): live and waiting."""
+        """Stream slots by pool (`serving.api.streams.StreamSlots`): live and waiting."""
         self.prometheus.register(_SlotGauges(pools))
 
     def engine_observer(self, model: str) -> EngineMetrics:
@@ -260,27 +258,6 @@ class _SlotGauges:
             slots.add_metric([pool, "live"], streams.live)
             slots.add_metric([pool, "waiting"], streams.waiting)
         yield slots
-
-
-class RpcMetrics:
-    """Counts every RPC by its final status code and times it (a watcher of
-    `serving.calls.Calls`)."""
-
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-
-    def starter(self, details, handler):
-        rpc = details.method.lstrip("/")
-        return lambda _request, _context: _Timed(self.metrics, rpc)
-
-
-class _Timed(RpcWatch):
-    def __init__(self, metrics: Metrics, rpc: str):
-        self.metrics, self.rpc, self.start = metrics, rpc, time.perf_counter()
-
-    def done(self, code: str) -> None:
-        self.metrics.requests.labels(self.rpc, code).inc()
-        self.metrics.latency.labels(self.rpc).observe(time.perf_counter() - self.start)
 
 
 # -- the HTTP endpoint ------------------------------------------------------------------

@@ -22,11 +22,11 @@ import logging
 import threading
 from pathlib import Path
 
+from serving.core.model_config import CONFIG_FILE as CONFIG
+from serving.core.models import load_model
+from serving.core.repository import latest_versions
+from serving.core.runtime import SessionFactory
 from serving.errors import ModelLoadError, NotFound, ServingError, Unavailable
-from serving.model_config import CONFIG_FILE as CONFIG
-from serving.models import load_model
-from serving.repository import latest_versions
-from serving.runtime import SessionFactory
 
 log = logging.getLogger(__name__)
 MODES = ("none", "poll", "explicit")
@@ -37,7 +37,7 @@ class LoadFailed(ServingError):
 
 
 class ModelControl:
-    """Loads, reloads and unloads models of a running `serving.server.Server`."""
+    """Loads, reloads and unloads models of a running `serving.app.Server`."""
 
     def __init__(self, server, mode: str = "none", poll_secs: float = 15.0):
         if mode not in MODES:

@@ -24,7 +24,33 @@ import numpy as np
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving.clients import client_identity
+from serving.api.clients import client_identity
+from serving.api.kserve_codec import (
+    DATATYPES,
+    InputLimits,
+    add_output,
+    check_limits,
+    check_values,
+    decode_inputs,
+)
+from serving.api.stepwise import (
+    MAX_PROMPT_CHARS,
+    STALLED,
+    OutboxReader,
+    Undecodable,
+    status_of,
+    streaming,
+    unary,
+)
+from serving.api.stepwise import add_to_server as _add
+from serving.api.streams import StreamSlots
+from serving.core.model_config import (
+    DEFAULT_MAX_BATCH_SIZE,
+    PLATFORM,
+    config_for_card,
+)
+from serving.core.repository import ModelRegistry
+from serving.dataplane.sequences import MAX_SEQUENCES, SequenceStore, idle_us, sequence_parameters
 from serving.engine import step_request
 from serving.errors import (
     Cancelled,
@@ -35,33 +61,7 @@ from serving.errors import (
     Unavailable,
     Unimplemented,
 )
-from serving.kserve_codec import (
-    DATATYPES,
-    InputLimits,
-    add_output,
-    check_limits,
-    check_values,
-    decode_inputs,
-)
-from serving.model_config import (
-    DEFAULT_MAX_BATCH_SIZE,
-    PLATFORM,
-    config_for_card,
-)
-from serving.repository import ModelRegistry
-from serving.sequences import MAX_SEQUENCES, SequenceStore, idle_us, sequence_parameters
-from serving.service import (
-    MAX_PROMPT_CHARS,
-    STALLED,
-    OutboxReader,
-    Undecodable,
-    status_of,
-    streaming,
-    unary,
-)
-from serving.service import add_to_server as _add
-from serving.statistics import Statistics
-from serving.streams import StreamSlots
+from serving.metrics.statistics import Statistics
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "stepwise"
@@ -110,7 +110,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self.identify = identify or client_identity  # quota key: context -> client
         self.max_sequences_per_client = max_sequences_per_client
         self.batchers = batchers or {}  # classifier name -> its dynamic batcher
-        self.control = None  # serving.reload.ModelControl: repository load and unload
+        self.control = None  # serving.dataplane.control.ModelControl: repository load and unload
         self.workers = workers  # graph runs happen here, never on the event loop
         self.engines = engines or {}  # step model name -> its continuous-batching engine
         self.statistics = statistics or Statistics()  # shared with the stepwise service
@@ -210,7 +210,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         `infer_response`, or its `error_message` (the stream goes on). Up to
         STREAM_WINDOW requests run at once, so independent sequences on one stream share
         a batch; the steps of one sequence run one after another, as sent. The stream
-        holds a slot (`serving.streams`), at most STREAM_BUDGET_BYTES of requests and
+        holds a slot (`serving.api.streams`), at most STREAM_BUDGET_BYTES of requests and
         answers, and is cancelled when its client takes no answer for the stall timeout."""
         client = self.identify(context)
         loop, stalled, drop = asyncio.get_running_loop(), threading.Event(), []
@@ -228,7 +228,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                     yield response
         finally:
             await answers.aclose()
-        if stalled.is_set():  # told when its client reads again (serving.service.STALLED)
+        if stalled.is_set():  # told when its client reads again (serving.api.stepwise.STALLED)
             raise Cancelled(STALLED)
 
     async def _stream_answers(self, request_iterator, client: str, drop: list):
@@ -426,7 +426,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelStatistics(self, request, context):
         """Every inference on a model counts, whatever the protocol: Classify, Generate,
-        Caption, ModelInfer, ModelStreamInfer and sequence steps (`serving.statistics`).
+        Caption, ModelInfer, ModelStreamInfer and sequence steps (`serving.metrics.statistics`).
         An empty name: every model."""
         if request.name:
             models = [self._model(request.name, request.version)]
@@ -463,7 +463,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         )
 
     # Triton's model repository extension: load and unload with --model-control-mode
-    # explicit (serving/reload.py).
+    # explicit (serving/dataplane/control.py).
 
     def _control(self, rpc: str):
         control = self.control

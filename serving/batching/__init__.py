@@ -1,0 +1,1 @@
+"""Dynamic batching for unary calls, beside the model, not inside it."""

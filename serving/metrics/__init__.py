@@ -1,0 +1,1 @@
+"""Counters as plain data (`statistics`), and the Prometheus exporter that reads them."""
