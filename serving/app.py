@@ -80,7 +80,7 @@ class ServerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)  # continuous batching
     security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, bearer token
     metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one)
-    model_control_mode: str = "none"  # none, poll or explicit, as Triton (serving/dataplane/control.py)
+    model_control_mode: str = "none"  # none, poll or explicit (dataplane/control.py)
     repository_poll_secs: float = 15.0  # poll mode: seconds between repository scans
 
 
