@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +21,16 @@ from serving.api.clients import client_identity
 from serving.api.logs import RequestLog
 from serving.api.rpc_metrics import RpcMetrics
 from serving.api.security import SecurityConfig, TokenAuth, metrics_ssl_context, server_credentials
-from serving.api.stepwise import InferenceServicer, add_to_server
+from serving.api.status import add_to_server
+from serving.api.stepwise import InferenceServicer
 from serving.api.streams import StreamSlots
 from serving.batching.dynamic import BatchingConfig, DynamicBatcher
-from serving.core.models import Classifier, StepDecoder
 from serving.core.preprocess import ImageDecoder, ImageLimits
 from serving.core.repository import ModelRegistry
+from serving.core.runtime import SessionFactory
 from serving.dataplane.control import ModelControl
+from serving.dataplane.deployments import Deployments
+from serving.dataplane.plane import DataPlane
 from serving.engine import EngineConfig, StepEngine
 from serving.metrics.prometheus import Metrics, MetricsEndpoint
 from serving.metrics.statistics import Statistics
@@ -84,34 +85,6 @@ class ServerConfig:
     repository_poll_secs: float = 15.0  # poll mode: seconds between repository scans
 
 
-def model_batching(model_config, default: BatchingConfig) -> BatchingConfig:
-    """A classifier's dynamic batching: its config.pbtxt's `dynamic_batching` block
-    (Triton's semantics, up to its `max_batch_size`) when present, else the flags'."""
-    if model_config.max_batch_size < 1:  # 0, proto3's default: not set
-        return default
-    if not model_config.HasField("dynamic_batching"):  # the flags', within the model's cap
-        return dataclasses.replace(
-            default, max_batch_size=min(default.max_batch_size, model_config.max_batch_size)
-        )
-    block = model_config.dynamic_batching
-    return dataclasses.replace(
-        default,
-        max_batch_size=model_config.max_batch_size,
-        max_queue_delay_us=block.max_queue_delay_microseconds,
-        preferred_batch_sizes=tuple(block.preferred_batch_size),
-    )
-
-
-def model_engine(model_config, default: EngineConfig) -> EngineConfig:
-    """A step model's continuous batch: the flags' size, capped by its config.pbtxt's
-    `max_batch_size` when that is set (0, proto3's default, reads as not set)."""
-    if model_config.max_batch_size < 1:
-        return default
-    return dataclasses.replace(
-        default, max_batch_size=min(default.max_batch_size, model_config.max_batch_size)
-    )
-
-
 def _stream_slots(config: ServerConfig) -> StreamSlots:
     return StreamSlots(
         config.max_streams,
@@ -143,15 +116,17 @@ class Server:
         identify = functools.partial(client_identity, header=config.client_id_header)
         # Per-model counts and durations of every protocol's inferences (ModelStatistics).
         self.statistics = Statistics()
-        self.batchers: dict[str, DynamicBatcher] = {}
-        self.engines: dict[str, StepEngine] = {}
-        # Replaced by a reload, closed once their last request is done (`_retire`).
-        self.retiring_engines: set[StepEngine] = set()
-        self.retiring_batchers: set[DynamicBatcher] = set()
-        self.metrics = Metrics(registry, self.statistics, self.engines, self.batchers)
+        self.deployments = Deployments(
+            registry, self.statistics, config.batching, config.engine,
+            observer=lambda name: self.metrics.engine_observer(name),
+        )  # fmt: skip
+        self.metrics = Metrics(
+            registry, self.statistics, self.deployments.engines, self.deployments.batchers
+        )
         self.metrics.watch_slots({"generate": self.streams, "kserve": self.kserve_streams})
         for name, model in list(registry.models.items()):
-            self.attach(name, model)
+            self.deployments.attach(name, model)
+        self.deployments.on_change.append(self._follow_health)
         self.metrics_endpoint = None
         if config.metrics_port is not None:
             token = config.security.auth_token if config.security.auth_all else None
@@ -159,19 +134,19 @@ class Server:
                 self.metrics, config.host, config.metrics_port, token,
                 metrics_ssl_context(config.security),
             )  # fmt: skip
-        self.servicer = InferenceServicer(
-            registry, self.streams, ImageDecoder(config.images), self.engines, self.batchers,
-            self.workers, self.statistics, identify,
-        )  # fmt: skip
-        # The KServe V2 protocol; its server-held sequences join the same engines.
-        self.kserve = kserve.KServeServicer(
-            registry, self.workers, self.engines, self.statistics, self.batchers,
-            streams=self.kserve_streams, identify=identify,
-            max_sequences_per_client=config.max_sequences_per_client,
+        self.plane = DataPlane(
+            registry, self.deployments, ImageDecoder(config.images), self.workers,
+            self.statistics, config.max_sequences_per_client,
         )  # fmt: skip
         # Loads, reloads and unloads while serving: polled, or through KServe's RPCs.
-        self.control = ModelControl(self, config.model_control_mode, config.repository_poll_secs)
-        self.kserve.control = self.control
+        self.plane.control = self.control = ModelControl(
+            self.deployments, config.model_repository, config.model_control_mode,
+            config.repository_poll_secs,
+            registry.sessions or SessionFactory(config.device, config.intra_op_threads),
+        )  # fmt: skip
+        self.servicer = InferenceServicer(self.plane, self.streams, identify)
+        # The KServe V2 protocol; its server-held sequences join the same engines.
+        self.kserve = kserve.KServeServicer(self.plane, self.kserve_streams, identify)
         self.health = health.aio.HealthServicer()
         watchers = [RpcMetrics(self.metrics)]
         if config.request_log:
@@ -180,64 +155,15 @@ class Server:
         self._stopped = threading.Event()
         self.port = self._call(self._build())
 
-    def attach(self, name: str, model) -> None:
-        """Serve `model` as `name`: its dynamic batcher or continuous-batching engine
-        first, then the model itself; a model it replaces (a reload) keeps its own
-        batcher and engine until the requests already on them are done."""
-        old = self.registry.models.get(name), self.engines.get(name), self.batchers.get(name)
-        if old[0] is not None and old[0].version != model.version:
-            self.statistics.reset(name)  # a new version's counts start at zero, as in Triton
-        batching = model_batching(model.config, self.config.batching)
-        if isinstance(model, Classifier) and batching.max_batch_size > 1:
-            self.batchers[name] = DynamicBatcher(
-                name, model.logit_rows, batching, self.statistics[name]
-            )
-        else:
-            self.batchers.pop(name, None)
-        if isinstance(model, StepDecoder):
-            self.engines[name] = StepEngine(
-                model,
-                model_engine(model.config, self.config.engine),
-                self.metrics.engine_observer(name),
-            )
-        else:
-            self.engines.pop(name, None)
-        self.registry.models[name] = model
-        if old[0] is not None and old[0] is not model:
-            self._retire(*old[1:])
-        self._follow_health()
+    @property
+    def engines(self) -> dict[str, StepEngine]:
+        """Step model name -> its continuous-batching engine (read by operators, tests)."""
+        return self.deployments.engines
 
-    def _retire(self, engine: StepEngine | None, batcher: DynamicBatcher | None) -> None:
-        """Close a replaced model's engine and batcher once no request holds them (streams
-        on an old version finish on it), on a thread of its own; `stop` closes the ones
-        still retiring."""
-        if engine is None and batcher is None:
-            return
-        if engine is not None:
-            self.retiring_engines.add(engine)
-        if batcher is not None:
-            self.retiring_batchers.add(batcher)
-
-        def wait_then_close():
-            end = time.monotonic() + RETIRE_LIMIT_S
-            while time.monotonic() < end and (
-                (engine is not None and engine.busy()) or (batcher is not None and batcher.busy())
-            ):
-                time.sleep(0.05)
-            if engine is not None:
-                engine.close()
-                self.retiring_engines.discard(engine)
-            if batcher is not None:
-                batcher.close()
-                self.retiring_batchers.discard(batcher)
-
-        threading.Thread(target=wait_then_close, name="retire", daemon=True).start()
-
-    def detach(self, name: str) -> None:
-        """Stop serving `name`; requests already running on it finish."""
-        if self.registry.models.pop(name, None) is not None:
-            self._retire(self.engines.pop(name, None), self.batchers.pop(name, None))
-            self._follow_health()
+    @property
+    def batchers(self) -> dict[str, DynamicBatcher]:
+        """Classifier name -> its dynamic batcher."""
+        return self.deployments.batchers
 
     def _call(self, coroutine, timeout: float | None = 60):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
@@ -267,8 +193,8 @@ class Server:
                 ("grpc.max_concurrent_streams", c.max_concurrent_streams),
             ],
         )
-        add_to_server(self.servicer, self.server)
-        kserve.add_to_server(self.kserve, self.server)
+        add_to_server(self.servicer, self.server, pb, "Inference")
+        kserve.add(self.kserve, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, kserve.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -287,7 +213,7 @@ class Server:
 
     async def _set_health(self) -> None:
         """SERVING while any model serves (and shutdown has not begun), else NOT_SERVING."""
-        if not self.kserve.accepting:
+        if not self.plane.accepting:
             return  # graceful shutdown owns the status now
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -311,7 +237,7 @@ class Server:
     def enter_graceful_shutdown(self) -> None:
         """Health turns NOT_SERVING for every service (and KServe's ServerReady false);
         the server goes on serving."""
-        self.kserve.accepting = False
+        self.plane.accepting = False
         self._call(self.health.enter_graceful_shutdown())
 
     def stop(self, grace: float | None) -> threading.Event:
@@ -341,10 +267,7 @@ class Server:
         def finish(_):
             try:
                 self.control.stop()  # waits for a load in progress: nothing attaches after
-                for engine in [*self.engines.values(), *self.retiring_engines]:
-                    engine.close()
-                for batcher in [*self.batchers.values(), *self.retiring_batchers]:
-                    batcher.close()
+                self.deployments.close()
                 self.streams.close()
                 self.kserve_streams.close()
                 if self.metrics_endpoint is not None:
@@ -364,9 +287,6 @@ class Server:
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
-
-# A replaced engine or batcher still held after this long is closed anyway.
-RETIRE_LIMIT_S = 3600
 
 # Live calls are ended this long (at most a tenth of the grace period) before gRPC
 # cancels every call, so their status reaches the client first.

@@ -13,7 +13,7 @@ from PIL import Image
 from pngs import GRAY, write_png
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
-from serving.api.stepwise import MAX_STATUS_MESSAGE_BYTES, status_message
+from serving.api.status import MAX_STATUS_MESSAGE_BYTES, status_message
 from serving.engine import run_alone, text_request
 from serving.engine.sampler import SamplingParams
 from training.data.digits import digit_to_image, load_digits_split

@@ -15,7 +15,7 @@ from test_kserve import _infer, _outputs
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving.api.stepwise import MAX_PROMPT_CHARS
+from serving.api.limits import MAX_PROMPT_CHARS
 from serving.app import ServerConfig, create_server
 from serving.batching.dynamic import BatchingConfig
 
@@ -259,13 +259,13 @@ def test_a_stream_whose_client_never_reads_holds_its_byte_budget_then_is_cancell
     once STREAM_BUDGET_BYTES are held, and the stall watchdog ends the stream."""
     from test_slow_reader import NeverReads
 
-    from serving.api import kserve
+    from serving.api import kserve_stream
 
     server, stub, _ = quotas
     answer = _outputs(_infer(stub, "char_lstm", {"tokens": np.full((64, 1), 3, np.int64)}))
     answer_bytes = sum(a.nbytes for a in answer.values())
     assert answer_bytes > 50_000
-    monkeypatch.setattr(kserve, "STREAM_BUDGET_BYTES", 3 * answer_bytes)
+    monkeypatch.setattr(kserve_stream, "STREAM_BUDGET_BYTES", 3 * answer_bytes)
     executed = lambda: kserve_stats(stub, "char_lstm").inference_count // 64  # noqa: E731
     before, stalled = executed(), server.kserve_streams.stalled
     hostile = NeverReads(server.port)  # its flow-control windows are 0 and stay so

@@ -246,3 +246,34 @@ def check_values(feeds: dict[str, np.ndarray], limits: InputLimits, model: str) 
             raise InvalidArgument(
                 f"{field_of[name]}.contents", f"{name!r} holds NaN or infinite values"
             )
+
+
+MAX_SEQUENCE_ID_CHARS = 256
+
+
+def sequence_parameters(params) -> tuple[str, bool, bool]:
+    """(the sequence id as its client would write it, sequence_start, sequence_end) from
+    request parameters: an integer as digits, a string quoted, so the string "1000" and
+    the integer 1000 are two sequences (as in Triton); uint64 and int64 ids are one."""
+    value = params["sequence_id"]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("uint64_param", "int64_param", "string_param"):
+        raise InvalidArgument("parameters.sequence_id", "must be a uint64, int64 or string")
+    raw = getattr(value, kind)
+    if raw in ("", 0) or (kind == "int64_param" and raw < 0):
+        raise InvalidArgument(
+            "parameters.sequence_id", f"got {raw!r}; 0, negative and empty are not sequence ids"
+        )
+    if len(str(raw)) > MAX_SEQUENCE_ID_CHARS:
+        raise InvalidArgument(
+            "parameters.sequence_id",
+            f"{len(str(raw))} characters; at most {MAX_SEQUENCE_ID_CHARS}",
+        )
+    key = repr(raw)
+    flags = []
+    for name in ("sequence_start", "sequence_end"):
+        flag = params[name] if name in params else None
+        if flag is not None and flag.WhichOneof("parameter_choice") != "bool_param":
+            raise InvalidArgument(f"parameters.{name}", "must be a bool")
+        flags.append(bool(flag and flag.bool_param))
+    return key, flags[0], flags[1]

@@ -26,6 +26,7 @@ from serving.core.model_config import CONFIG_FILE as CONFIG
 from serving.core.models import load_model
 from serving.core.repository import latest_versions
 from serving.core.runtime import SessionFactory
+from serving.dataplane.deployments import Deployments
 from serving.errors import ModelLoadError, NotFound, ServingError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -37,30 +38,38 @@ class LoadFailed(ServingError):
 
 
 class ModelControl:
-    """Loads, reloads and unloads models of a running `serving.app.Server`."""
+    """Loads, reloads and unloads the models `deployments` serve, from the repository
+    at `root`."""
 
-    def __init__(self, server, mode: str = "none", poll_secs: float = 15.0):
+    def __init__(
+        self,
+        deployments: Deployments,
+        root: Path,
+        mode: str = "none",
+        poll_secs: float = 15.0,
+        sessions: SessionFactory | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"--model-control-mode must be one of {', '.join(MODES)}")
         if mode == "poll" and not poll_secs > 0:
             raise ValueError(f"--repository-poll-secs must be more than 0, not {poll_secs}")
-        self.server, self.mode, self.poll_secs = server, mode, poll_secs
-        self.root = Path(server.config.model_repository)
-        self.sessions = server.registry.sessions or SessionFactory(
-            server.config.device, server.config.intra_op_threads
-        )
+        self.deployments, self.mode, self.poll_secs = deployments, mode, poll_secs
+        self.root = Path(root)
+        # the registry's, so `--device auto` settles once per server (one factory)
+        self.sessions = sessions or deployments.registry.sessions or SessionFactory("cpu")
         self._lock = threading.Lock()  # one load or unload at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._missing: dict[str, int] = {}  # name -> scans in a row it was not found
         # What each served model was loaded from: name -> (version, card's mtime).
         self.loaded = {
-            name: (m.version, _stamp(m.directory)) for name, m in server.registry.models.items()
+            name: (m.version, _stamp(m.directory))
+            for name, m in deployments.registry.models.items()
         }
 
     @property
     def registry(self):
-        return self.server.registry
+        return self.deployments.registry
 
     def load(self, name: str) -> str:
         """Serve the highest version of `name` now in the repository (a no-op when that
@@ -90,7 +99,7 @@ class ModelControl:
             # RepositoryIndex may call it failed at the same time.
             self.registry.failed.pop(name, None)
             self.registry.failed_versions.pop((name, directory.name), None)
-            self.server.attach(name, model)
+            self.deployments.attach(name, model)
             self.loaded[name] = stamp
             log.info("serving %s version %s (%s) on %s", name, model.version, model.kind,
                      model.provider)  # fmt: skip
@@ -100,7 +109,7 @@ class ModelControl:
         with self._lock:
             if name not in self.registry.models:
                 raise NotFound(f"model_name: {name!r} is not loaded")
-            self.server.detach(name)
+            self.deployments.detach(name)
             self.loaded.pop(name, None)
             log.info("unloaded %s; requests already running on it finish", name)
 

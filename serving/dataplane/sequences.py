@@ -1,7 +1,7 @@
 """Server-held sequence state for KServe's sequence batcher (`sequence_id`,
-`sequence_start`, `sequence_end`), without gRPC: which ids a request names, and the
-per-model store of each client's live sequences (`serving.api.kserve` steps them through
-the model's engine)."""
+`sequence_start`, `sequence_end`): the per-model store of each client's live
+sequences, which `serving.dataplane.plane.DataPlane.step` steps through the model's
+engine (`serving.api.kserve_codec.sequence_parameters` reads the ids a request names)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from serving.core.model_config import DEFAULT_SEQUENCE_IDLE_US
 from serving.errors import InvalidArgument, ResourceExhausted
 
-MAX_SEQUENCE_ID_CHARS = 256
 MAX_SEQUENCES = 1024  # live server-held sequences per model; past it RESOURCE_EXHAUSTED
 EXPIRED_KEPT = 4096  # expired ids remembered, so a late call hears "expired"
 
@@ -22,34 +21,6 @@ EXPIRED_KEPT = 4096  # expired ids remembered, so a late call hears "expired"
 def idle_us(model) -> int:
     idle = model.config.sequence_batching.max_sequence_idle_microseconds
     return idle or DEFAULT_SEQUENCE_IDLE_US
-
-
-def sequence_parameters(params) -> tuple[str, bool, bool]:
-    """(the sequence id as its client would write it, sequence_start, sequence_end) from
-    request parameters: an integer as digits, a string quoted, so the string "1000" and
-    the integer 1000 are two sequences (as in Triton); uint64 and int64 ids are one."""
-    value = params["sequence_id"]
-    kind = value.WhichOneof("parameter_choice")
-    if kind not in ("uint64_param", "int64_param", "string_param"):
-        raise InvalidArgument("parameters.sequence_id", "must be a uint64, int64 or string")
-    raw = getattr(value, kind)
-    if raw in ("", 0) or (kind == "int64_param" and raw < 0):
-        raise InvalidArgument(
-            "parameters.sequence_id", f"got {raw!r}; 0, negative and empty are not sequence ids"
-        )
-    if len(str(raw)) > MAX_SEQUENCE_ID_CHARS:
-        raise InvalidArgument(
-            "parameters.sequence_id",
-            f"{len(str(raw))} characters; at most {MAX_SEQUENCE_ID_CHARS}",
-        )
-    key = repr(raw)
-    flags = []
-    for name in ("sequence_start", "sequence_end"):
-        flag = params[name] if name in params else None
-        if flag is not None and flag.WhichOneof("parameter_choice") != "bool_param":
-            raise InvalidArgument(f"parameters.{name}", "must be a bool")
-        flags.append(bool(flag and flag.bool_param))
-    return key, flags[0], flags[1]
 
 
 @dataclass

@@ -1,0 +1,425 @@
+"""The data plane: what both protocols ask of the models, without a transport.
+
+`DataPlane` answers in plain values: a classification, output tensors, streams of
+`serving.engine.Delta`s, a sequence step's logits. It alone picks how a request runs
+(a classifier's dynamic batcher or a worker thread, a step model's engine), holds the
+deployment's lease while it does, and notices a reload that replaced the model the
+request was validated against. The servicers in `serving.api` only translate protobuf
+to these calls and map errors to statuses; tests drive it without gRPC.
+
+Blocking work (decoding an image, a graph run outside a batch) goes to the worker
+pool; a stream holds no thread, only its row in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.core.models import Captioner, Classifier, LanguageModel, Model
+from serving.core.preprocess import ImageDecoder
+from serving.core.repository import ModelRegistry
+from serving.dataplane.beams import beam_stream
+from serving.dataplane.deployments import Deployment, Deployments
+from serving.dataplane.sequences import MAX_SEQUENCES, SequenceStore, idle_us
+from serving.engine import Delta, Sequence, caption_request, step_request, text_request
+from serving.engine.sampler import SamplingParams
+from serving.errors import (
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    NonFiniteOutput,
+    NotFound,
+    Unavailable,
+)
+from serving.metrics.statistics import RequestTiming, Statistics
+
+CLASSIFY_TOP_K_DEFAULT = 5
+
+
+@dataclass(frozen=True)
+class Classification:
+    model: Classifier
+    classes: list[tuple[int, str, float]]  # (index, label, probability), most likely first
+
+
+class DataPlane:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        deployments: Deployments,
+        images: ImageDecoder,
+        workers: Executor | None = None,
+        statistics: Statistics | None = None,
+        max_sequences_per_client: int = MAX_SEQUENCES,
+    ):
+        self.registry, self.deployments, self.images = registry, deployments, images
+        self.workers = workers
+        self.statistics = statistics or deployments.statistics  # every protocol's calls
+        self.max_sequences_per_client = max_sequences_per_client
+        self.sequences: dict[str, SequenceStore] = {}  # model name -> server-held state
+        self.control = None  # serving.dataplane.control.ModelControl: load and unload
+        self.accepting = True  # false once shutdown begins: readiness says so at once
+
+    # -- what serves -------------------------------------------------------------------
+
+    def models(self) -> list[Model]:
+        return [m for _, m in sorted(self.registry.models.items())]
+
+    def model(self, name: str, kind: str, field: str = "model") -> Model:
+        """The served model `name`, which must be a `kind` (stepwise.v1's messages)."""
+        return self.registry.get(name, kind, field)
+
+    def model_version(self, name: str, version: str = "") -> Model:
+        """The served model `name`, at `version` when one is given (KServe's messages)."""
+        model = self.registry.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.registry.models)) or "none"
+            raise NotFound(f"model_name: no model named {name!r}; available: {known}")
+        if version and version != model.version:
+            raise NotFound(
+                f"model_version: {name!r} has no version {version!r}; served: {model.version}"
+            )
+        return model
+
+    @property
+    def ready(self) -> bool:
+        return self.accepting and bool(self.registry.models)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        model = self.registry.models.get(name)
+        return self.accepting and model is not None and version in ("", model.version)
+
+    def timed(self, model: Model, timing: RequestTiming | None = None):
+        """The request's statistics: `timing` as given, else a request of its own."""
+        if timing is not None:
+            return contextlib.nullcontext(timing)
+        return self.statistics[model.name].request()
+
+    def _deployment(self, model: Model) -> Deployment:
+        """The deployment serving `model`; UNAVAILABLE when a reload replaced it."""
+        deployment = self.deployments.get(model.name)
+        if deployment is None or deployment.model is not model:
+            raise Unavailable(f"{model.name} was reloaded as this request began; retry")
+        return deployment
+
+    async def _blocking(self, fn, *args):
+        """Run `fn(*args)` on the worker pool; the event loop goes on serving."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
+
+    # -- classifiers -------------------------------------------------------------------
+
+    async def classify(
+        self,
+        model: Classifier,
+        top_k: int = 0,
+        image: bytes | None = None,
+        tensor: np.ndarray | Callable[[], np.ndarray] | None = None,
+        timing: RequestTiming | None = None,
+    ) -> Classification:
+        """The `top_k` most likely classes (0: the default) of an encoded `image`, or of
+        a `tensor` [C, H, W] (or a function that decodes it, run on the worker pool)."""
+        with self.timed(model, timing) as timing:
+            deployment = self.deployments.get(model.name)
+            batcher = deployment.batcher if deployment and deployment.model is model else None
+
+            def prepare():
+                timing.mark("queue")  # waited for a worker
+                x = self._input(model, image, tensor), _top_k(model, top_k)
+                timing.mark("input")
+                return x
+
+            if batcher is None:  # decode and run on a worker
+                return await self._blocking(self._classify_here, model, prepare, timing, tensor)
+            # Decode on a worker, then wait for the batch on the loop (no worker held).
+            with deployment.lease():
+                x, top_k = await self._blocking(prepare)
+                try:
+                    logits = await asyncio.wrap_future(batcher.enqueue(x, timing))
+                except NonFiniteOutput as exc:
+                    raise _overflow(model, tensor, x, exc) from None
+            result = _classification(model, model.softmax(logits), top_k)
+            timing.mark("output")
+            return result
+
+    def _input(self, model: Classifier, image, tensor) -> np.ndarray:
+        if (image is None) == (tensor is None):
+            raise InvalidArgument("input", "set one of image (encoded PNG/JPEG) or tensor")
+        if image is not None:
+            return self.images.tensor(image, model.preprocess)
+        return model.check_tensor(tensor() if callable(tensor) else tensor)
+
+    def _classify_here(self, model: Classifier, prepare, timing: RequestTiming, tensor):
+        x, top_k = prepare()
+        try:
+            probs = model.probabilities(x[None])[0]
+        except NonFiniteOutput as exc:
+            raise _overflow(model, tensor, x, exc) from None
+        timing.mark("infer")
+        self.statistics[model.name].execution(1, timing.ns["infer"])
+        result = _classification(model, probs, top_k)
+        timing.mark("output")
+        return result
+
+    # -- any graph as plain tensors ----------------------------------------------------
+
+    async def infer(
+        self, model: Model, feeds: dict[str, np.ndarray], wanted: list[str], timing: RequestTiming
+    ) -> dict[str, np.ndarray]:
+        """Run `model.onnx` (a classifier, or a step model's step graph with its state as
+        plain inputs and outputs; state left out starts at zero, as Triton's implicit
+        state does) on `feeds`; the `wanted` outputs by name. A classifier's rows join
+        its dynamic batch."""
+        state = [s["input"] for s in getattr(model, "state", [])]
+        if state and not any(name in feeds for name in state):
+            feeds.update(model.zero_state(len(feeds["tokens"])))
+        deployment = self.deployments.get(model.name)
+        if deployment is not None and deployment.model is model and deployment.batcher:
+            with deployment.lease():  # each row through the same queue as Classify's
+                futures = deployment.batcher.enqueue_rows(feeds[model.input["name"]], timing)
+                try:
+                    rows = [await asyncio.wrap_future(f) for f in futures]
+                except NonFiniteOutput:
+                    raise _non_finite(model) from None
+            return {"logits": np.stack(rows)}
+        session = model.graphs["step"] if hasattr(model, "graphs") else model.session
+        stats = self.statistics[model.name]
+
+        def run():
+            timing.mark("queue")  # waited for a worker
+            values = session.run(wanted, feeds)
+            timing.mark("infer")
+            stats.execution(timing.count, timing.ns["infer"])
+            return values
+
+        try:
+            values = await self._blocking(run)
+        except Exception as exc:  # noqa: BLE001 - ORT rejects what its graph cannot take
+            raise InvalidArgument("inputs", f"the graph refused them: {exc}"[:400]) from None
+        if any(v.dtype.kind == "f" and not np.all(np.isfinite(v)) for v in values):
+            raise _non_finite(model)
+        return dict(zip(wanted, values, strict=True))
+
+    # -- streams -----------------------------------------------------------------------
+
+    def generate(
+        self,
+        model: LanguageModel,
+        prompt: str,
+        max_tokens: int,
+        params: SamplingParams,
+        stop: list[str] = (),
+        deadline: float | None = None,
+        timing: RequestTiming | None = None,
+    ) -> Stream:
+        """Text from `prompt`, as a stream of deltas (`Stream`)."""
+        seq = text_request(model, prompt, max_tokens, params, list(stop))
+        return Stream(self, model, lambda: seq, deadline, timing)
+
+    def caption(
+        self,
+        model: Captioner,
+        image: bytes,
+        max_length: int,
+        params: SamplingParams,
+        beam_size: int = 0,
+        deadline: float | None = None,
+        timing: RequestTiming | None = None,
+    ):
+        """A caption of an encoded `image`, as a stream of deltas (each word a piece);
+        with `beam_size` > 1, beam search, whose last delta carries the ranked beams."""
+        if beam_size > 1:
+            return beam_stream(self, model, image, beam_size, max_length, timing)
+
+        def sequence():  # decoding and encoding, too, happen inside the stream's slot
+            tensor = self.images.tensor(image, model.preprocess)
+            return caption_request(model, tensor, max_length, params)
+
+        return Stream(self, model, sequence, deadline, timing)
+
+    # -- server-held sequences ---------------------------------------------------------
+
+    def sequence_deployment(self, model: Model) -> Deployment:
+        """Where `model`'s sequences step: INVALID_ARGUMENT for a model without state,
+        UNAVAILABLE when a reload replaced it (asked before the request is decoded)."""
+        deployment = self.deployments.get(model.name)
+        if deployment is None or deployment.engine is None:
+            raise InvalidArgument(
+                "parameters.sequence_id", f"{model.name} is not a step model (no state)"
+            )
+        return self._deployment(model)
+
+    async def step(
+        self,
+        model: Model,
+        client: str,
+        key: str,
+        tokens: np.ndarray,
+        start: bool = False,
+        end: bool = False,
+        timing: RequestTiming | None = None,
+    ) -> np.ndarray:
+        """Triton's sequence batcher with implicit state: feed `tokens` to sequence `key`
+        of `client` from the state the server holds for it (zeros at `start`), keep the
+        new state (dropped at `end`), return the logits [V] after the last token. Each
+        step joins the model's continuous batch."""
+        deployment = self.sequence_deployment(model)
+        store = self.sequences.get(model.name)
+        if store is None:
+            store = SequenceStore(idle_us(model), per_client=self.max_sequences_per_client)
+            self.sequences[model.name] = store
+        with self.timed(model, timing) as timing, deployment.lease():
+            async with store.hold(client, key, start) as entry:
+                timing.mark("queue")  # the sequence's previous step went first
+                if start:
+                    entry.version = model.version
+                elif entry.version != model.version:  # its state belongs to another version
+                    store.end((client, key))
+                    raise FailedPrecondition(
+                        f"parameters.sequence_id: sequence {key} started on version "
+                        f"{entry.version}; {model.name} now serves version {model.version}: "
+                        "start it again (sequence_start)"
+                    )
+                seq = step_request(model, tokens, entry.state)
+                reader = OutboxReader(seq.outbox)
+                deployment.engine.submit(seq)
+                try:
+                    delta = await reader.next()  # a step request ends with its one delta
+                finally:
+                    deployment.engine.cancel(seq)
+                if delta.error is not None:
+                    raise delta.error
+                timing.engine(delta.queue_time_us * 1000)
+                entry.state = delta.state
+                if end:
+                    store.end((client, key))
+        return delta.logits
+
+    # -- model control -----------------------------------------------------------------
+
+    def _control(self, rpc: str):
+        control = self.control
+        if control is None or control.mode != "explicit":
+            mode = control.mode if control is not None else "none"
+            raise FailedPrecondition(
+                f"{rpc}: model control mode is {mode!r}; explicit load and unload need "
+                "--model-control-mode explicit"
+            )
+        if not self.accepting:
+            raise Unavailable(f"{rpc}: the server is shutting down")
+        return control
+
+    async def load(self, name: str, rpc: str = "RepositoryModelLoad") -> str:
+        """Serve the repository's highest version of `name` (explicit model control)."""
+        return await self._blocking(self._control(rpc).load, name)
+
+    async def unload(self, name: str, rpc: str = "RepositoryModelUnload") -> None:
+        await self._blocking(self._control(rpc).unload, name)  # it may wait for a load
+
+
+class Stream:
+    """One Generate or Caption stream: an async iterator of `Delta`s, everything the
+    stream produced since the previous one. Nothing runs until it is iterated (inside
+    the transport's stream slot): then it leases its model's deployment, builds the
+    sequence on the worker pool (it may decode an image), submits it to the engine and
+    yields its deltas. `cancel` is safe from any thread: the row leaves the batch at
+    the next iteration and the iteration raises `error`. A cancelled, timed-out or
+    disconnected stream (its task cancelled) leaves the batch at the next iteration."""
+
+    def __init__(self, plane: DataPlane, model, build, deadline, timing):
+        self.plane, self.model, self.build = plane, model, build
+        self.deadline, self.timing = deadline, timing
+        self._error: Exception | None = None
+        self._cancelled = threading.Event()
+        self._live: tuple | None = None  # (engine, sequence) once submitted
+
+    def cancel(self, error: Exception | None = None) -> None:
+        self._error = error or Cancelled("the stream was cancelled")
+        self._cancelled.set()
+        live = self._live
+        if live is not None:
+            live[0].cancel(live[1])
+
+    async def __aiter__(self):
+        with self.plane.timed(self.model, self.timing) as timing:
+            deployment = self.plane._deployment(self.model)
+            with deployment.lease():  # a reload retires it only after this stream
+                engine = deployment.engine
+                seq: Sequence = await self.plane._blocking(self.build)
+                timing.mark("input")
+                seq.deadline = self.deadline
+                reader = OutboxReader(seq.outbox)
+                self._live = engine, seq
+                engine.submit(seq)
+                try:
+                    while True:
+                        delta = await reader.next()
+                        if delta.error is not None:
+                            raise delta.error
+                        if delta.finished:  # it waited for a batch row, then ran in it
+                            timing.engine(delta.queue_time_us * 1000)
+                        yield delta
+                        if self._cancelled.is_set():
+                            raise self._error
+                        if delta.finished:
+                            return
+                finally:
+                    engine.cancel(seq)  # a no-op once it finished; else it leaves at once
+
+
+class OutboxReader:
+    """Awaits an engine outbox from the event loop: the engine's thread wakes the loop
+    once per wait (the outbox is armed only while nothing is there to take)."""
+
+    def __init__(self, outbox):
+        loop, self._outbox, self._ready = asyncio.get_running_loop(), outbox, asyncio.Event()
+        outbox.on_ready = lambda: loop.call_soon_threadsafe(self._ready.set)
+
+    async def next(self) -> Delta:
+        """Everything the sequence produced since the previous call, waiting for some."""
+        while True:
+            self._ready.clear()
+            delta = self._outbox.take_or_arm()
+            if delta is not None:
+                return delta
+            await self._ready.wait()
+
+
+def _top_k(model: Classifier, top_k: int) -> int:
+    classes = len(model.labels)
+    default = min(CLASSIFY_TOP_K_DEFAULT, classes)
+    if not 0 <= top_k <= classes:
+        raise InvalidArgument(
+            "top_k", f"got {top_k}; allowed 0 (default {default}) to {classes}"
+        )
+    return top_k or default
+
+
+def _classification(model: Classifier, probs: np.ndarray, top_k: int) -> Classification:
+    order = np.argsort(-probs, kind="stable")[:top_k]
+    return Classification(model, [(int(i), model.labels[i], float(probs[i])) for i in order])
+
+
+def _overflow(model: Classifier, tensor, x: np.ndarray, exc: NonFiniteOutput) -> Exception:
+    """A tensor the client sent that overflows the network is the client's error; a
+    preprocessed image is in range, so there the model is at fault (INTERNAL)."""
+    if tensor is None:
+        return exc
+    largest = float(np.max(np.abs(x)))
+    return InvalidArgument(
+        "tensor.raw_data",
+        f"values up to magnitude {largest:.3g} overflow {model.name} ({exc}); send the "
+        "preprocessed range the model was trained on",
+    )
+
+
+def _non_finite(model: Model) -> InvalidArgument:
+    return InvalidArgument(
+        "inputs", f"{model.name} produced non-finite values from them (out of range?)"
+    )

@@ -1,0 +1,182 @@
+"""The data plane without gRPC: what both servicers call, driven directly."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+from polling import eventually
+
+from serving.batching.dynamic import BatchingConfig
+from serving.core.models import Classifier, LanguageModel, load_model
+from serving.core.preprocess import ImageDecoder
+from serving.core.repository import ModelRegistry
+from serving.dataplane.deployments import Deployments
+from serving.dataplane.plane import DataPlane
+from serving.engine import run_alone, text_request
+from serving.engine.sampler import SamplingParams
+from serving.errors import Cancelled, FailedPrecondition, InvalidArgument, Unavailable
+from serving.metrics.statistics import Statistics
+
+
+@pytest.fixture()
+def planes(repository):
+    """Data planes over the test repository; `batch` 1 runs classifiers alone."""
+    made = []
+
+    def make(batch: int = 8) -> DataPlane:
+        registry = ModelRegistry.load(repository, "cpu")
+        deployments = Deployments(registry, Statistics(), BatchingConfig(max_batch_size=batch))
+        for name, model in list(registry.models.items()):
+            deployments.attach(name, model)
+        workers = ThreadPoolExecutor(4)
+        made.append((deployments, workers))
+        return DataPlane(registry, deployments, ImageDecoder(), workers)
+
+    yield make
+    for deployments, workers in made:
+        deployments.close()
+        workers.shutdown()
+
+
+@pytest.fixture()
+def plane(planes):
+    return planes()
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (28, 28), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "L").save(out, "PNG")
+    return out.getvalue()
+
+
+async def _collect(stream) -> list:
+    return [delta async for delta in stream]
+
+
+def test_classify_batched_and_alone_agree_with_the_model(planes):
+    plane, single = planes(8), planes(1)
+    lenet: Classifier = plane.model("lenet5", Classifier.kind)
+    x = plane.images.tensor(_png(1), lenet.preprocess)
+    expected = lenet.probabilities(x[None])[0]
+    assert plane.deployments.get("lenet5").batcher and not single.deployments.get("lenet5").batcher
+    batched = asyncio.run(plane.classify(lenet, top_k=3, image=_png(1)))
+    lenet_alone = single.model("lenet5", Classifier.kind)
+    alone = asyncio.run(single.classify(lenet_alone, top_k=3, tensor=lambda: x))
+    order = np.argsort(-expected, kind="stable")[:3]
+    assert [i for i, _, _ in batched.classes] == list(order) == [i for i, _, _ in alone.classes]
+    for (i, label, p), (_, _, q) in zip(batched.classes, alone.classes, strict=True):
+        assert label == lenet.labels[i] and p == pytest.approx(expected[i], abs=1e-6)
+        assert q == pytest.approx(expected[i], abs=1e-6)
+    for p in (plane, single):
+        stats = p.statistics["lenet5"].snapshot()
+        assert stats.success.count == 1 and stats.execution_count == 1
+
+
+def test_classify_refuses_what_it_cannot_run(plane):
+    lenet = plane.model("lenet5", Classifier.kind)
+    with pytest.raises(InvalidArgument, match="top_k: got 11; allowed 0"):
+        asyncio.run(plane.classify(lenet, top_k=11, image=_png(2)))
+    with pytest.raises(InvalidArgument, match="set one of image"):
+        asyncio.run(plane.classify(lenet))
+    huge = np.full(lenet.input["shape"][1:], 1e38, np.float32)
+    with pytest.raises(InvalidArgument, match="tensor.raw_data: values up to magnitude"):
+        asyncio.run(plane.classify(lenet, tensor=huge))
+    assert plane.statistics["lenet5"].snapshot().fail.count == 3
+
+
+def test_generate_streams_what_the_engine_alone_produces(plane):
+    lm: LanguageModel = plane.model("char_lstm", LanguageModel.kind)
+    params = SamplingParams(0.8, seed=11)
+    alone = run_alone(lm, text_request(lm, "KING", 40, params))
+    expected = "".join(p for d in alone for p in d.pieces)
+    deltas = asyncio.run(_collect(plane.generate(lm, "KING", 40, SamplingParams(0.8, seed=11))))
+    assert "".join(p for d in deltas for p in d.pieces) == expected
+    assert deltas[-1].finished and deltas[-1].completion_tokens <= 40
+
+
+def test_a_cancelled_stream_ends_with_the_error_it_was_given(plane):
+    lm = plane.model("char_lstm", LanguageModel.kind)
+    engine = plane.deployments.get("char_lstm").engine
+    stream = plane.generate(lm, "KING", 4096, SamplingParams(seed=1, min_tokens=4096))
+
+    async def read():
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 2:
+                stream.cancel(Cancelled("stalled"))
+        return got
+
+    with pytest.raises(Cancelled, match="stalled"):
+        asyncio.run(read())
+    # the row leaves at the engine's next iteration
+    assert eventually(lambda: engine.stats.finish_reasons["cancelled"] == 1)
+
+
+def test_a_stream_on_a_replaced_model_is_unavailable_and_the_old_engine_waits(plane, repository):
+    lm = plane.model("char_lstm", LanguageModel.kind)
+    old = plane.deployments.get("char_lstm")
+    stream = plane.generate(lm, "KING", 5, SamplingParams(seed=2))
+    with old.lease():
+        again = load_model(repository / "char_lstm" / "1", plane.registry.sessions)
+        plane.deployments.attach("char_lstm", again)
+        with pytest.raises(Unavailable, match="reloaded as this request began"):
+            asyncio.run(_collect(stream))
+        with pytest.raises(Unavailable, match="reloaded"):
+            old.lease().__enter__()  # a retired deployment takes no new lease
+        assert old in plane.deployments.retiring and old.busy()  # held: not closed
+    new = plane.model("char_lstm", LanguageModel.kind)
+    deltas = asyncio.run(_collect(plane.generate(new, "KING", 5, SamplingParams(seed=2))))
+    assert deltas[-1].finish_reason in ("length", "eos")
+
+
+def test_sequence_steps_carry_state_like_the_step_graph(plane):
+    lm = plane.model("char_lstm", LanguageModel.kind)
+    tokens = [lm.bos, *lm.encode("KING")]
+
+    async def steps():
+        first = await plane.step(lm, "me", "'a'", np.asarray(tokens[:2]), start=True)
+        second = await plane.step(lm, "me", "'a'", np.asarray(tokens[2:]), end=True)
+        return first, second
+
+    first, second = asyncio.run(steps())
+    state = lm.zero_state(1)
+    logits, state = lm.run("step", np.asarray([tokens[:1]]), state)
+    logits, state = lm.run("step", np.asarray([tokens[1:2]]), state)
+    np.testing.assert_allclose(first, logits[0], rtol=1e-5, atol=1e-6)
+    for token in tokens[2:]:
+        logits, state = lm.run("step", np.asarray([[token]]), state)
+    np.testing.assert_allclose(second, logits[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidArgument, match="'a' does not exist"):  # ended
+        asyncio.run(plane.step(lm, "me", "'a'", np.asarray(tokens[:1])))
+    lenet = plane.model_version("lenet5")
+    with pytest.raises(InvalidArgument, match="not a step model"):
+        asyncio.run(plane.step(lenet, "me", "'b'", np.asarray([1]), start=True))
+
+
+def test_infer_runs_a_graph_on_plain_tensors(plane):
+    lenet = plane.model_version("lenet5")
+    x = np.random.default_rng(3).normal(size=(3, *lenet.input["shape"][1:])).astype(np.float32)
+    (expected,) = lenet.session.run(["logits"], {lenet.input["name"]: x})
+
+    async def infer():
+        with plane.timed(lenet) as timing:
+            return await plane.infer(lenet, {lenet.input["name"]: x}, ["logits"], timing)
+
+    out = asyncio.run(infer())
+    np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-5)
+    assert sum(plane.deployments.get("lenet5").batcher.batch_sizes.values()) >= 1
+
+
+def test_load_and_unload_need_explicit_control(plane):
+    with pytest.raises(FailedPrecondition, match="model control mode is 'none'"):
+        asyncio.run(plane.load("lenet5"))
+    assert plane.ready and plane.model_ready("lenet5") and not plane.model_ready("lenet5", "9")
+    plane.accepting = False
+    assert not plane.ready and not plane.model_ready("lenet5")
