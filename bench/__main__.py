@@ -26,8 +26,6 @@ import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +34,7 @@ from pathlib import Path
 import grpc
 import onnxruntime
 
-from bench import held, inprocess, perf
+from bench import harness, held, inprocess, perf
 from loadtest.__main__ import main as loadtest
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -44,43 +42,16 @@ STEP_MODELS = ["char_lstm", "char_gru", "char_rnn", "captioner"]
 CLASSIFIERS = ["lenet5", "resnet18", "seq_digits"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server process on a loopback port, ready when its port accepts gRPC."""
-
-    def __init__(self, name: str, argv: list[str], log: Path):
-        self.name, self.port = name, free_port()
-        self.log = log.open("w")
-        if argv[0] == "serving":  # no Prometheus port: servers run side by side here
-            argv = [*argv, "--metrics-port", "0"]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *argv, "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.target = f"127.0.0.1:{self.port}"
-        deadline = time.time() + 180
-        with grpc.insecure_channel(self.target) as channel:
-            ready = grpc.channel_ready_future(channel)
-            while not ready.done():
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    tail = log.read_text()[-2000:]
-                    raise RuntimeError(f"{name} server did not start; its log ends:\n{tail}")
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+def start_server(name: str, argv: list[str], log: Path) -> harness.Server:
+    """`python -m ARGV` on a loopback port, its output in `log`; ready when health says
+    SERVING (`serving`) or, for the bench servers, which serve no health, when its port
+    accepts gRPC. No Prometheus port: servers run side by side here."""
+    module, *args = argv
+    ready = harness.health_serving if module == "serving" else harness.connects
+    return harness.start(
+        args, module=module, name=f"{name} server", log=log, ready=ready, timeout=180,
+        stop_timeout=40,
+    )  # fmt: skip
 
 
 def machine() -> dict:
@@ -101,7 +72,9 @@ def machine() -> dict:
     }
 
 
-def load(server: Server, name: str, out: Path, argv: list[str], timing: list[str]) -> list[dict]:
+def load(
+    server: harness.Server, name: str, out: Path, argv: list[str], timing: list[str]
+) -> list[dict]:
     """One loadtest sweep against a server; its levels."""
     directory = out / name
     command = [
@@ -135,7 +108,7 @@ def run_held(repo: Path, out: Path, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         wide = held.wide_repository(repo, Path(tmp) / "repository", "char_lstm", streams,
                                     ["char_lstm", "lenet5"])  # fmt: skip
-        server = Server(
+        server = start_server(
             "stepwise, 256 streams",
             ["serving", "--model-repository", str(wide), *flags],
             out / "held_health.log",
@@ -148,7 +121,7 @@ def run_held(repo: Path, out: Path, quick: bool) -> dict:
         finally:
             server.stop()
     health["server_flags"] = " ".join(flags)
-    server = Server(
+    server = start_server(
         "stepwise, RSS",
         ["serving", "--model-repository", str(repo), "--device", "cpu"],
         out / "held_rss.log",
@@ -177,7 +150,7 @@ def run_perf(repo: Path, out: Path, quick: bool) -> dict:
         print(f"  perf_analyzer unavailable, section skipped: {reason}", flush=True)
         return {"unavailable": reason}
     flags = ["--device", "cpu", "--no-request-log"]
-    server = Server(
+    server = start_server(
         "stepwise, perf_analyzer",
         ["serving", "--model-repository", str(repo), *flags],
         out / "perf.log",
@@ -311,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = []
     try:
         flags = "--device cpu --max-streams 64 --max-workers 96 --max-streams-per-client 64"
-        served = Server(
+        served = start_server(
             "stepwise",
             ["serving", "--model-repository", str(repo), *flags.split()],
             out / "stepwise.log",
@@ -336,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         served.stop()
         servers.remove(served)
 
-        batched = Server(
+        batched = start_server(
             "stepwise, dynamic batching",
             ["serving", "--model-repository", str(repo), *flags.split(), "--max-batch-size", "32"],
             out / "stepwise_batched.log",
@@ -350,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         batched.stop()
         servers.remove(batched)
 
-        off = Server(
+        off = start_server(
             "stepwise, continuous batching off",
             ["serving", "--model-repository", str(repo), *flags.split()]
             + ["--stream-batch-size", "1"],
@@ -366,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         off.stop()
         servers.remove(off)
 
-        echo = Server("echo", ["bench.echo_server"], out / "echo.log")
+        echo = start_server("echo", ["bench.echo_server"], out / "echo.log")
         servers.append(echo)
         print("the transport ceiling", flush=True)
         runs["transport classify"] = load(
@@ -379,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if all(
             (args.checkpoints / f"{m}.pt").is_file() for m in ("lenet5", "resnet18", "char_lstm")
         ):
-            base = Server(
+            base = start_server(
                 "baseline",
                 ["bench.baseline_server", "--checkpoints", str(args.checkpoints)]
                 + ["--model-repository", str(repo)],

@@ -1,7 +1,7 @@
 """A/B two or more servers on this machine, in alternating runs, from one command.
 
-    python tools/ab_servers.py --rounds 4 base=/tmp/base new=.
-    python tools/ab_servers.py --rounds 4 pool=. "one=.:--intra-op-threads 1"
+    python -m bench.ab_servers --rounds 4 base=/tmp/base new=.
+    python -m bench.ab_servers --rounds 4 pool=. "one=.:--intra-op-threads 1"
 
 Each variant is NAME=TREE[:SERVER FLAGS]: `python -m serving` started from TREE (a
 checkout, e.g. a `git worktree` of an older commit) with the flags, against this
@@ -23,9 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness
 
-from deploy.topology import ROOT, free_port  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LOADS = {
     "generate": (
@@ -42,26 +42,22 @@ LOADS = {
 
 
 def one_run(tree: str, flags: list[str], repository: Path, out: Path) -> dict[str, dict]:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving", "--model-repository", str(repository), "--host",
-         "127.0.0.1", "--port", str(port), "--metrics-port", str(free_port()), *flags],
-        cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
+    # Run from `tree` (its cwd comes first on the server's sys.path), ready when health
+    # says SERVING, stopped at the end of the block.
+    with harness.start(
+        ["--model-repository", str(repository), *flags], name=f"server from {tree}",
+        metrics_port=harness.free_port(), cwd=tree, stop_timeout=60,
+    ) as server:  # fmt: skip
         figures = {}
         for load, (args, _) in LOADS.items():
             subprocess.run(
-                [sys.executable, "-m", "loadtest", "--target", f"127.0.0.1:{port}",
+                [sys.executable, "-m", "loadtest", "--target", server.target,
                  "--wait-healthy", "60", "--quiet", "--server-pid", str(server.pid),
                  "--output-dir", str(out / load), *args],
                 cwd=ROOT, stdout=subprocess.DEVNULL, check=True,
             )  # fmt: skip
             figures[load] = json.loads((out / load / "results.json").read_text())["levels"][0]
         return figures
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 def main() -> int:

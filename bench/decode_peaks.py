@@ -1,6 +1,6 @@
 """What one decode of a near-limit image costs, by kind of image.
 
-    python tools/decode_peaks.py [--side 4096]
+    python -m bench.decode_peaks [--side 4096]
 
 For each kind (RGBA PNG, keyed 8-bit RGB, keyed 16-bit gray, palette with tRNS,
 baseline and progressive JPEG in RGB and CMYK) it decodes one side x side image for a
@@ -28,11 +28,10 @@ from pngs import GRAY, PALETTE, RGB, write_png  # noqa: E402
 
 CHILD = """
 import sys
+from bench.harness import peak_rss_bytes
 from serving.core.preprocess import ImageDecoder, ImageLimits
 def peak_kb():  # VmHWM: reset by exec, unlike ru_maxrss
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1])
+    return peak_rss_bytes() // 1024
 spec = {"color_mode": "L", "height": 32, "width": 32, "resample": "bilinear",
         "scale": 1 / 255, "mean": [0.0], "std": [1.0], "background": [0]}
 data = open(sys.argv[1], "rb").read()

@@ -1,7 +1,7 @@
 """What a hog costs everyone else: a newcomer's time to first token and health-check
 latency while one host holds nearly every stream with maximal prompts (issue 17 item 6).
 
-    python tools/fair_admission.py [--model-repository DIR] [--server-root DIR]
+    python -m bench.fair_admission [--model-repository DIR] [--server-root DIR]
 
 Starts `python -m serving` (from `--server-root`, default this tree, so an older tree
 can be measured the same way) on a loopback port, then:
@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,29 +27,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import harness
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 
-from deploy.topology import ROOT, free_port  # noqa: E402
-from serving._proto.stepwise.v1 import inference_pb2 as pb  # noqa: E402
-from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[1]
 OWN = [("grpc.use_local_subchannel_pool", 1)]
 TEXT = "To be, or not to be, that is the question:\n"
-
-
-async def _wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < end and proc.poll() is None:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    raise SystemExit(f"the server at {target} did not start")
 
 
 async def _hog(stubs, args, opened: list, done: asyncio.Event) -> None:
@@ -140,27 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--health-window-s", type=float, default=5.0)
     p.add_argument("--newcomer-timeout-s", type=float, default=120.0)
     args = p.parse_args(argv)
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(args.server_root.resolve())}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving", "--model-repository", str(args.model_repository),
-         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--device", "cpu", "--no-request-log"],
-        cwd=args.server_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        target = f"127.0.0.1:{port}"
-        asyncio.run(_wait_serving(target, proc))
-        result = asyncio.run(measure(target, args))
+        server = harness.start(
+            ["--model-repository", str(args.model_repository), "--device", "cpu",
+             "--no-request-log"],
+            cwd=args.server_root, env=env, stop_timeout=20,
+        )  # fmt: skip
+    except harness.NotReady as exc:
+        raise SystemExit(f"the server did not start: {exc}") from None
+    with server:
+        result = asyncio.run(measure(server.target, args))
         result["server_root"] = str(args.server_root)
         print(json.dumps(result, indent=2))
         return 0
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.harness import rss_bytes
 from loadtest.rpcs import BUILT_IN_PROMPTS, digit_images
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
@@ -38,10 +39,7 @@ READY_TIMEOUT_S = 120.0
 
 def rss_mib(pid: int) -> float:
     """The process's resident set (VmRSS) in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+    return rss_bytes(pid) / (1024 * 1024)
 
 
 def cpu_s(pid: int) -> float:

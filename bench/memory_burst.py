@@ -1,7 +1,7 @@
 """What hostile-sized requests cost the server in memory: RSS before, at peak, and after.
 
-    python tools/memory_burst.py [--model-repository DIR] [--rounds 4]
-    python tools/memory_burst.py --images 0 --prompts 0 --infer-batches 64 8000 \\
+    python -m bench.memory_burst [--model-repository DIR] [--rounds 4]
+    python -m bench.memory_burst --images 0 --prompts 0 --infer-batches 64 8000 \\
         --infer-prompt-tokens 16384 100000 --streams 1 4 --memory-limit 3G --fresh-server
 
 Starts `python -m serving` on a loopback port as a child process (so its memory is
@@ -58,16 +58,15 @@ import grpc
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bench import harness
+from bench.harness import memory, reset_peak
+from serving._proto.inference import grpc_service_pb2 as kpb
+from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.client import StepwiseClient
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from deploy.topology import free_port  # noqa: E402
-from serving._proto.inference import grpc_service_pb2 as kpb  # noqa: E402
-from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc  # noqa: E402
-from serving._proto.stepwise.v1 import inference_pb2 as pb  # noqa: E402
-from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc  # noqa: E402
-from serving.client import StepwiseClient  # noqa: E402
-
 MB = 1024 * 1024
 # A connection of its own per channel, and no client-side cap on message sizes (a
 # stream's answers may be as big as its requests).
@@ -79,25 +78,6 @@ OWN = [
 KSERVE_TYPES = {"float32": "FP32", "int64": "INT64"}
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in bytes (0 once it is gone)."""
-    fields = {"VmRSS": 0, "VmHWM": 0}
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in fields:
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
-def reset_peak(pid: int) -> None:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
 class PeakWatch:
     """The highest VmHWM seen while the block runs, sampled every 50 ms: the peak stays
     known when the process is killed before the burst ends."""
@@ -107,9 +87,9 @@ class PeakWatch:
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, proc_status(self.pid)["VmHWM"])
+            self.peak = max(self.peak, memory(self.pid)["VmHWM"])
             if self._stop.wait(0.05):
-                self.peak = max(self.peak, proc_status(self.pid)["VmHWM"])  # the last word
+                self.peak = max(self.peak, memory(self.pid)["VmHWM"])  # the last word
                 return
 
     def __enter__(self) -> PeakWatch:
@@ -199,12 +179,6 @@ class Server:
     PYTHONPATH)."""
 
     def __init__(self, args, number: int):
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        repository = args.model_repository.resolve()
-        self.cmd = [sys.executable, "-m", "serving", "--model-repository", str(repository)]
-        self.cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"]
-        self.cmd += ["--metrics-port", "0", *args.server_arg]
         self.root, self.cgroup = args.server_root.resolve(), None
         if args.memory_limit:
             name = f"stepwise-memory-burst-{os.getpid()}-{number}"
@@ -212,16 +186,15 @@ class Server:
             print(f"server memory limit: {self.cgroup.describe()}")
         env = {**os.environ, "PYTHONPATH": str(self.root)}
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(
-            self.cmd,
-            cwd=self.root,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log,
-            text=True,
-            preexec_fn=self.cgroup.join if self.cgroup else None,
-        )
-        self.pid = self.proc.pid
+        repository = args.model_repository.resolve()
+        # Not waited for here: main() waits (a server that never answers is a FAILED line)
+        self.child = harness.start(
+            ["--model-repository", str(repository), "--device", "cpu", *args.server_arg],
+            ready=None, cwd=self.root, env=env, stdout=subprocess.DEVNULL, stderr=self.log,
+            text=True, preexec_fn=self.cgroup.join if self.cgroup else None,
+        )  # fmt: skip
+        self.proc, self.pid, self.target = self.child.proc, self.child.pid, self.child.target
+        self.cmd = self.proc.args
 
     def death(self) -> str | None:
         """Why the server is gone, or None while it runs."""
@@ -240,12 +213,7 @@ class Server:
         died = self.death()
         failures = [f"FAILED: server pid {self.pid} {died}"] if died else []
         if not died:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            self.child.stop(timeout=15)
         if self.cgroup is not None:
             peak = self.cgroup.peak()
             if peak is not None:
@@ -277,16 +245,16 @@ def status_of(fn) -> str:
 def burst(pid: int, n: int, call) -> dict:
     """Run n calls at once; RSS before, peak during, at the end and 2 s after, and the
     status codes."""
-    before = proc_status(pid)["VmRSS"]
+    before = memory(pid)["VmRSS"]
     start = time.perf_counter()
     with PeakWatch(pid) as watch:
         with ThreadPoolExecutor(n) as pool:
             codes = Counter(pool.map(lambda i: call(i), range(n)))
         seconds = time.perf_counter() - start
-        end = proc_status(pid)["VmRSS"]
+        end = memory(pid)["VmRSS"]
     peak = watch.peak
     time.sleep(2.0)
-    after = proc_status(pid)["VmRSS"]
+    after = memory(pid)["VmRSS"]
     return {
         "before": before,
         "peak": peak,
@@ -474,11 +442,11 @@ def sequence_bursts(args) -> list[Burst]:
         def step(key, start, end):
             return status_of(lambda: stub.ModelInfer(sequence_step(model, key, start, end)))
 
-        before = proc_status(pid)["VmRSS"]
+        before = memory(pid)["VmRSS"]
         start = time.perf_counter()
         with PeakWatch(pid) as watch, ThreadPoolExecutor(args.sequence_clients) as pool:
             codes = Counter(pool.map(lambda k: step(k, True, False), keys))
-        seconds, live = time.perf_counter() - start, proc_status(pid)["VmRSS"]
+        seconds, live = time.perf_counter() - start, memory(pid)["VmRSS"]
         with ThreadPoolExecutor(16) as pool:
             codes.update(f"end {c}" for c in pool.map(lambda k: step(k, False, True), keys))
         for call in company:
@@ -487,7 +455,7 @@ def sequence_bursts(args) -> list[Burst]:
         for channel in channels:
             channel.close()
         time.sleep(2.0)
-        after = proc_status(pid)["VmRSS"]
+        after = memory(pid)["VmRSS"]
         return {"before": before, "peak": watch.peak, "end": live, "after": after,
                 "seconds": seconds, "codes": codes}  # fmt: skip
 
@@ -514,7 +482,7 @@ def stream_burst(pid: int, target: str, streams: int, args, request) -> dict:
     """`streams` ModelStreamInfer streams (a connection each) send their requests and
     read nothing for `--stream-hold` s; then each reads all it is given. Outcomes: the
     answers (OK, or error_message) and each stream's final status."""
-    before = proc_status(pid)["VmRSS"]
+    before = memory(pid)["VmRSS"]
     sent = [0] * streams
     codes: Counter = Counter()
     lock = threading.Lock()
@@ -543,7 +511,7 @@ def stream_burst(pid: int, target: str, streams: int, args, request) -> dict:
             stubs = [kpb_grpc.GRPCInferenceServiceStub(c) for c in channels]
             calls = [s.ModelStreamInfer(requests(i), timeout=timeout) for i, s in enumerate(stubs)]
             time.sleep(args.stream_hold)
-            end, taken = proc_status(pid)["VmRSS"], sum(sent)
+            end, taken = memory(pid)["VmRSS"], sum(sent)
             with ThreadPoolExecutor(streams) as pool:
                 list(pool.map(drain, calls))
     finally:
@@ -551,7 +519,7 @@ def stream_burst(pid: int, target: str, streams: int, args, request) -> dict:
             c.close()
     seconds = time.perf_counter() - start
     time.sleep(2.0)
-    after = proc_status(pid)["VmRSS"]
+    after = memory(pid)["VmRSS"]
     total = streams * args.stream_requests
     note = f"{taken} of {total} requests handed to the client's gRPC by the hold's end"
     return {
@@ -655,12 +623,11 @@ def main(argv: list[str] | None = None) -> int:
     for number, group in enumerate(groups):
         server = Server(args, number)
         try:
-            with grpc.insecure_channel(server.target) as channel:
-                grpc.channel_ready_future(channel).result(timeout=120)
+            server.child.wait_ready(timeout=120)
             for b in group:
                 b.warm(server.target)
             print(f"server pid {server.pid} in {server.root}: {' '.join(server.cmd[1:])}")
-            idle = proc_status(server.pid)["VmRSS"]
+            idle = memory(server.pid)["VmRSS"]
             print(f"idle RSS after one request of each kind: {idle / MB:.0f} MiB")
             print("| " + " | ".join(columns) + " |")
             print("| --- " * len(columns) + "|")
@@ -668,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(row(b.name, round_, b.run(server.pid, server.target)), flush=True)
                 if server.death():
                     break
-        except grpc.FutureTimeoutError:
+        except harness.NotReady:
             failures.append(f"FAILED: server pid {server.pid} never answered")
         except grpc.RpcError as err:  # a warm-up request
             failures.append(f"FAILED: warm-up: {err.code().name} {err.details()}")

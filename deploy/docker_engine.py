@@ -30,7 +30,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.topology import ROOT, stop
+from bench.harness import stop
+from deploy.topology import ROOT
 
 WHEELS = ROOT / "deploy/wheels"
 OFFICIAL_BASE = "python:3.11-slim"

@@ -19,21 +19,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from bench import harness
+from bench.harness import free_port, health_serving, stop, until
 from deploy.render import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,35 +49,6 @@ def load_yaml(text: str):
                              capture_output=True, timeout=30, check=True)  # fmt: skip
         return json.loads(out.stdout)
     return yaml.safe_load(text)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def until(what: str, check, timeout: float, interval: float = 0.2):
-    """Call `check` until it returns something truthy; TimeoutError after `timeout` s."""
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except (OSError, grpc.RpcError, ValueError) as exc:
-            last = exc
-        time.sleep(interval)
-    raise TimeoutError(f"{what}: not within {timeout:g} s (last: {last!r})")
-
-
-def serving(target: str) -> bool:
-    """Whether the gRPC health service at `target` says SERVING."""
-    with grpc.insecure_channel(target) as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=1
-        )
-    return status.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def get(url: str, timeout: float = 5) -> str:
@@ -192,21 +159,7 @@ def prometheus_config(targets: list[str], scrape_interval: str = "1s") -> dict:
 
 def spawn(args: list[str], log: Path, **kwargs) -> subprocess.Popen:
     """`args` in a session of its own (so stop() reaches its children too), output to `log`."""
-    with log.open("w") as out:
-        return subprocess.Popen(
-            args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kwargs
-        )
-
-
-def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM to the process's group, SIGKILL after `timeout` seconds."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=timeout)
-            return
+    return harness.spawn(args, log, start_new_session=True, **kwargs)
 
 
 @contextmanager
@@ -214,26 +167,26 @@ def local_topology(
     repository: Path, tmp: Path, replicas: int = 2, scrape_interval: str = "1s"
 ) -> Iterator[Topology]:
     """Start the deployment serving `repository`, every file under `tmp`; stop it all when
-    the block ends, on error too. Raises TimeoutError when a piece never comes up."""
+    the block ends, on error too. Raises TimeoutError when a piece never comes up
+    (harness.NotReady for a replica)."""
     procs: list[subprocess.Popen] = []
     try:
-        servers = []
+        servers, started = [], []
         for i in range(replicas):
-            port, metrics_port = free_port(), free_port()
+            metrics_port = free_port()
             log = tmp / f"server{i}.log"
             # No drain delay: nothing here health-checks the replicas to drain them.
-            proc = spawn(
-                [sys.executable, "-m", "serving", "--model-repository", str(repository),
-                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-                 str(metrics_port), "--device", "cpu", "--drain-delay", "0",
-                 "--client-id-header", "x-real-ip"],
-                log,
+            server = harness.start(
+                ["--model-repository", str(repository), "--device", "cpu", "--drain-delay",
+                 "0", "--client-id-header", "x-real-ip"],
+                name=f"replica {i}", metrics_port=metrics_port, log=log, ready=None,
+                start_new_session=True,
             )  # fmt: skip
-            procs.append(proc)
-            servers.append(Replica(proc, port, metrics_port, log))
-        for r in servers:
-            until(f"replica {r.target} SERVING ({r.log.read_text()[-2000:]})",
-                  lambda r=r: r.proc.poll() is None and serving(r.target), 90)  # fmt: skip
+            procs.append(server.proc)
+            started.append(server)
+            servers.append(Replica(server.proc, server.port, metrics_port, log))
+        for server in started:  # they load their models side by side
+            server.wait_ready(90)
 
         lb_port, status_port = free_port(), free_port()
         upstreams = " ".join(f"server {r.target} max_fails=1 fail_timeout=5s;" for r in servers)
@@ -258,7 +211,7 @@ def local_topology(
         procs.append(spawn([*nginx, "-g", "daemon off;"], tmp / "nginx.out"))
         lb = f"127.0.0.1:{lb_port}"
         until("nginx /healthz", lambda: get(f"http://127.0.0.1:{status_port}/healthz"), 20)
-        until("gRPC health through nginx", lambda: serving(lb), 20)
+        until("gRPC health through nginx", lambda: health_serving(lb), 20)
 
         prom_port = free_port()
         prom_yml = tmp / "prometheus.yml"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,40 +12,24 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import harness
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.client import StepwiseClient
 from training.data.digits import digit_to_image, load_digits_split
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(repository, *flags: str) -> tuple[subprocess.Popen, str]:
-    """`python -m serving` on a free loopback port, returned once health says SERVING."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving", "--model-repository", str(repository), "--host",
-         "127.0.0.1", "--port", str(port), "--device", "cpu", "--metrics-port", "0", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(150):
-            try:
-                request = health_pb2.HealthCheckRequest()
-                if (
-                    health.Check(request, timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return proc, f"127.0.0.1:{port}"
-            except grpc.RpcError:
-                time.sleep(0.2)
-    proc.kill()
-    pytest.fail("server did not become healthy:\n" + proc.communicate()[0])
+    """`python -m serving` on a free loopback port, returned once health says SERVING;
+    its output is piped (read proc.stdout once it has exited)."""
+    try:
+        server = harness.start(
+            ["--model-repository", str(repository), "--device", "cpu", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+    except harness.NotReady as exc:
+        pytest.fail(f"server did not become healthy: {exc}")
+    return server.proc, server.target
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +137,7 @@ def test_device_cuda_fails_loudly_without_a_gpu(repository):
             "--model-repository",
             str(repository),
             "--port",
-            str(free_port()),
+            str(harness.free_port()),
             "--host",
             "127.0.0.1",
             "--device",

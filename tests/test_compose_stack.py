@@ -35,6 +35,7 @@ import grpc
 import pytest
 from test_shutdown import Stream
 
+from bench.harness import health_serving, until
 from deploy.docker_engine import (
     Engine,
     EngineUnavailable,
@@ -44,7 +45,7 @@ from deploy.docker_engine import (
     docker_engine,
     remove_images,
 )
-from deploy.topology import ROOT, get, load_yaml, serving, until
+from deploy.topology import ROOT, get, load_yaml
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 
@@ -190,7 +191,7 @@ def stack(tmp_path_factory):
               f"{time.monotonic() - up:.0f} s", file=sys.stderr)  # fmt: skip
         stack.lb = stack.port("lb", 8001)
         stack.prometheus = f"http://{stack.port('prometheus', 9090)}"
-        until("gRPC health through lb", lambda: serving(stack.lb), 60)
+        until("gRPC health through lb", lambda: health_serving(stack.lb), 60)
         until("Prometheus ready", lambda: "Ready" in get(f"{stack.prometheus}/-/ready"), 60)
         yield stack
 

@@ -11,11 +11,10 @@ import pytest
 # adaptive mmap threshold keeps in the threads' arenas stays in RSS afterwards.
 ALLOCATE_FROM_THREADS = """
 import sys, threading
+from bench.harness import rss_bytes
 from serving.core.memory import fix_mmap_threshold
 def rss_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) // 1024
+    return rss_bytes() // (1024 * 1024)
 if sys.argv[1] == "fixed":
     assert fix_mmap_threshold()
 base = rss_mb()

@@ -7,13 +7,13 @@ import io
 import struct
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from pngs import GRAY, GRAY_ALPHA, PALETTE, RGB, RGBA, write_png
 
+from bench.decode_peaks import decode_peak_kib
 from serving.core.preprocess import (
     ImageDecoder,
     ImageLimits,
@@ -23,9 +23,6 @@ from serving.core.preprocess import (
 )
 from serving.errors import InvalidArgument, ResourceExhausted
 from training.data.digits import digit_to_image, load_digits_split
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from decode_peaks import decode_peak_kib  # noqa: E402 - tools/ is not a package
 
 GRAY_SPEC = {"color_mode": "L", "height": 32, "width": 32, "resample": "bilinear",
              "scale": 1 / 255, "mean": [0.0], "std": [1.0], "background": [0]}  # fmt: skip

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench import harness
 from export.__main__ import export_checkpoint
 from serving.core.models import load_model
 from serving.core.preprocess import ImageDecoder
@@ -265,13 +266,9 @@ def _replica_check(rank: int, port: int, perturb: bool, results) -> None:
 
 @pytest.mark.parametrize("perturb", [False, True])
 def test_replica_check_compares_every_weight(perturb):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = harness.free_port()
     results = mp.Manager().dict()
     mp.spawn(_replica_check, args=(port, perturb, results), nprocs=2, join=True)
     assert dict(results) == {0: not perturb, 1: not perturb}

@@ -1,6 +1,6 @@
 """Process-wide allocator settings that keep a burst of big requests from pinning memory.
 
-Measured with `tools/memory_burst.py` (docs/BENCHMARKS.md): after 16 concurrent
+Measured with `bench/memory_burst.py` (docs/BENCHMARKS.md): after 16 concurrent
 4000x4000 images, RSS stayed ~800 MiB above its baseline for good, and no object was
 alive: glibc's malloc had kept the freed image buffers. It raises its mmap threshold
 to the size of each large block it frees (up to 32 MiB), so the next image's blocks
