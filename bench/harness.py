@@ -91,6 +91,16 @@ def connects(target: str) -> bool:
     return True
 
 
+def loopback_config(model_repository, **overrides):
+    """An in-process server's `serving.config.ServerConfig` for tests and tools: loopback
+    only, a free port, the CPU, no metrics port; `overrides` change any of it. (The
+    configuration's own defaults are the command line's: every interface, 8001, 8002.)"""
+    from serving.config import ServerConfig
+
+    settings = {"host": LOOPBACK, "port": 0, "device": "cpu", "metrics_port": None}
+    return ServerConfig(model_repository, **{**settings, **overrides})
+
+
 def spawn(args: Sequence[str], log: Path | None = None, **popen) -> subprocess.Popen:
     """`args` as a child process; stdout and stderr to the file `log` when given (this
     process keeps no handle on it), else as `popen` says, else nowhere (DEVNULL)."""

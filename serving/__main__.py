@@ -13,8 +13,9 @@ from pathlib import Path
 
 from serving.api.logs import FORMATS, configure
 from serving.api.security import SecurityConfig, read_token
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.batching.dynamic import BatchingConfig
+from serving.config import CONTROL_MODES, ServerConfig
 from serving.core.memory import DEFAULT_MMAP_THRESHOLD, fix_mmap_threshold
 from serving.core.preprocess import ImageLimits
 from serving.core.runtime import DEVICES
@@ -45,40 +46,41 @@ def _seconds(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__)
-    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8001)
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    # Every default is the configuration's own (serving/config.py), written once there.
+    d, engine, batching, limits = ServerConfig(), EngineConfig(), BatchingConfig(), ImageLimits()
+    p.add_argument("--model-repository", type=Path, default=d.model_repository)
+    p.add_argument("--host", default=d.host, help="address to listen on (default: every interface)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--device", choices=DEVICES, default=d.device)
     p.add_argument(
         "--model-control-mode",
-        choices=("none", "poll", "explicit"),
-        default="none",
+        choices=CONTROL_MODES,
+        default=d.model_control_mode,
         help="as Triton: none reads the repository once; poll rescans it and serves new "
         "versions; explicit loads and unloads through KServe's repository RPCs",
     )
     p.add_argument(
         "--repository-poll-secs",
         type=float,
-        default=15.0,
+        default=d.repository_poll_secs,
         help="poll mode: seconds between repository scans",
     )
     p.add_argument(
         "--metrics-port",
         type=int,
-        default=8002,
+        default=d.metrics_port,
         help="Prometheus metrics at http://HOST:PORT/metrics, https:// with --tls-cert "
         "(Triton's port; 0 turns it off)",
     )
-    defaults, engine = ServerConfig(), EngineConfig()
     p.add_argument(
-        "--max-workers", type=_positive, default=defaults.max_workers, help="threads serving RPCs"
+        "--max-workers", type=_positive, default=d.max_workers, help="threads serving RPCs"
     )
     p.add_argument(
         "--max-streams",
         type=_positive,
-        default=defaults.max_streams,
+        default=d.max_streams,
         help="concurrent Generate/Caption streams, all models together",
     )
     p.add_argument(
@@ -107,35 +109,34 @@ def main(argv: list[str] | None = None) -> int:
         "--max-streams-per-connection",  # its old name: a per-connection refusal
         dest="max_streams_per_client",
         type=_count,
-        default=defaults.max_streams_per_client,
+        default=d.max_streams_per_client,
         help="streams one client (host, TLS certificate or --client-id-header) may hold; "
         "more wait (default 0: up to --max-streams; fair admission shares slots anyway)",
     )
     p.add_argument(
         "--max-waiting-streams",
         type=_count,
-        default=defaults.max_waiting_streams,
+        default=d.max_waiting_streams,
         help="streams that may wait for a slot; past it RESOURCE_EXHAUSTED at once",
     )
     p.add_argument(
         "--client-id-header",
-        default=None,
+        default=d.client_id_header,
         help="a request header naming the client, set by a trusted proxy in front (e.g. "
         "x-real-ip); without it clients are told apart by TLS certificate, else by host",
     )
     p.add_argument(
         "--max-sequences-per-client",
         type=_positive,
-        default=defaults.max_sequences_per_client,
+        default=d.max_sequences_per_client,
         help="KServe server-held sequences one client may keep live per model",
     )
     p.add_argument(
         "--stream-stall-timeout",
         type=_seconds,
-        default=5.0,
+        default=d.stream_stall_timeout_s,
         help="cancel a stream whose client takes no message for this many seconds (0: never)",
     )
-    batching = BatchingConfig()
     p.add_argument(
         "--max-batch-size",
         type=_positive,
@@ -157,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a batch size to run at once when queued (repeat for several)",
     )
-    limits = ImageLimits()
     p.add_argument(
         "--max-image-pixels",
         type=_positive,
@@ -173,14 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--drain-delay",
         type=_seconds,
-        default=5.0,
+        default=d.drain_delay_s,
         help="seconds between SIGTERM (health turns NOT_SERVING) and refusing new requests "
         "(UNAVAILABLE), so load balancers see the health change first",
     )
     p.add_argument(
         "--grace-period",
         type=_seconds,
-        default=30.0,
+        default=d.grace_period_s,
         help="seconds in-flight RPCs get to finish once new requests are refused; streams "
         "still live then end with UNAVAILABLE saying the server is shutting down",
     )
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--intra-op-threads",
         type=_count,
-        default=0,
+        default=d.intra_op_threads,
         help="ONNX Runtime threads per graph run on the CPU: 0 (default) its own choice, "
         "one per physical core, "
         "spinning between runs; 1 runs each graph on its calling thread: half the CPU "
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--request-log",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=d.request_log,
         help="one log line per RPC (health checks aside); --no-request-log leaves startup, "
         "shutdown, reload and error lines only",
     )
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-message-bytes",
         type=_positive,
-        default=defaults.max_message_bytes,
+        default=d.max_message_bytes,
         help="largest request or response message; larger requests get RESOURCE_EXHAUSTED",
     )
     p.add_argument(
@@ -235,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         help="bytes from which glibc malloc maps each allocation on its own, so freed images "
         "return to the system (0: keep glibc's adaptive default; see serving/core/memory.py)",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     configure(args.log_format)
     if args.mmap_threshold and not fix_mmap_threshold(args.mmap_threshold):
@@ -246,45 +251,51 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 1
-    config = ServerConfig(
-        model_repository=args.model_repository,
-        max_message_bytes=args.max_message_bytes,
-        metrics_port=args.metrics_port or None,
-        request_log=args.request_log,
-        model_control_mode=args.model_control_mode,
-        repository_poll_secs=args.repository_poll_secs,
-        security=SecurityConfig(
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            auth_token=token,
-            auth_all=args.auth_all,
-        ),
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        intra_op_threads=args.intra_op_threads,
-        max_workers=args.max_workers,
-        max_streams=args.max_streams,
-        max_streams_per_client=args.max_streams_per_client,
-        max_waiting_streams=args.max_waiting_streams,
-        client_id_header=args.client_id_header.lower() if args.client_id_header else None,
-        max_sequences_per_client=args.max_sequences_per_client,
-        stream_stall_timeout_s=args.stream_stall_timeout,
-        engine=EngineConfig(
-            max_batch_size=args.stream_batch_size,
-            prefill_tokens_per_iteration=args.prefill_tokens_per_iteration,
-            bind_state={"auto": None, "on": True, "off": False}[args.bind_state],
-        ),
-        batching=BatchingConfig(
-            max_batch_size=args.max_batch_size,
-            max_queue_delay_us=args.max_queue_delay_us,
-            preferred_batch_sizes=tuple(args.preferred_batch_size),
-        ),
-        images=ImageLimits(
-            max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes
-        ),
-    )
+    try:
+        config = ServerConfig(
+            model_repository=args.model_repository,
+            max_message_bytes=args.max_message_bytes,
+            metrics_port=args.metrics_port or None,
+            request_log=args.request_log,
+            model_control_mode=args.model_control_mode,
+            repository_poll_secs=args.repository_poll_secs,
+            security=SecurityConfig(
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                tls_client_ca=args.tls_client_ca,
+                auth_token=token,
+                auth_all=args.auth_all,
+            ),
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            intra_op_threads=args.intra_op_threads,
+            max_workers=args.max_workers,
+            max_streams=args.max_streams,
+            max_streams_per_client=args.max_streams_per_client,
+            max_waiting_streams=args.max_waiting_streams,
+            client_id_header=args.client_id_header.lower() if args.client_id_header else None,
+            max_sequences_per_client=args.max_sequences_per_client,
+            stream_stall_timeout_s=args.stream_stall_timeout,
+            drain_delay_s=args.drain_delay,
+            grace_period_s=args.grace_period,
+            engine=EngineConfig(
+                max_batch_size=args.stream_batch_size,
+                prefill_tokens_per_iteration=args.prefill_tokens_per_iteration,
+                bind_state={"auto": None, "on": True, "off": False}[args.bind_state],
+            ),
+            batching=BatchingConfig(
+                max_batch_size=args.max_batch_size,
+                max_queue_delay_us=args.max_queue_delay_us,
+                preferred_batch_sizes=tuple(args.preferred_batch_size),
+            ),
+            images=ImageLimits(
+                max_pixels=args.max_image_pixels, max_concurrent_decodes=args.max_concurrent_decodes
+            ),
+        )
+    except ValueError as exc:  # a combination the parser cannot see
+        log.error("%s", exc)
+        return 1
     try:
         server, port = create_server(config)
     except (DeviceError, FileNotFoundError, OSError, ValueError) as exc:
@@ -321,14 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     log.info(
         "shutting down: NOT_SERVING, still serving for the %g s drain delay, then %g s for "
         "in-flight RPCs (a second signal exits at once)",
-        args.drain_delay,
-        args.grace_period,
+        config.drain_delay_s,
+        config.grace_period_s,
     )
     server.enter_graceful_shutdown()
-    time.sleep(args.drain_delay)
+    time.sleep(config.drain_delay_s)
     log.info("refusing new requests; %d Generate/Caption stream(s) live", server.streams.live)
     start = time.monotonic()
-    server.stop(grace=args.grace_period).wait()
+    server.stop(grace=config.grace_period_s).wait()
     log.info("stopped after %.1f s of grace", time.monotonic() - start)
     return 0
 

@@ -7,8 +7,6 @@ import functools
 import logging
 import threading
 from concurrent import futures
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # health.aio: the servicer
@@ -20,18 +18,19 @@ from serving.api.calls import Calls
 from serving.api.clients import client_identity
 from serving.api.logs import RequestLog
 from serving.api.rpc_metrics import RpcMetrics
-from serving.api.security import SecurityConfig, TokenAuth, metrics_ssl_context, server_credentials
+from serving.api.security import TokenAuth, metrics_ssl_context, server_credentials
 from serving.api.status import add_to_server
 from serving.api.stepwise import InferenceServicer
 from serving.api.streams import StreamSlots
-from serving.batching.dynamic import BatchingConfig, DynamicBatcher
-from serving.core.preprocess import ImageDecoder, ImageLimits
+from serving.batching.dynamic import DynamicBatcher
+from serving.config import ServerConfig
+from serving.core.preprocess import ImageDecoder
 from serving.core.repository import ModelRegistry
 from serving.core.runtime import SessionFactory
 from serving.dataplane.control import ModelControl
 from serving.dataplane.deployments import Deployments
 from serving.dataplane.plane import DataPlane
-from serving.engine import EngineConfig, StepEngine
+from serving.engine import StepEngine
 from serving.metrics.prometheus import Metrics, MetricsEndpoint
 from serving.metrics.statistics import Statistics
 
@@ -39,50 +38,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "stepwise.v1.Inference"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
-
-
-@dataclass
-class ServerConfig:
-    model_repository: Path = Path("model_repository")
-    host: str = "127.0.0.1"
-    port: int = 8001  # 0 picks a free port
-    device: str = "auto"  # cpu, cuda or auto
-    # ONNX Runtime threads per graph run on the CPU; 0: its default, one per physical core
-    # (they spin between runs); 1: the run stays on the calling thread, no pool.
-    intra_op_threads: int = 0
-    # Threads for blocking work (decoding images, running graphs); streams hold none.
-    max_workers: int = 16
-    # Concurrent Generate/Caption/ModelStreamInfer streams, all models together; past it
-    # a stream waits for a slot, fairly across clients (serving/api/streams.py)
-    max_streams: int = 256
-    max_streams_per_client: int = 0  # one client's streams at most; 0: max_streams
-    max_waiting_streams: int = 256  # streams waiting for a slot; past it RESOURCE_EXHAUSTED
-    # A request header naming the client, set by a trusted proxy (serving/api/clients.py);
-    # None: clients are told apart by TLS certificate, else by host
-    client_id_header: str | None = None
-    # Server-held KServe sequences one client may keep live per model (the model's own
-    # cap, 1,024, stays as a backstop)
-    max_sequences_per_client: int = 128
-    # A stream whose client takes no message for this long (a flow-control window that
-    # never reopens) is cancelled and frees its slot; 0 disables the watchdog.
-    stream_stall_timeout_s: float = 5.0
-    max_message_bytes: int = 32 * 1024 * 1024
-    request_log: bool = True  # one log line per RPC (serving.api.logs)
-    # HTTP/2 connection hygiene: ping idle peers, close connections idle or old (clients
-    # reconnect transparently), and bound streams per connection at the transport.
-    keepalive_time_ms: int = 60_000
-    keepalive_timeout_ms: int = 20_000
-    max_connection_idle_ms: int = 5 * 60_000
-    max_connection_age_ms: int = 30 * 60_000
-    max_connection_age_grace_ms: int = 60_000
-    max_concurrent_streams: int = 100  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, any RPC
-    images: ImageLimits = field(default_factory=ImageLimits)
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)  # continuous batching
-    security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, bearer token
-    metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one)
-    model_control_mode: str = "none"  # none, poll or explicit (dataplane/control.py)
-    repository_poll_secs: float = 15.0  # poll mode: seconds between repository scans
 
 
 def _stream_slots(config: ServerConfig) -> StreamSlots:
@@ -298,14 +253,6 @@ def create_server(
     registry: ModelRegistry | None = None,
 ) -> tuple[Server, int]:
     """Load the models (unless given), bind, and return the server ready to start."""
-    if not 0 < config.max_streams:
-        raise ValueError(f"max_streams must be at least 1, not {config.max_streams}")
-    if config.max_streams_per_client < 0 or config.stream_stall_timeout_s < 0:
-        raise ValueError("max_streams_per_client and stream_stall_timeout_s must be >= 0")
-    if config.max_waiting_streams < 0 or config.max_sequences_per_client < 1:
-        raise ValueError("max_waiting_streams must be >= 0 and max_sequences_per_client at least 1")
-    if config.intra_op_threads < 0:
-        raise ValueError(f"intra_op_threads must be 0 or more, not {config.intra_op_threads}")
     registry = registry or ModelRegistry.load(
         config.model_repository, config.device, config.intra_op_threads
     )

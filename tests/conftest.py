@@ -8,8 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.harness import loopback_config
 from export.__main__ import export_checkpoint
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.client import StepwiseClient
 from training import train_classifier, train_lm
 from training.__main__ import parse_args
@@ -73,7 +74,7 @@ def repository(tmp_path_factory, checkpoints) -> Path:
 
 @pytest.fixture(scope="session")
 def server(repository):
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu"))
+    server, port = create_server(loopback_config(repository))
     server.start()
     yield server, port
     server.stop(grace=None)

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.harness import loopback_config
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.app import ServerConfig, create_server
 from serving.batching.dynamic import BatchingConfig, DynamicBatcher
@@ -150,9 +151,11 @@ def test_batched_classify_answers_what_unbatched_classify_answers(repository):
             server.stop(None)
 
     base = dict(model_repository=repository, port=0, device="cpu")
-    batched, sizes = classify_all(ServerConfig(**base, batching=BatchingConfig(
+    batched, sizes = classify_all(loopback_config(**base, batching=BatchingConfig(
         max_batch_size=16, max_queue_delay_us=20_000)))  # fmt: skip
-    alone, no_sizes = classify_all(ServerConfig(**base, batching=BatchingConfig(max_batch_size=1)))
+    alone, no_sizes = classify_all(
+        loopback_config(**base, batching=BatchingConfig(max_batch_size=1))
+    )
     assert no_sizes == {}  # batching off: no batcher at all
     assert sum(n * count for n, count in sizes.items()) == len(inputs)
     assert max(sizes) > 1  # twelve clients at once with a 20 ms window do form batches

@@ -205,3 +205,54 @@ def test_a_negative_queue_delay_is_refused_not_clamped(capsys):
         main(["--max-queue-delay-us", "-5", "--model-repository", "/nonexistent"])
     assert exit_.value.code == 2
     assert "--max-queue-delay-us: must be 0 or more, not -5" in capsys.readouterr().err
+
+
+def test_the_command_line_takes_every_default_from_the_configuration():
+    """One place for each default: what `python -m serving` parses with no flags is
+    what ServerConfig() holds (the host included: every interface)."""
+    from serving.__main__ import parser
+    from serving.batching.dynamic import BatchingConfig
+    from serving.config import ServerConfig
+    from serving.core.preprocess import ImageLimits
+    from serving.engine import EngineConfig
+
+    args, config = parser().parse_args([]), ServerConfig()
+    assert config.host == args.host == "0.0.0.0"
+    same = {
+        "model_repository": "model_repository", "port": "port", "device": "device",
+        "model_control_mode": "model_control_mode", "metrics_port": "metrics_port",
+        "repository_poll_secs": "repository_poll_secs", "max_workers": "max_workers",
+        "max_streams": "max_streams", "max_streams_per_client": "max_streams_per_client",
+        "max_waiting_streams": "max_waiting_streams", "client_id_header": "client_id_header",
+        "max_sequences_per_client": "max_sequences_per_client",
+        "stream_stall_timeout_s": "stream_stall_timeout", "drain_delay_s": "drain_delay",
+        "grace_period_s": "grace_period", "intra_op_threads": "intra_op_threads",
+        "request_log": "request_log", "max_message_bytes": "max_message_bytes",
+    }  # fmt: skip
+    for field, flag in same.items():
+        assert getattr(args, flag) == getattr(config, field), field
+    engine, batching, limits = EngineConfig(), BatchingConfig(), ImageLimits()
+    assert args.stream_batch_size == engine.max_batch_size
+    assert args.prefill_tokens_per_iteration == engine.prefill_tokens_per_iteration
+    assert (args.max_batch_size, args.max_queue_delay_us) == (
+        batching.max_batch_size,
+        batching.max_queue_delay_us,
+    )
+    assert (args.max_image_pixels, args.max_concurrent_decodes) == (
+        limits.max_pixels,
+        limits.max_concurrent_decodes,
+    )
+
+
+def test_the_configuration_refuses_what_cannot_run():
+    from serving.config import ServerConfig
+
+    for bad in (
+        dict(max_streams=0), dict(device="tpu"), dict(model_control_mode="sometimes"),
+        dict(model_control_mode="poll", repository_poll_secs=0), dict(intra_op_threads=-1),
+        dict(grace_period_s=-1), dict(max_sequences_per_client=0),
+    ):  # fmt: skip
+        with pytest.raises(ValueError):
+            ServerConfig(**bad)
+    with pytest.raises(AttributeError):  # frozen: what was checked stays so
+        ServerConfig().max_streams = 0

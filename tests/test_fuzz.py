@@ -40,13 +40,14 @@ from hypothesis import strategies as st
 from PIL import Image
 from pngs import GRAY, RGB, write_png
 
+from bench.harness import loopback_config
 from export.__main__ import export_checkpoint
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.inference import model_config_pb2 as mc
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from training.__main__ import main as train_main
 
 EXAMPLES = int(os.environ.get("STEPWISE_FUZZ_EXAMPLES", "60"))
@@ -79,7 +80,7 @@ def fuzz_target(repository, tmp_path_factory):
     checkpoint = root / "captioner.pt"
     assert train_main(["captioner", "--dry-run", "--quiet", "--out", str(checkpoint)]) == 0
     export_checkpoint(checkpoint, root / "repo")
-    server, port = create_server(ServerConfig(root / "repo", port=0, device="cpu"))
+    server, port = create_server(loopback_config(root / "repo"))
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel

@@ -13,10 +13,11 @@ import pytest
 from polling import eventually
 from test_kserve import _infer, _outputs
 
+from bench.harness import loopback_config
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving.api.limits import MAX_PROMPT_CHARS
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.batching.dynamic import BatchingConfig
 
 STATE = (2, 48)  # the tiny char_lstm's [layers, hidden] after its batch axis
@@ -149,7 +150,7 @@ def test_a_dynamic_batcher_queues_no_row_of_a_request_it_must_refuse(repository)
     """With --max-batch-size 8: 0 rows answered INTERNAL (np.stack of nothing) and
     2,000 rows queued 256 of them, ran them for nothing, then said "retry later"."""
     batching = BatchingConfig(max_batch_size=8)
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu", batching=batching))
+    server, port = create_server(loopback_config(repository, batching=batching))
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -166,9 +167,7 @@ def test_a_dynamic_batcher_queues_no_row_of_a_request_it_must_refuse(repository)
 
 
 def test_repository_load_refuses_config_and_files_it_would_ignore(repository):
-    server, port = create_server(
-        ServerConfig(repository, port=0, device="cpu", model_control_mode="explicit")
-    )
+    server, port = create_server(loopback_config(repository, model_control_mode="explicit"))
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -208,7 +207,7 @@ def _sequence(stub, client: str, key, token: int, start=False, end=False):
 def quotas(repository):
     """Clients told apart by the header a trusted proxy would set (they all share
     127.0.0.1 here); 3 live sequences per client; a 1 s stall timeout."""
-    config = ServerConfig(
+    config = loopback_config(
         repository, port=0, device="cpu", client_id_header="x-client",
         max_sequences_per_client=3, stream_stall_timeout_s=1.0,
     )  # fmt: skip

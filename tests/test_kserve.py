@@ -13,6 +13,7 @@ import grpc
 import pytest
 from greedy import EOS, greedy, opening
 
+from bench.harness import loopback_config
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.inference import model_config_pb2 as mc
@@ -100,9 +101,10 @@ def test_reflection_lists_it_and_shutdown_turns_server_ready_false(repository):
         ProtoReflectionDescriptorDatabase,
     )
 
-    from serving.app import ServerConfig, create_server
+    from bench.harness import loopback_config
+    from serving.app import create_server
 
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu"))
+    server, port = create_server(loopback_config(repository))
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -321,7 +323,7 @@ def test_idle_sequences_expire_and_many_clients_interleave(tmp_path, repository)
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.app import ServerConfig, create_server
+    from serving.app import create_server
 
     root = tmp_path / "repo"
     shutil.copytree(repository / "char_lstm", root / "char_lstm")
@@ -332,7 +334,7 @@ def test_idle_sequences_expire_and_many_clients_interleave(tmp_path, repository)
         )  # fmt: skip
     )
     vocab = json.loads((root / "char_lstm" / "1" / "model.json").read_text())["vocab"]
-    server, port = create_server(ServerConfig(root, port=0, device="cpu"))
+    server, port = create_server(loopback_config(root))
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -591,12 +593,12 @@ def test_model_infer_on_a_classifier_goes_through_its_dynamic_batcher(repository
 
     from serving._proto.stepwise.v1 import inference_pb2 as pb
     from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-    from serving.app import ServerConfig, create_server
+    from serving.app import create_server
     from serving.batching.dynamic import BatchingConfig
     from serving.core.models import load_model
 
     batching = BatchingConfig(max_batch_size=8, max_queue_delay_us=100_000)
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu", batching=batching))
+    server, port = create_server(loopback_config(repository, batching=batching))
     server.start()
     lenet = load_model(repository / "lenet5" / "1", "cpu")
     inputs = [np.random.default_rng(i).random((1 + i % 3, 1, 32, 32), np.float32) for i in range(8)]

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
+from bench.harness import loopback_config
 from loadtest.__main__ import main
 from loadtest.rpcs import Outcome
 from loadtest.stats import Window, stable
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 
 QUICK = ["--warmup", "0.2", "--duration", "0.8", "--quiet"]
 
@@ -100,7 +101,7 @@ def test_unreachable_server_is_one_line_and_results_are_still_written(tmp_path, 
 def test_a_server_stopped_mid_run_is_counted_and_the_run_ends_in_bounds(repository, tmp_path):
     import threading
 
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu"))
+    server, port = create_server(loopback_config(repository))
     server.start()
     stopper = threading.Timer(4.0, lambda: server.stop(None))  # workers start in ~1 s
     stopper.start()

@@ -17,19 +17,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from test_cli import start_server
 
+from bench.harness import loopback_config
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.api.logs import JsonFormatter, TextFormatter, request_id
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 
 HEX32 = r"^[0-9a-f]{32}$"
 
 
 @pytest.fixture(scope="module")
 def served(repository):
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu"))
+    server, port = create_server(loopback_config(repository))
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel
@@ -169,9 +170,7 @@ def test_json_log_format_applies_to_every_line(repository):
 
 def test_no_request_log_writes_no_request_lines_and_still_counts(repository, caplog):
     caplog.set_level(logging.INFO, logger="serving.requests")
-    server, port = create_server(
-        ServerConfig(repository, port=0, device="cpu", request_log=False, metrics_port=None)
-    )
+    server, port = create_server(loopback_config(repository, request_log=False, metrics_port=None))
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

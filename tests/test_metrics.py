@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import loopback_config
 from serving.api.security import SecurityConfig
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.client import StepwiseClient
 from serving.engine import EngineConfig
 from serving.metrics.prometheus import HostUsage
@@ -24,7 +25,7 @@ from serving.metrics.prometheus import HostUsage
 
 @pytest.fixture(scope="module")
 def served(repository):
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu", metrics_port=0))
+    server, port = create_server(loopback_config(repository, metrics_port=0))
     server.start()
     with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as client:
         yield server, client, f"http://127.0.0.1:{server.metrics_endpoint.port}/metrics"
@@ -119,7 +120,7 @@ def test_live_streams_and_cancellations_show_while_they_happen(served):
 
 def test_only_metrics_is_served_and_auth_all_guards_it(repository):
     server, _ = create_server(
-        ServerConfig(
+        loopback_config(
             repository, port=0, device="cpu", metrics_port=0,
             security=SecurityConfig(auth_token="tok", auth_all=True),
         )
@@ -142,7 +143,7 @@ def test_only_metrics_is_served_and_auth_all_guards_it(repository):
 def test_pending_requests_gauge_counts_streams_waiting_for_a_row(repository):
     """Triton's nv_inference_pending_request_count: with one batch row, of three
     streams one runs and two wait."""
-    config = ServerConfig(
+    config = loopback_config(
         repository, port=0, device="cpu", metrics_port=0, engine=EngineConfig(max_batch_size=1)
     )
     server, port = create_server(config)

@@ -6,9 +6,10 @@ import shutil
 
 from google.protobuf import text_format
 
+from bench.harness import loopback_config
 from export.repository import write_model_config
 from serving._proto.inference import model_config_pb2 as mc
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.core.repository import ModelRegistry
 
 
@@ -81,7 +82,7 @@ def test_dynamic_batching_in_a_config_batches_that_model_only(tmp_path, reposito
     )
     root = _repo_with(tmp_path, repository, "lenet5", text)
     (root / "char_lstm" / "config.pbtxt").write_text('name: "char_lstm"\nmax_batch_size: 3\n')
-    server, _ = create_server(ServerConfig(root, port=0, device="cpu"))
+    server, _ = create_server(loopback_config(root))
     try:
         assert set(server.batchers) == {"lenet5"}
         batching = server.batchers["lenet5"].config

@@ -19,10 +19,11 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.harness import loopback_config
 from export.__main__ import export_checkpoint
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from training.__main__ import main as train_main
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "perf_analyzer.sh"
@@ -61,7 +62,7 @@ def step_repository(repository, tmp_path_factory) -> Path:
 def kserve_target(step_repository):
     """A server of this module's own: perf_analyzer numbers its sequences from 1, which
     must not meet sequences other tests left open on the session's server."""
-    server, port = create_server(ServerConfig(step_repository, port=0, device="cpu"))
+    server, port = create_server(loopback_config(step_repository))
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(None)

@@ -12,9 +12,10 @@ import grpc
 import pytest
 from polling import eventually
 
+from bench.harness import loopback_config
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.client import StepwiseClient
 
 
@@ -35,7 +36,7 @@ def serve(repo):
 
     def start(mode: str, **options):
         options.setdefault("device", "cpu")
-        config = ServerConfig(
+        config = loopback_config(
             repo, port=0, model_control_mode=mode, repository_poll_secs=0.1, **options
         )
         server, port = create_server(config)

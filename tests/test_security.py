@@ -14,10 +14,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.harness import loopback_config
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving.api.security import SecurityConfig, channel, read_token
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.client import StepwiseClient
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
@@ -48,7 +49,9 @@ def pki(tmp_path_factory):
 def _serve(repository, metrics_port=None, **security):
     config = SecurityConfig(**security)
     server, port = create_server(
-        ServerConfig(repository, port=0, device="cpu", security=config, metrics_port=metrics_port)
+        loopback_config(
+            repository, port=0, device="cpu", security=config, metrics_port=metrics_port
+        )
     )
     server.start()
     return server, f"localhost:{port}"

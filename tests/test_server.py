@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from PIL import Image
 from polling import eventually
 
+from bench.harness import loopback_config
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from training.data.digits import digit_to_image, load_digits_split
 
@@ -316,11 +317,12 @@ def test_unexpected_failure_is_internal_and_harms_no_other_request(client, serve
 
 
 def test_streams_past_the_cap_wait_then_are_refused_and_health_still_answers(repository):
-    from serving.app import ServerConfig, create_server
+    from bench.harness import loopback_config
+    from serving.app import create_server
     from serving.client import StepwiseClient
 
     server, port = create_server(
-        ServerConfig(
+        loopback_config(
             repository, port=0, device="cpu", max_workers=4, max_streams=2, max_waiting_streams=1
         )
     )
@@ -353,10 +355,10 @@ def test_streams_past_the_cap_wait_then_are_refused_and_health_still_answers(rep
 
 
 def test_a_busy_port_is_an_error_not_a_shared_socket(repository, server):
-    from serving.app import ServerConfig, create_server
+    from serving.app import create_server
 
     with pytest.raises(OSError, match="cannot listen on 127.0.0.1"):
-        create_server(ServerConfig(repository, port=server[1], device="cpu"))
+        create_server(loopback_config(repository, port=server[1], device="cpu"))
 
 
 def test_logprobs_name_each_sampled_token_and_its_alternatives(client):
@@ -450,9 +452,9 @@ def test_hundreds_of_streams_hold_no_thread_each_and_health_stays_responsive(rep
     import threading
 
     from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-    from serving.app import ServerConfig, create_server
+    from serving.app import create_server
 
-    server, port = create_server(ServerConfig(repository, port=0, device="cpu", max_streams=256))
+    server, port = create_server(loopback_config(repository, max_streams=256))
     model = server.registry.models["char_lstm"]
     run = model.run
     # 5 ms a step: the 200 streams overlap enough to fill a 64-row batch even on a

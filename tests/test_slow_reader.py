@@ -20,9 +20,10 @@ from h2.events import ResponseReceived, StreamEnded, StreamReset, TrailersReceiv
 from h2.settings import SettingCodes, Settings
 from polling import eventually
 
+from bench.harness import loopback_config
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.client import StepwiseClient
 
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]  # channels share none
@@ -118,7 +119,7 @@ class NeverReads:
 def guarded(repository):
     """A server with 4 stream slots, 2 per client, a 2 s stall timeout, and a
     language model slowed to 5 ms a step (a 4000-token stream takes 20 s)."""
-    config = ServerConfig(
+    config = loopback_config(
         repository, port=0, device="cpu", max_workers=8, max_streams=4,
         max_streams_per_client=2, stream_stall_timeout_s=2.0, client_id_header=CLIENT_HEADER,
     )  # fmt: skip

@@ -173,7 +173,8 @@ def test_stream_sequences_equal_generate_and_answer_in_order(seen, target):
 def test_idle_sequences_expire_and_many_clients_stay_independent(tmp_path, repository):
     """A server whose sequences expire after 1 s idle (config.pbtxt); then eight
     tritonclient connections decode at once, batched together, each text as alone."""
-    from serving.app import ServerConfig, create_server
+    from bench.harness import loopback_config
+    from serving.app import create_server
 
     root = tmp_path / "repo"
     shutil.copytree(repository / "char_lstm", root / "char_lstm")
@@ -181,7 +182,7 @@ def test_idle_sequences_expire_and_many_clients_stay_independent(tmp_path, repos
     text = config.read_text()
     assert "max_sequence_idle_microseconds: 60000000" in text
     config.write_text(text.replace("idle_microseconds: 60000000", "idle_microseconds: 1000000"))
-    server, port = create_server(ServerConfig(root, port=0, device="cpu"))
+    server, port = create_server(loopback_config(root))
     server.start()
     try:
         prompts = ["KING.\n", "QUEEN.\n", "Now ", "What "] * 2

@@ -107,11 +107,12 @@ def engine_speed(
 
 
 def check_server(repository: Path) -> dict:
+    from bench.harness import loopback_config
     from serving._proto.stepwise.v1 import inference_pb2 as pb
-    from serving.app import ServerConfig, create_server
+    from serving.app import create_server
     from serving.client import StepwiseClient
 
-    server, port = create_server(ServerConfig(repository, port=0, device="cuda"))
+    server, port = create_server(loopback_config(repository, device="cuda"))
     server.start()
     try:
         with StepwiseClient(f"127.0.0.1:{port}", timeout=60) as client:

@@ -23,7 +23,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serving.app import ServerConfig, create_server  # noqa: E402
+from bench.harness import loopback_config
+from serving.app import create_server  # noqa: E402
 from serving.client import StepwiseClient  # noqa: E402
 from training.caption_metrics import corpus_bleu, object_recall  # noqa: E402
 from training.data.digits import digit_to_image, load_digits_split  # noqa: E402
@@ -90,7 +91,7 @@ def main() -> int:
     args = p.parse_args()
     server = None
     if args.target is None:
-        server, port = create_server(ServerConfig(args.model_repository, port=0, device="cpu"))
+        server, port = create_server(loopback_config(args.model_repository))
         server.start()
         args.target = f"127.0.0.1:{port}"
     with StepwiseClient(args.target) as client:

@@ -39,7 +39,7 @@ class LoadFailed(ServingError):
 
 class ModelControl:
     """Loads, reloads and unloads the models `deployments` serve, from the repository
-    at `root`."""
+    at `root`; `mode` and `poll_secs` as `serving.config.ServerConfig` checked them."""
 
     def __init__(
         self,
@@ -49,10 +49,6 @@ class ModelControl:
         poll_secs: float = 15.0,
         sessions: SessionFactory | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"--model-control-mode must be one of {', '.join(MODES)}")
-        if mode == "poll" and not poll_secs > 0:
-            raise ValueError(f"--repository-poll-secs must be more than 0, not {poll_secs}")
         self.deployments, self.mode, self.poll_secs = deployments, mode, poll_secs
         self.root = Path(root)
         # the registry's, so `--device auto` settles once per server (one factory)
