@@ -8,9 +8,10 @@ import grpc
 import pytest
 import torch
 
+from bench.harness import loopback_config
 from export.__main__ import export_checkpoint
 from serving._proto.stepwise.v1 import inference_pb2 as pb
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.client import StepwiseClient
 from training import train_captioner
 from training.__main__ import parse_args
@@ -32,7 +33,7 @@ def captioner(tmp_path_factory):
                        "--hidden-size", "64", "--embed-dim", "16", "--quiet"])  # fmt: skip
     metrics = train_captioner.train(args)
     version = export_checkpoint(args.out, root / "repo")
-    server, port = create_server(ServerConfig(root / "repo", port=0, device="cpu"))
+    server, port = create_server(loopback_config(root / "repo"))
     server.start()
     with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as client:
         yield client, args.out, version, metrics
@@ -148,7 +149,7 @@ def test_caption_streams_share_the_stream_limit(captioner):
     import time
 
     repo = captioner[2].parent.parent
-    config = ServerConfig(repo, port=0, device="cpu", max_streams=1, max_waiting_streams=0)
+    config = loopback_config(repo, max_streams=1, max_waiting_streams=0)
     server, port = create_server(config)
     model = server.registry.models["captioner"]
     run = model.run
@@ -224,3 +225,43 @@ def test_beam_search_finds_the_best_caption_and_streams_only_decided_words(capti
     deep = list(client.caption_stream(data, beam_size=3))
     assert deep[-1].caption and len(deep[-1].beams) <= 3
     assert " ".join(r.text for r in deep if r.text) == deep[-1].caption
+
+
+@pytest.mark.parametrize("bind", [False, True], ids=["host-state", "bound-state"])
+def test_beam_search_jobs_in_the_engine_equal_the_former_beam_search(captioner, bind):
+    """`beam_request` jobs stepped in one batch with each other and with sampled
+    captions give exactly what `beam_search` (beams in a batch of their own) gives:
+    the same words at the same steps, the same ranked beams, scores to the bit."""
+    from beam_reference import beam_search
+
+    from serving.core.models import load_model
+    from serving.core.preprocess import ImageDecoder
+    from serving.engine import EngineConfig, EngineCore, beam_request, caption_request
+    from serving.engine.sampler import SamplingParams
+
+    model = load_model(captioner[2], "cpu")
+    images = [
+        ImageDecoder().tensor(png(image), model.preprocess)
+        for image, _, _ in make_scenes(3, seed=77)
+    ]
+    cases = [(image, k, n) for image in images for k, n in ((3, model.max_length), (16, 2))]
+    core = EngineCore(model, EngineConfig(max_batch_size=64, bind_state=bind))
+    jobs = [beam_request(model, image, k, n) for image, k, n in cases]
+    sampled = [
+        caption_request(model, image, 8, SamplingParams(seed=i)) for i, image in enumerate(images)
+    ]
+    for job in [sampled[0], *jobs, *sampled[1:]]:
+        core.submit(job)
+    got = [[] for _ in jobs]
+    while core.has_work():
+        core.step()
+        for deltas, job in zip(got, jobs, strict=True):
+            if (delta := job.outbox.take(timeout=0)) is not None:
+                deltas.append(delta)
+    for (image, k, n), deltas in zip(cases, got, strict=True):
+        events = list(beam_search(model, model.initial_state(image), k, n))
+        assert [d.pieces for d in deltas] == [e.words for e in events]
+        assert deltas[-1].beams == events[-1].beams and len(deltas[-1].beams) <= k
+        assert deltas[-1].finish_reason in ("eos", "length") and deltas[-1].error is None
+    assert all(s.outbox.take(timeout=0).finished for s in sampled)
+    assert max(core.stats.batch_sizes) > 16  # the beams really ran with company

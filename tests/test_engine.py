@@ -1,5 +1,6 @@
-"""The continuous-batching engine, directly: a fake step model for the bookkeeping (in
-microseconds), the real char_lstm for batch invariance."""
+"""The continuous-batching engine, directly (`EngineCore`: scheduler, runner and update
+stepped in the test's thread): a fake step model for the bookkeeping (in microseconds),
+the real char_lstm for batch invariance. The scheduler alone: tests/test_scheduler.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 from serving.core.models import load_model
 from serving.engine import (
     EngineConfig,
-    Scheduler,
+    EngineCore,
+    EngineObserver,
     Sequence,
     StepEngine,
     run_alone,
@@ -87,7 +89,7 @@ def drain(seq: Sequence):
 
 def test_streams_join_at_the_next_iteration_and_leave_at_once():
     model = FakeStepModel(prefill=False)
-    s = Scheduler(model, EngineConfig(max_batch_size=8))
+    s = EngineCore(model, EngineConfig(max_batch_size=8))
     a = fake_request([1], max_tokens=3)
     s.submit(a)
     s.step()
@@ -108,14 +110,14 @@ def test_a_finished_stream_is_out_of_the_batch_count_when_its_client_hears():
     """The live-streams gauge reads occupancy(): at the moment a stream's end is handed
     to its client, it must no longer count as running (it is dropped from the batch
     only at the end of that iteration)."""
-    s = Scheduler(FakeStepModel(prefill=False), EngineConfig(max_batch_size=8))
+    s = EngineCore(FakeStepModel(prefill=False), EngineConfig(max_batch_size=8))
     a, b = fake_request([1], max_tokens=2), fake_request([2], max_tokens=6)
     heard = []
     finish = a.finish
 
     def finish_then_look(*args, **kwargs):
         finish(*args, **kwargs)  # the client can read the end from here on
-        heard.append(s.occupancy())
+        heard.append(s.scheduler.occupancy())
 
     a.finish = finish_then_look
     s.submit(a)
@@ -127,7 +129,7 @@ def test_a_finished_stream_is_out_of_the_batch_count_when_its_client_hears():
 
 def test_max_batch_size_bounds_each_run_and_the_queue_is_bounded():
     model = FakeStepModel(prefill=False)
-    s = Scheduler(model, EngineConfig(max_batch_size=2, max_queue_size=3))
+    s = EngineCore(model, EngineConfig(max_batch_size=2, max_queue_size=3))
     seqs = [fake_request([1], max_tokens=2) for _ in range(3)]
     for seq in seqs:
         s.submit(seq)
@@ -142,7 +144,7 @@ def test_max_batch_size_bounds_each_run_and_the_queue_is_bounded():
 
 def test_a_long_prompt_is_consumed_in_chunks_between_decode_iterations():
     model = FakeStepModel()
-    s = Scheduler(model, EngineConfig(prefill_tokens_per_iteration=4))
+    s = EngineCore(model, EngineConfig(prefill_tokens_per_iteration=4))
     runner = fake_request([1], max_tokens=50)
     s.submit(runner)
     s.step()  # runner: prefill of its one token, first token sampled
@@ -168,7 +170,7 @@ def test_a_short_prompt_starts_at_once_whatever_long_prompts_fill_the_batch():
     model = FakeStepModel()
     longs = [list(range(1, 8)) * 5 + [i + 1] * 5 for i in range(4)]  # 40 tokens each
     alone = [[int(t) for d in run_alone(model, fake_request(p)) for t in d.tokens] for p in longs]
-    s = Scheduler(model, EngineConfig(max_batch_size=2, prefill_tokens_per_iteration=8))
+    s = EngineCore(model, EngineConfig(max_batch_size=2, prefill_tokens_per_iteration=8))
     seqs = [fake_request(p) for p in longs]
     for seq in seqs:
         s.submit(seq)
@@ -191,7 +193,7 @@ def test_equal_chunks_are_prefilled_together_and_results_match_alone():
     prompts = [[1, 2, 3], [4, 5, 6], [1, 1]]
     alone = [[int(t) for d in run_alone(model, fake_request(p)) for t in d.tokens] for p in prompts]
     model.runs.clear()
-    s = Scheduler(model)
+    s = EngineCore(model)
     seqs = [fake_request(p) for p in prompts]
     for seq in seqs:
         s.submit(seq)
@@ -204,7 +206,7 @@ def test_equal_chunks_are_prefilled_together_and_results_match_alone():
 @pytest.mark.parametrize("bind", [False, True])
 def test_a_request_that_breaks_the_graph_fails_alone(bind):
     model = FakeStepModel(prefill=False, poison=7)
-    s = Scheduler(model, EngineConfig(bind_state=bind))
+    s = EngineCore(model, EngineConfig(bind_state=bind))
     good = [fake_request([1], max_tokens=4) for _ in range(3)]
     bad = fake_request([7], max_tokens=4)
     for seq in [*good, bad]:
@@ -219,7 +221,7 @@ def test_a_request_that_breaks_the_graph_fails_alone(bind):
 
 def test_non_finite_logits_fail_that_row_alone():
     model = FakeStepModel(prefill=False, nan_token=3)
-    s = Scheduler(model)
+    s = EngineCore(model)
     bad, good = fake_request([3]), fake_request([1])
     s.submit(bad)
     s.submit(good)
@@ -232,7 +234,7 @@ def test_non_finite_logits_fail_that_row_alone():
 def test_cancelled_and_timed_out_streams_leave_and_free_their_row():
     now = [0.0]
     model = FakeStepModel(prefill=False)
-    s = Scheduler(model, EngineConfig(max_batch_size=2), clock=lambda: now[0])
+    s = EngineCore(model, EngineConfig(max_batch_size=2), clock=lambda: now[0])
     cancelled, timed, waiting = (fake_request([1], max_tokens=100) for _ in range(3))
     timed.deadline = 5.0
     for seq in (cancelled, timed, waiting):
@@ -255,7 +257,7 @@ def test_cancelled_and_timed_out_streams_leave_and_free_their_row():
 
 def test_a_slow_reader_gets_every_token_since_its_last_read_in_one_delta():
     model = FakeStepModel(prefill=False)
-    s = Scheduler(model)
+    s = EngineCore(model)
     seq = fake_request([1], max_tokens=6)
     s.submit(seq)
     for _ in range(3):
@@ -272,7 +274,7 @@ def test_a_slow_reader_gets_every_token_since_its_last_read_in_one_delta():
 def test_min_tokens_keeps_eos_away_and_stop_strings_apply():
     model = FakeStepModel(prefill=False)
     model.eos_bias = 100.0  # EOS would win every time
-    s = Scheduler(model)
+    s = EngineCore(model)
     seq = fake_request([1], max_tokens=10, min_tokens=4)
     stopped = fake_request([1], max_tokens=10, stop=["41"])
     s.submit(seq)
@@ -290,16 +292,14 @@ def test_min_tokens_keeps_eos_away_and_stop_strings_apply():
 
 def test_the_engine_thread_serves_many_submitters_and_survives_a_broken_iteration():
     model = FakeStepModel(prefill=False)
-    engine = StepEngine(model, EngineConfig(max_batch_size=4))
-    real_sample = engine.scheduler._sample
     calls = itertools.count()
 
-    def sample_once_broken(ready):
-        if next(calls) == 0:
-            raise RuntimeError("a bug in one iteration")
-        return real_sample(ready)
+    class OnceBroken(EngineObserver):  # an iteration that raises past the graph run
+        def first_token(self, seconds):
+            if next(calls) == 0:
+                raise RuntimeError("a bug in one iteration")
 
-    engine.scheduler._sample = sample_once_broken
+    engine = StepEngine(model, EngineConfig(max_batch_size=4), OnceBroken())
     first = fake_request([1])
     engine.submit(first)
     delta = first.outbox.take(timeout=5)
@@ -369,7 +369,7 @@ def test_seeded_text_is_identical_alone_and_among_63_others(repository, bind):
         return text_request(lm, prompt, 30, SamplingParams(temperature=0.9, top_p=0.95, seed=i))
 
     alone = ["".join(p for d in run_alone(lm, request(i)) for p in d.pieces) for i in range(64)]
-    s = Scheduler(lm, EngineConfig(max_batch_size=64, bind_state=bind))
+    s = EngineCore(lm, EngineConfig(max_batch_size=64, bind_state=bind))
     seqs = []
     for i in range(64):  # joining early and late, prompts of different lengths
         seqs.append(request(i))
@@ -389,10 +389,10 @@ def test_bound_state_stays_on_the_device_while_the_batch_is_unchanged(repository
     from one step's outputs to the next step's inputs with no host copy; a stream leaving
     brings it home once and the rest go up once; the text is the unbound text."""
     lm = load_model(repository / "char_lstm" / "1", "cpu")
-    assert Scheduler(lm).bind is False  # default: bound on CUDA only
+    assert EngineCore(lm).runner.bind is False  # default: bound on CUDA only
     texts = []
     for bind in (False, True):
-        s = Scheduler(lm, EngineConfig(bind_state=bind))
+        s = EngineCore(lm, EngineConfig(bind_state=bind))
         seqs = [
             text_request(lm, "KING.\n", 40 + 20 * (i == 0), SamplingParams(seed=i, min_tokens=60))
             for i in range(4)
@@ -421,14 +421,14 @@ def test_padded_batches_run_at_full_size_and_change_nothing():
     padded.provider = "CUDAExecutionProvider"  # pad_batches=None pads on CUDA only
     results = []
     for model in (plain, padded):
-        s = Scheduler(model, EngineConfig(max_batch_size=4))
+        s = EngineCore(model, EngineConfig(max_batch_size=4))
         seqs = [fake_request([1, 2]), fake_request([3], max_tokens=2)]
         for seq in seqs:
             s.submit(seq)
         while s.has_work():
             s.step()
         results.append([drain(seq)[1] for seq in seqs])
-    assert Scheduler(plain).pad_to == 0 and Scheduler(padded).pad_to == 64
+    assert EngineCore(plain).runner.pad_to == 0 and EngineCore(padded).runner.pad_to == 64
     assert results[0] == results[1]
     assert {shape[0] for _, shape in padded.runs} == {4}
     assert {shape[0] for _, shape in plain.runs} == {1, 2}
@@ -451,14 +451,14 @@ def test_an_armed_outbox_wakes_its_consumer_once_per_wait():
 @pytest.mark.parametrize("bind", [False, True], ids=["host-state", "bound-state"])
 def test_step_requests_join_the_batch_and_reproduce_greedy_generation(repository, bind):
     """A client-driven sequence (feed a token, get logits, keep the state) run through
-    the same scheduler, batched with a generation, gives the greedy text token for token;
+    the same engine, batched with a generation, gives the greedy text token for token;
     with bound state, each answer brings its state home from the device."""
     from serving.engine import step_request
 
     lm = load_model(repository / "char_lstm" / "1", "cpu")
     greedy = SamplingParams(temperature=0)
     want = [t for d in run_alone(lm, text_request(lm, "KING.\n", 25, greedy)) for t in d.tokens]
-    s = Scheduler(lm, EngineConfig(bind_state=bind))
+    s = EngineCore(lm, EngineConfig(bind_state=bind))
     company = text_request(lm, "QUEEN.\n", 100, SamplingParams(seed=1))
     s.submit(company)
     tokens, state, got = [lm.bos, *lm.encode("KING.\n")], None, []
@@ -482,12 +482,76 @@ def test_step_requests_join_the_batch_and_reproduce_greedy_generation(repository
 
 
 def test_beam_search_refuses_non_finite_logits():
-    from serving.engine.beam import beam_search
+    from beam_reference import beam_search
 
     model = FakeStepModel(prefill=False, nan_token=3)
     model.vocab, model.bos = [str(i) for i in range(V)], 3  # <start> = 3 gives NaN
     with pytest.raises(NonFiniteOutput):
         list(beam_search(model, model.zero_state(1), 2, 4))
+
+
+def test_a_beam_search_job_with_non_finite_logits_fails_alone():
+    from serving.engine import BeamSearch
+
+    model = FakeStepModel(prefill=False, nan_token=3)
+    model.vocab, model.bos = [str(i) for i in range(V)], 3  # <start> = 3 gives NaN
+    core = EngineCore(model)
+    job, company = BeamSearch(model, None, 2, 4), fake_request([1], max_tokens=3)
+    core.submit(job)
+    core.submit(company)
+    while core.has_work():
+        core.step()
+    delta = job.outbox.take(timeout=0)
+    assert delta.finish_reason == "error" and isinstance(delta.error, NonFiniteOutput)
+    assert delta.beams is None and delta.pieces == []
+    assert drain(company)[0].finish_reason == "length"
+
+
+def run_beams(core, jobs) -> list[list]:
+    """Step `core` (jobs submitted) to the end, taking each job's delta after every
+    iteration: per job, the deltas it produced."""
+    got = [[] for _ in jobs]
+    while core.has_work():
+        core.step()
+        for deltas, job in zip(got, jobs, strict=True):
+            if (delta := job.outbox.take(timeout=0)) is not None:
+                deltas.append(delta)
+    return got
+
+
+@pytest.mark.parametrize("bind", [False, True], ids=["host-state", "bound-state"])
+def test_beam_search_jobs_in_the_batch_equal_the_beams_run_alone(bind):
+    """Beam searches as jobs of the engine, beside each other and beside sampled
+    streams, give what the former generator gives with the beams in a batch of their
+    own: the same words at the same steps, the same beams with the same scores. The
+    fake model's state (a running sum) makes every beam's logits depend on its rows."""
+    from beam_reference import beam_search
+
+    from serving.engine import BeamSearch
+
+    model = FakeStepModel(prefill=False)
+    model.vocab, model.bos = [str(i) for i in range(V)], 3
+    model.eos_bias = 6.0  # <end> within reach: some beams finish, some are cut
+    cases = [(2, 4), (3, 6), (5, 3), (1, 5)]  # (beam_size, max_length)
+    core = EngineCore(model, EngineConfig(max_batch_size=12, bind_state=bind))
+    jobs = [BeamSearch(model, model.zero_state(1), k, n) for k, n in cases]
+    company = [fake_request([i + 1], max_tokens=4 + i, min_tokens=4 + i) for i in range(3)]
+    for job in [company[0], *jobs, *company[1:]]:
+        core.submit(job)
+    got = run_beams(core, jobs)
+    for (k, n), deltas in zip(cases, got, strict=True):
+        events = list(beam_search(model, model.zero_state(1), k, n))
+        assert [d.pieces for d in deltas] == [e.words for e in events]
+        assert deltas[-1].beams == events[-1].beams and deltas[-1].finished
+        assert [d.finished for d in deltas[:-1]] == [False] * (len(deltas) - 1)
+        best = events[-1].beams[0]
+        assert deltas[-1].finish_reason == ("eos" if best.finished else "length")
+        assert deltas[-1].completion_tokens == best.tokens
+    assert {b.finished for d in got for b in d[-1].beams} == {True, False}
+    assert all(drain(seq)[0].finish_reason == "length" for seq in company)
+    assert max(core.stats.batch_sizes) > max(k for k, _ in cases)  # they shared the runs
+    assert core.stats.finish_reasons["length"] >= 3 and core.stats.leaves == 7
+    assert (core.stats.state_uploads > 0) == bind
 
 
 class TableModel:
@@ -512,7 +576,7 @@ def test_beam_search_beats_greedy_where_the_likeliest_first_word_leads_nowhere()
     """Greedy takes "a" (0.5) then "c" (0.4) then <end>: mean log-probability
     (ln 0.5 + ln 0.4 + ln 1) / 3 = -0.536. "b" (0.4) then <end> (0.97) scores
     (ln 0.4 + ln 0.97) / 2 = -0.474: beam search must find it, strictly higher."""
-    from serving.engine.beam import beam_search
+    from beam_reference import beam_search
 
     model = TableModel()
     state = {"h": np.zeros((1, 1), np.float32)}
@@ -534,6 +598,16 @@ def test_beam_search_beats_greedy_where_the_likeliest_first_word_leads_nowhere()
     assert [w for e in events for w in e.words] == ["b"]  # the streamed words: the best
     # two captions ("b", "a") finished at the second step: early stopping ends it there
     assert [b.words for b in events[-1].beams] == [("b",), ("a",)]
+    # The same search as a job of the engine.
+    from serving.engine import BeamSearch
+
+    model.graphs, model.zero_state = {"step": None}, lambda batch=1: {"h": np.zeros((batch, 1))}
+    job = BeamSearch(model, state, beam_size=2, max_length=5)
+    core = EngineCore(model)
+    core.submit(job)
+    (deltas,) = run_beams(core, [job])
+    assert [d.pieces for d in deltas] == [e.words for e in events] == [["b"]]
+    assert deltas[-1].beams == events[-1].beams and deltas[-1].finish_reason == "eos"
 
 
 def test_a_closed_engine_refuses_new_streams_as_unavailable():
@@ -553,7 +627,7 @@ def test_a_step_request_gets_the_graphs_logits_not_the_samplers_mask():
 
     model = FakeStepModel(prefill=False)
     model.vocab, model.never_sampled = [str(i) for i in range(V)], [1]
-    s = Scheduler(model)
+    s = EngineCore(model)
     company = fake_request([2], max_tokens=3)  # a sampled stream in the same batch
     seq = step_request(model, [3])
     s.submit(company), s.submit(seq)

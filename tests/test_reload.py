@@ -88,11 +88,11 @@ def test_a_new_version_serves_while_streams_on_the_old_finish_there(serve, repo)
     assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 800
     text = first.text + "".join(r.text for r in rest)
     new_engine = server.engines["char_lstm"]
-    assert new_engine is not old_engine and new_engine.scheduler.model.version == "2"
+    assert new_engine is not old_engine and new_engine.model.version == "2"
     # v2 is the same export: the same seed gives the same text, now on the new engine
     again = "".join(client.generate("KING.\n", max_tokens=800, min_tokens=800, seed=7))
     assert again == text and new_engine.stats.leaves >= 1
-    assert _eventually(lambda: old_engine._stopped)  # retired once its stream was done
+    assert _eventually(lambda: old_engine.closed)  # retired once its stream was done
 
 
 def test_a_broken_version_leaves_the_old_serving_and_says_why(serve, repo):
@@ -176,12 +176,12 @@ def test_a_retired_engine_waits_for_the_requests_that_picked_it(serve, repo):
         _publish(repo / "char_lstm" / "1", repo / "char_lstm" / "2")
         assert _eventually(lambda: server.engines["char_lstm"] is not old_engine)
         time.sleep(0.3)
-        assert not old_engine._stopped and old_engine.busy()  # still ours
+        assert not old_engine.closed and old_engine.busy()  # still ours
         seq = text_request(old_model, "KING.\n", 5, SamplingParams(seed=3))
         old_engine.submit(seq)  # the late submit works, on the old version
         assert _eventually(lambda: seq.status.name == "FINISHED")
         assert seq.outbox.take(timeout=0).finish_reason == "length"
-    assert _eventually(lambda: old_engine._stopped)  # retired once the lease is given back
+    assert _eventually(lambda: old_engine.closed)  # retired once the lease is given back
 
 
 def test_health_follows_loads_and_sequences_do_not_cross_versions(serve, repo):

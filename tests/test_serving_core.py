@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.harness import loopback_config
 from export.__main__ import export_checkpoint
-from serving.app import ServerConfig, create_server
+from serving.app import create_server
 from serving.core.models import load_model
 from serving.core.preprocess import ImageDecoder, decode_image, image_to_tensor
 from serving.core.repository import ModelRegistry, latest_versions
 from serving.core.runtime import CPU, CUDA, SessionFactory, check_providers, requested_providers
-from serving.engine import Scheduler, run_alone, text_request
+from serving.engine import EngineCore, run_alone, text_request
 from serving.engine.sampler import SamplingParams
 from serving.errors import DeviceError, InvalidArgument, NotFound
 from training.char_lm import CharLM, CharLMConfig, build_vocab
@@ -190,16 +191,16 @@ def test_auto_settles_on_cpu_after_the_first_cuda_failure(repository):
 
 def test_a_cancelled_sequence_leaves_at_the_next_iteration(repository):
     lm = load_model(repository / "char_lstm" / "1", "cpu")
-    scheduler = Scheduler(lm)
+    engine = EngineCore(lm)
     seq = text_request(lm, "KING", 500, SamplingParams(seed=0))
-    scheduler.submit(seq)
+    engine.submit(seq)
     for _ in range(3):  # prefill + first token, then two more tokens
-        scheduler.step()
-    scheduler.cancel(seq)
-    assert scheduler.step() == 0 and not scheduler.has_work()
+        engine.step()
+    engine.cancel(seq)
+    assert engine.step() == 0 and not engine.has_work()
     delta = seq.outbox.take(timeout=0)
     assert (delta.finish_reason, delta.completion_tokens, len(delta.tokens)) == ("cancelled", 3, 3)
-    assert lm.steps_run == 3 and scheduler.stats.leaves == 1
+    assert lm.steps_run == 3 and engine.stats.leaves == 1
 
 
 def test_intra_op_threads_reach_every_session_and_change_no_result(repository):
@@ -212,4 +213,4 @@ def test_intra_op_threads_reach_every_session_and_change_no_result(repository):
         np.stack(single.logit_rows(x)), np.stack(default.logit_rows(x)), rtol=1e-5, atol=1e-6
     )
     with pytest.raises(ValueError, match="intra_op_threads"):
-        create_server(ServerConfig(repository, port=0, device="cpu", intra_op_threads=-1))
+        create_server(loopback_config(repository, intra_op_threads=-1))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from serving.core.models import Classifier, LanguageModel, load_model  # noqa: E402
 from serving.core.repository import latest_versions  # noqa: E402
 from serving.core.runtime import SessionFactory  # noqa: E402
-from serving.engine import EngineConfig, Scheduler, run_alone, text_request  # noqa: E402
+from serving.engine import EngineConfig, EngineCore, Runner, run_alone, text_request  # noqa: E402
 from serving.engine.sampler import SamplingParams  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def step_invariance(lm: LanguageModel, batch: int = 64, pad: bool = False) -> di
     state = {k: rng.normal(size=v.shape).astype(np.float32) * 0.5 for k, v in state.items()}
     tokens = rng.integers(1, len(lm.vocab), size=(batch, 1)).astype(np.int64)
     logits, _ = lm.run("step", tokens, state)
-    run = Scheduler(lm, EngineConfig(max_batch_size=batch, pad_batches=pad))._padded_run
+    run = Runner(lm, EngineConfig(max_batch_size=batch, pad_batches=pad)).padded_run
     worst, identical = 0.0, 0
     for i in range(batch):
         row = {k: np.take(v, [i], axis=lm.state_axis[k]) for k, v in state.items()}
@@ -66,7 +66,7 @@ def engine_invariance(
 
     config = EngineConfig(max_batch_size=n, pad_batches=pad, bind_state=bind)
     alone = [_text(lm, request(i), config) for i in range(n)]
-    s = Scheduler(lm, config)
+    s = EngineCore(lm, config)
     seqs = []
     for i in range(n):
         seqs.append(request(i))
@@ -97,7 +97,7 @@ def engine_speed(
     config = EngineConfig(
         max_batch_size=pad_to or streams, pad_batches=bool(pad_to), bind_state=bind
     )
-    s = Scheduler(lm, config)
+    s = EngineCore(lm, config)
     for i in range(streams):
         s.submit(text_request(lm, "KING.\n", tokens, SamplingParams(seed=i, min_tokens=tokens)))
     start = time.perf_counter()

@@ -220,7 +220,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             words = []
             async for delta in self._held(stream, context):
                 words += delta.pieces
-                beams = getattr(delta, "beams", None) or []
                 yield pb.CaptionResponse(
                     text=" ".join(delta.pieces),
                     finish_reason=delta.finish_reason,
@@ -236,7 +235,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                             completion_tokens=b.tokens,
                             finish_reason="eos" if b.finished else "length",
                         )
-                        for b in beams
+                        for b in delta.beams or ()
                     ],
                 )
 

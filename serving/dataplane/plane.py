@@ -25,10 +25,16 @@ import numpy as np
 from serving.core.models import Captioner, Classifier, LanguageModel, Model
 from serving.core.preprocess import ImageDecoder
 from serving.core.repository import ModelRegistry
-from serving.dataplane.beams import beam_stream
 from serving.dataplane.deployments import Deployment, Deployments
 from serving.dataplane.sequences import MAX_SEQUENCES, SequenceStore, idle_us
-from serving.engine import Delta, Sequence, caption_request, step_request, text_request
+from serving.engine import (
+    Delta,
+    Sequence,
+    beam_request,
+    caption_request,
+    step_request,
+    text_request,
+)
 from serving.engine.sampler import SamplingParams
 from serving.errors import (
     Cancelled,
@@ -234,14 +240,14 @@ class DataPlane:
     ):
         """A caption of an encoded `image`, as a stream of deltas (each word a piece);
         with `beam_size` > 1, beam search, whose last delta carries the ranked beams."""
-        if beam_size > 1:
-            return beam_stream(self, model, image, beam_size, max_length, timing)
 
-        def sequence():  # decoding and encoding, too, happen inside the stream's slot
+        def job():  # decoding and encoding, too, happen inside the stream's slot
             tensor = self.images.tensor(image, model.preprocess)
+            if beam_size > 1:  # beam_size rows of the same continuous batch
+                return beam_request(model, tensor, beam_size, max_length)
             return caption_request(model, tensor, max_length, params)
 
-        return Stream(self, model, sequence, deadline, timing)
+        return Stream(self, model, job, deadline, timing)
 
     # -- server-held sequences ---------------------------------------------------------
 
@@ -351,7 +357,7 @@ class Stream:
             deployment = self.plane._deployment(self.model)
             with deployment.lease():  # a reload retires it only after this stream
                 engine = deployment.engine
-                seq: Sequence = await self.plane._blocking(self.build)
+                seq: Sequence = await self.plane._blocking(self.build)  # or a BeamSearch
                 timing.mark("input")
                 seq.deadline = self.deadline
                 reader = OutboxReader(seq.outbox)
@@ -395,9 +401,7 @@ def _top_k(model: Classifier, top_k: int) -> int:
     classes = len(model.labels)
     default = min(CLASSIFY_TOP_K_DEFAULT, classes)
     if not 0 <= top_k <= classes:
-        raise InvalidArgument(
-            "top_k", f"got {top_k}; allowed 0 (default {default}) to {classes}"
-        )
+        raise InvalidArgument("top_k", f"got {top_k}; allowed 0 (default {default}) to {classes}")
     return top_k or default
 
 

@@ -1,9 +1,11 @@
-"""The engine: streams as plain objects (`request`), one continuous-batching scheduler
-per step model (`scheduler`), and token ids -> client text (`output`). No gRPC.
+"""The engine: jobs as plain objects (`request`, `beam`), and one continuous-batching
+engine per step model (`engine`) made of three pieces: the scheduler decides
+(`scheduler`), the runner runs the graphs (`runner`), the update samples and delivers
+(`update`, with `sampler` and token ids -> client text in `output`). No gRPC.
 
-`text_request` and `caption_request` turn validated parameters into a `Sequence`;
-`StepEngine.submit` adds it to the model's batch; the transport takes `Delta`s from
-its outbox.
+`text_request`, `caption_request` and `step_request` turn validated parameters into a
+`Sequence`, `beam_request` into a `BeamSearch`; `StepEngine.submit` adds either to the
+model's batch; the transport takes `Delta`s from its outbox.
 """
 
 from __future__ import annotations
@@ -11,30 +13,36 @@ from __future__ import annotations
 import numpy as np
 
 from serving.core.models import Captioner, LanguageModel
+from serving.engine.beam import Beam, BeamSearch
+from serving.engine.engine import EngineCore, StepEngine, run_alone
 from serving.engine.output import Output, TextOutput, WordOutput
 from serving.engine.request import Delta, Outbox, Sequence, Status
+from serving.engine.runner import Outputs, Runner
 from serving.engine.sampler import Sampler, SamplingParams
-from serving.engine.scheduler import (
-    EngineConfig,
-    EngineObserver,
-    EngineStats,
-    Scheduler,
-    StepEngine,
-    run_alone,
-)
+from serving.engine.scheduler import EngineConfig, Plan, Scheduler
+from serving.engine.stats import EngineObserver, EngineStats
+from serving.engine.update import Update
 from serving.errors import InvalidArgument
 
 __all__ = [
+    "Beam",
+    "BeamSearch",
     "Delta",
     "EngineConfig",
+    "EngineCore",
     "EngineObserver",
     "EngineStats",
     "Outbox",
     "Output",
+    "Outputs",
+    "Plan",
+    "Runner",
     "Scheduler",
     "Sequence",
     "Status",
     "StepEngine",
+    "Update",
+    "beam_request",
     "caption_request",
     "run_alone",
     "step_request",
@@ -88,3 +96,18 @@ def caption_request(
         output=WordOutput(model.vocab),
         state=model.initial_state(image),
     )
+
+
+def beam_request(
+    model: Captioner, image: np.ndarray, beam_size: int, max_length: int
+) -> BeamSearch:
+    """A beam search for the caption of `image` ([C, H, W], preprocessed): the encoder
+    gives the decoder's initial state (run here, outside the batch); then its live beams
+    (up to `beam_size`) step as rows of the model's batch, beside every other stream,
+    until `beam_size` captions have ended or `max_length` tokens. Its deltas carry the
+    words once decided (`pieces`); the last one the ranked beams (`beams`)."""
+    if beam_size < 1:
+        raise InvalidArgument("beam_size", f"got {beam_size}; allowed 1 or more")
+    if max_length < 1:
+        raise InvalidArgument("max_length", f"got {max_length}; allowed 1 or more")
+    return BeamSearch(model, model.initial_state(image), beam_size, max_length)

@@ -1,25 +1,29 @@
 """Beam search for captions, length-normalized.
 
-The `beam_size` best partial captions advance together as one [k, 1] batch of the
-decoder's step graph; each candidate's score is its summed log-probability, and
-finished captions (those that sampled <end>) are ranked by their mean log-probability
-per token, <end> included, so short captions are not favoured merely for being short.
-The search ends once `beam_size` captions have finished (early stopping, as Hugging
-Face's `early_stopping=True`) or at `max_length`, where unfinished beams count too.
+The `beam_size` best partial captions advance together, one row each of the decoder's
+step graph; each candidate's score is its summed log-probability, and finished
+captions (those that sampled <end>) are ranked by their mean log-probability per token,
+<end> included, so short captions are not favoured merely for being short. The search
+ends once `beam_size` captions have finished (early stopping, as Hugging Face's
+`early_stopping=True`) or at `max_length`, where unfinished beams count too.
 
 Words are streamed once they are decided: when every live beam and every finished
 caption kept so far begin with the same words, those words can no longer change.
-The beams run as a batch of their own (not in the continuous batch of sampled
-captions); ORT sessions are safe to share between threads.
+
+`BeamSearch` is a job of the engine: its rows step in the model's continuous batch
+with every other stream (`serving.engine.beam_request` builds one). The former path,
+a generator running the beams as a batch of their own, is now tests/beam_reference.py,
+the reference the job is tested against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from serving.engine.request import Delta, Outbox, Status, next_id
 from serving.engine.sampler import log_softmax
 from serving.errors import NonFiniteOutput
 
@@ -36,65 +40,98 @@ class Beam:
         return self.logprob / max(self.tokens, 1)
 
 
-@dataclass
-class BeamEvent:
-    words: list[str]  # newly decided words
-    beams: list[Beam] | None = None  # set on the last event: best first
+class BeamSearch:
+    """A beam search as one job of the engine: while it runs, each live beam is a row of
+    the decode batch (up to `beam_size`, the rows its join reserves). `pending` holds
+    each beam's last token, fed as [k, 1]; `advance` takes the k rows' logits and says
+    which state rows the next beams continue from. Its deltas carry decided words in
+    `pieces`; the last one the ranked beams in `beams`."""
 
+    feeds_by_step = True  # <start>, then one token per beam: never a prefill chunk
 
-def beam_search(
-    model,
-    state: dict[str, np.ndarray],
-    beam_size: int,
-    max_length: int,
-    is_active: Callable[[], bool] = lambda: True,
-) -> Iterator[BeamEvent]:
-    """state: the decoder's initial state (batch 1). Yields decided words as they settle,
-    then the final beams (at most `beam_size`, best first)."""
-    vocab, eos = model.vocab, model.eos
-    tokens = np.asarray([[model.bos]], np.int64)
-    live: list[tuple[tuple[int, ...], float]] = [((), 0.0)]  # (token ids, summed logprob)
-    done: list[Beam] = []
-    sent = 0
-    for step in range(max_length):
-        if not is_active():
-            return
-        logits, state = model.run("step", tokens, state)
+    def __init__(self, model, state: dict | None, beam_size: int, max_length: int):
+        self.vocab, self.eos, self.never_sampled = model.vocab, model.eos, model.never_sampled
+        self.name, self.max_rows, self.max_length = model.name, beam_size, max_length
+        self.state = state  # the decoder's state, one row per live beam (batch axis)
+        self.pending = np.asarray([model.bos], np.int64)  # [k]: each live beam's last token
+        self.live: list[tuple[tuple[int, ...], float]] = [((), 0.0)]  # (ids, summed logprob)
+        self.done: list[Beam] = []  # finished captions, best first
+        self.sent = 0  # words of the best caption already delivered
+        self.steps = 0
+        self.beams: list[Beam] | None = None  # the result, best first, once finished
+        self.tail: list[str] = []  # the best caption's words not yet delivered, at the end
+        self.deadline: float | None = None  # time.monotonic() after which it is dropped
+        self.id = next_id()
+        self.status = Status.WAITING
+        self.submitted = time.monotonic()
+        self.joined = 0.0
+        self.first_token = 0.0  # when its first word was decided (or it ended without)
+        self.last_token = 0.0  # when its latest step's tokens came
+        self.outbox = Outbox()
+        self.cancelled = False
+
+    @property
+    def rows(self) -> int:
+        return len(self.pending)
+
+    def advance(self, logits: np.ndarray) -> tuple[np.ndarray | None, list[str]]:
+        """logits: [k, V] after each live beam's last token -> (the state rows the new
+        beams continue from [k'], or None once the search has ended and `beams` holds
+        the result; the words newly decided, which `finish` delivers with the beams once
+        it has ended). The next tokens are left in `pending`."""
         if not np.all(np.isfinite(logits)):
-            raise NonFiniteOutput(f"{model.name} produced non-finite logits")
+            raise NonFiniteOutput(f"{self.name} produced non-finite logits")
+        k, vocab = self.max_rows, self.vocab
         logp = log_softmax(logits)  # [k, V]
-        logp[:, model.never_sampled] = -np.inf
-        totals = np.asarray([s for _, s in live])[:, None] + logp  # [k, V]
-        order = np.argsort(-totals, axis=None, kind="stable")[: 2 * beam_size]
+        logp[:, self.never_sampled] = -np.inf
+        totals = np.asarray([s for _, s in self.live])[:, None] + logp  # [k, V]
+        order = np.argsort(-totals, axis=None, kind="stable")[: 2 * k]
         survivors, rows = [], []
         for flat in order:
             row, token = divmod(int(flat), logp.shape[1])
-            ids, total = live[row][0] + (token,), float(totals[row, token])
+            ids, total = self.live[row][0] + (token,), float(totals[row, token])
             if not np.isfinite(total):
                 continue
-            if token == eos:
-                words = tuple(vocab[t] for t in ids[:-1])
-                done.append(Beam(words, total, len(ids), True))
-            elif len(survivors) < beam_size:
+            if token == self.eos:
+                self.done.append(Beam(tuple(vocab[t] for t in ids[:-1]), total, len(ids), True))
+            elif len(survivors) < k:
                 survivors.append((ids, total))
                 rows.append(row)
-        done = sorted(done, key=lambda b: -b.score)[:beam_size]
-        last_step = step == max_length - 1
-        if not survivors or last_step or len(done) >= beam_size:
+        self.done = sorted(self.done, key=_best)[:k]
+        self.steps += 1
+        last_step = self.steps == self.max_length
+        if not survivors or last_step or len(self.done) >= k:
             cut = [Beam(tuple(vocab[t] for t in ids), s, len(ids), False) for ids, s in survivors]
-            beams = sorted(done + (cut if last_step or not done else []), key=lambda b: -b.score)
-            beams = beams[:beam_size]
-            best = list(beams[0].words) if beams else []
-            yield BeamEvent(best[sent:], beams)
-            return
-        live = survivors
-        keep = np.asarray(rows)
-        state = {name: np.take(v, keep, axis=model.state_axis[name]) for name, v in state.items()}
-        tokens = np.asarray([[ids[-1]] for ids, _ in live], np.int64)
-        decided = _common_prefix([ids for ids, _ in live], [b.words for b in done], vocab)
-        if len(decided) > sent:
-            yield BeamEvent(decided[sent:])
-            sent = len(decided)
+            beams = sorted(self.done + (cut if last_step or not self.done else []), key=_best)
+            self.beams = beams[:k]
+            best = list(self.beams[0].words) if self.beams else []
+            self.tail = best[self.sent :]  # `finish` delivers them with the beams
+            return None, self.tail
+        self.live = survivors
+        self.pending = np.asarray([ids[-1] for ids, _ in survivors], np.int64)
+        decided = _common_prefix([ids for ids, _ in survivors], [b.words for b in self.done], vocab)
+        words, self.sent = decided[self.sent :], max(self.sent, len(decided))
+        return np.asarray(rows), words
+
+    def finish(self, reason: str, error: Exception | None = None) -> None:
+        self.status = Status.FINISHED
+        best = self.beams[0] if self.beams else None
+        end = time.monotonic()
+        joined, first = self.joined or end, self.first_token or end
+
+        def close(d: Delta) -> None:
+            d.pieces.extend(self.tail)
+            d.finished, d.finish_reason, d.error = True, reason, error
+            d.beams = self.beams
+            d.completion_tokens = best.tokens if best else 0
+            d.queue_time_us = int((joined - self.submitted) * 1e6)
+            d.time_to_first_token_us = int((first - self.submitted) * 1e6)
+
+        self.outbox.put(close)
+
+
+def _best(beam: Beam) -> float:
+    return -beam.score
 
 
 def _common_prefix(live: list[tuple[int, ...]], finished: list[tuple[str, ...]], vocab) -> list:

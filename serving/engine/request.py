@@ -1,6 +1,7 @@
 """A stream as a plain object: what it still has to feed, how it samples, where its
 output goes, and its status. No thread, no generator: the scheduler moves these
-between its queues and rebuilds the batch from them at every iteration.
+between its queues and rebuilds the batch from them at every iteration. (A beam search,
+`serving.engine.beam.BeamSearch`, is a job of the same shape holding several rows.)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -18,6 +20,11 @@ from serving.engine.output import Output
 from serving.engine.sampler import Sampler, TokenLogprob
 
 _ids = itertools.count(1)
+
+
+def next_id() -> int:
+    """A job's id, unique in this process (for logs)."""
+    return next(_ids)
 
 
 class Status(enum.Enum):
@@ -31,7 +38,8 @@ class Status(enum.Enum):
 class Delta:
     """Everything a stream produced since its client last took from it."""
 
-    pieces: list[str] = field(default_factory=list)  # text of each token, stops applied
+    pieces: list[str] = field(default_factory=list)  # text of each token (a word of a
+    # caption; a beam search's words once decided), stop strings applied
     tokens: list[int] = field(default_factory=list)  # sampled ids, EOS included
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: bool = False
@@ -47,6 +55,8 @@ class Delta:
     # state after it (batch of 1), for the caller to keep (server-held sequence state).
     logits: np.ndarray | None = None
     state: dict[str, np.ndarray] | None = None
+    # A beam search's result, on its last delta: `serving.engine.beam.Beam`s, best first.
+    beams: list | None = None
 
 
 class Outbox:
@@ -106,7 +116,7 @@ class Sequence:
     output: Output
     state: dict[str, np.ndarray] | None = None  # batch of 1; None: the model's zero state
     deadline: float | None = None  # time.monotonic() after which the stream is dropped
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = field(default_factory=next_id)
     status: Status = Status.WAITING
     prompt_tokens: int = 0
     submitted: float = field(default_factory=time.monotonic)
@@ -115,6 +125,15 @@ class Sequence:
     last_token: float = 0.0  # when its latest token was sampled
     outbox: Outbox = field(default_factory=Outbox)
     cancelled: bool = False  # set by the transport; the scheduler drops it next iteration
+    rows: ClassVar[int] = 1  # state rows it runs in the batch (a beam search has several)
+    max_rows: ClassVar[int] = 1  # the most it will hold: what a join reserves
+
+    @property
+    def feeds_by_step(self) -> bool:
+        """Whether its next input goes through the step graph even where a prefill graph
+        exists: a sampled token, or a step request's single token (so client-driven
+        sequences share the decode batch)."""
+        return self.status is Status.RUNNING or (self.sampler is None and len(self.pending) == 1)
 
     def finish(self, reason: str, error: Exception | None = None) -> None:
         self.status = Status.FINISHED
