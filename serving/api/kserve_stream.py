@@ -71,7 +71,6 @@ async def stream_answers(
         drop_everything()
 
 
-
 async def _after(previous: asyncio.Task | None, respond, request):
     if previous is not None:  # the previous step of the same sequence goes first
         await asyncio.wait([previous])
