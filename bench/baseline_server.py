@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from PIL import Image
 from bench.serve import add_server_flags, serve
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.core.card import ModelCard
 from training.checkpoint import load_checkpoint
 
 
@@ -35,19 +35,19 @@ class Baseline(pb_grpc.InferenceServicer):
         for name in names:
             _, model, _ = load_checkpoint(checkpoints / f"{name}.pt")
             self.models[name] = model.eval()
-            self.cards[name] = json.loads((repository / name / "1" / "model.json").read_text())
+            self.cards[name] = ModelCard.read(repository / name / "1")
 
     def Classify(self, request, context):
         model, card = self.models.get(request.model), self.cards.get(request.model)
-        if model is None or card["kind"] != "classifier":
+        if model is None or card.kind != "classifier":
             context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r}")
-        pre = card["preprocess"]
-        image = Image.open(io.BytesIO(request.image)).convert(pre["color_mode"])
-        image = image.resize((pre["width"], pre["height"]), Image.BILINEAR)
-        x = np.asarray(image, np.float32) * pre["scale"]
+        pre = card.preprocess
+        image = Image.open(io.BytesIO(request.image)).convert(pre.color_mode)
+        image = image.resize((pre.width, pre.height), Image.BILINEAR)
+        x = np.asarray(image, np.float32) * pre.scale
         x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # [C, H, W]
-        mean = np.asarray(pre["mean"], np.float32)[:, None, None]
-        x = (x - mean) / np.asarray(pre["std"], np.float32)[:, None, None]
+        mean = np.asarray(pre.mean, np.float32)[:, None, None]
+        x = (x - mean) / np.asarray(pre.std, np.float32)[:, None, None]
         with torch.no_grad():
             probs = torch.softmax(model(torch.from_numpy(x[None])), dim=1)[0]
         top = torch.topk(probs, request.top_k or 5)
@@ -55,18 +55,16 @@ class Baseline(pb_grpc.InferenceServicer):
             model=request.model,
             version="1",
             classes=[
-                pb.ClassProbability(
-                    index=int(i), label=card["labels"][int(i)], probability=float(p)
-                )
+                pb.ClassProbability(index=int(i), label=card.labels[int(i)], probability=float(p))
                 for p, i in zip(top.values, top.indices, strict=True)
             ],
         )
 
     def Generate(self, request, context):
         model, card = self.models.get(request.model), self.cards.get(request.model)
-        if model is None or card["kind"] != "language_model":
+        if model is None or card.kind != "language_model":
             context.abort(grpc.StatusCode.NOT_FOUND, f"model: {request.model!r}")
-        vocab, eos = card["vocab"], card["special_tokens"]["eos"]
+        vocab, eos = card.vocab, card.eos
         index = {ch: i for i, ch in enumerate(vocab)}
         max_tokens = request.max_tokens if request.HasField("max_tokens") else 256
         temperature = request.temperature if request.HasField("temperature") else 1.0

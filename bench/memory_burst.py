@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import os
 import re
 import signal
@@ -65,6 +64,8 @@ from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.client import StepwiseClient
+from serving.core.card import ModelCard, TensorSpec
+from serving.core.repository import latest_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
@@ -322,12 +323,9 @@ def stepwise_bursts(args) -> list[Burst]:
     return bursts
 
 
-def card(repository: Path, model: str) -> dict:
-    """The model.json of a model's highest version."""
-    versions = sorted(
-        (p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
-    )
-    return json.loads((versions[-1] / "model.json").read_text())
+def card(repository: Path, model: str) -> ModelCard:
+    """The served version's typed model card."""
+    return ModelCard.read(latest_versions(Path(repository))[model])
 
 
 def infer_request(model: str, arrays: dict[str, np.ndarray], **fields) -> kpb.ModelInferRequest:
@@ -340,17 +338,17 @@ def infer_request(model: str, arrays: dict[str, np.ndarray], **fields) -> kpb.Mo
     return request
 
 
-def classifier_input(spec: dict, batch: int, rng) -> np.ndarray:
+def classifier_input(spec: TensorSpec, batch: int, rng) -> np.ndarray:
     """`batch` rows of a classifier's input, standard-normal (finite, as ModelInfer asks)."""
-    shape = [batch, *spec["shape"][1:]]
+    shape = [batch, *spec.shape[1:]]
     return rng.standard_normal(shape, dtype=np.float32)
 
 
-def prefill_inputs(graph: dict, parent: dict, length: int, rng) -> dict[str, np.ndarray]:
+def prefill_inputs(graph: ModelCard, parent: ModelCard, length: int, rng) -> dict[str, np.ndarray]:
     """tokens [1, length] from the parent model's vocabulary, and zero state [1, ...]."""
-    arrays = {"tokens": rng.integers(0, len(parent["vocab"]), (1, length), dtype=np.int64)}
-    for spec in graph["inputs"][1:]:
-        arrays[spec["name"]] = np.zeros([1, *spec["shape"][1:]], spec["dtype"])
+    arrays = {"tokens": rng.integers(0, len(parent.vocab), (1, length), dtype=np.int64)}
+    for spec in graph.inputs[1:]:
+        arrays[spec.name] = np.zeros([1, *spec.shape[1:]], spec.dtype)
     return arrays
 
 
@@ -360,17 +358,17 @@ def infer_bursts(args) -> list[Burst]:
     repository, n = args.model_repository, args.infer_requests
     shots = []  # (name, model, small request, request)
     if args.infer_batches:
-        spec = card(repository, args.infer_classifier)["inputs"][0]
-        one = {spec["name"]: classifier_input(spec, 1, rng)}
+        spec = card(repository, args.infer_classifier).inputs[0]
+        one = {spec.name: classifier_input(spec, 1, rng)}
         small = infer_request(args.infer_classifier, one)
         for batch in args.infer_batches:
             x = classifier_input(spec, batch, rng)
             shape = ",".join(map(str, x.shape))
             name = f"ModelInfer {n} x {args.infer_classifier} [{shape}] ({x.nbytes / MB:.1f} MiB)"
-            shots.append((name, small, infer_request(args.infer_classifier, {spec["name"]: x})))
+            shots.append((name, small, infer_request(args.infer_classifier, {spec.name: x})))
     if args.infer_prompt_tokens:
         graph = card(repository, args.infer_prompt_model)
-        parent = card(repository, graph["graph_of"]["model"])
+        parent = card(repository, graph.graph_of.model)
         small = infer_request(args.infer_prompt_model, prefill_inputs(graph, parent, 8, rng))
         for length in args.infer_prompt_tokens:
             arrays = prefill_inputs(graph, parent, length, rng)
@@ -465,16 +463,16 @@ def sequence_bursts(args) -> list[Burst]:
 
 def stream_request(args, payload: str, rng) -> tuple[kpb.ModelInferRequest, str]:
     """One `--stream-request-mib` MiB request of `payload` kind, and its description."""
-    spec = card(args.model_repository, args.stream_model)["inputs"][0]
+    spec = card(args.model_repository, args.stream_model).inputs[0]
     row_bytes = classifier_input(spec, 1, rng).nbytes
     size = args.stream_request_mib * MB
     if payload == "tensor":
         x = classifier_input(spec, max(1, size // row_bytes), rng)
-        request = infer_request(args.stream_model, {spec["name"]: x})
+        request = infer_request(args.stream_model, {spec.name: x})
         return request, f"{args.stream_model} batch {len(x)}"
     x = classifier_input(spec, args.stream_batch, rng)
     pad = max(0, size - x.nbytes)
-    request = infer_request(args.stream_model, {spec["name"]: x}, id="x" * pad)
+    request = infer_request(args.stream_model, {spec.name: x}, id="x" * pad)
     return request, f"{args.stream_model} batch {len(x)} + {pad / MB:.2f} MiB id"
 
 
@@ -538,8 +536,8 @@ def stream_bursts(args) -> list[Burst]:
     bursts = []
     for payload in args.stream_payload if args.streams else ():
         request, what = stream_request(args, payload, rng)
-        spec = card(args.model_repository, args.stream_model)["inputs"][0]
-        small = infer_request(args.stream_model, {spec["name"]: classifier_input(spec, 1, rng)})
+        spec = card(args.model_repository, args.stream_model).inputs[0]
+        small = infer_request(args.stream_model, {spec.name: classifier_input(spec, 1, rng)})
 
         def warm(target, small=small):
             with grpc.insecure_channel(target, options=OWN) as channel:

@@ -1,7 +1,8 @@
 """`python -m export CHECKPOINT --repository DIR`: verify and publish a trained model.
 
 Writes `DIR/<name>/<version>/` with the graph(s), `model.json` (what serving needs
-to know) and `metrics.json` (the figures from training), and `DIR/<name>/config.pbtxt`.
+to know: a `serving.core.card.ModelCard`, checked when it is built) and `metrics.json`
+(the figures from training), and `DIR/<name>/config.pbtxt`.
 A model's other graphs (a language model's prefill, the captioner's encoder) are also
 published as plain-tensor models of their own, `DIR/<name>_<graph>/`, so that every graph
 is reachable by name through the KServe V2 protocol, here and in Triton. Verification failures,
@@ -19,15 +20,9 @@ from pathlib import Path
 import torch
 
 from export.onnx_export import EXPORTERS, stamp_model_card
-from export.repository import (
-    METRICS,
-    MODEL_CARD,
-    link_or_copy,
-    staged_version,
-    write_json,
-    write_model_config,
-)
+from export.repository import METRICS, link_or_copy, staged_version, write_json, write_model_config
 from export.verify import VerificationError
+from serving.core.card import GraphOf, ModelCard, TensorSpec
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.registry import get_arch
 
@@ -41,58 +36,56 @@ def export_checkpoint(
     arch = get_arch(arch_name)
     name = name or arch_name
     with staged_version(repository, name, version) as staging:
-        card = EXPORTERS[arch.task](model, staging)
-        card.update(
-            {
-                "name": name,
-                "version": version,
-                "arch": arch_name,
-                "config": ckpt["config"],
-                "training_step": ckpt["step"],
-                "exported_with": {"torch": torch.__version__},
-                "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                    timespec="seconds"
-                ),
-            }
+        card = ModelCard(
+            **EXPORTERS[arch.task](model, staging),  # what the graphs decide
+            name=name,
+            version=version,
+            arch=arch_name,
+            config=ckpt["config"],
+            training_step=ckpt["step"],
+            exported_with={"torch": torch.__version__},
+            exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        for graph in card["graphs"].values():
+        for graph in card.graphs.values():
             stamp_model_card(staging / graph, card)
-        write_json(staging / MODEL_CARD, card)
+        card.write(staging)
         write_json(staging / METRICS, ckpt["metrics"])
     target = Path(repository) / name / version
     write_model_config(target.parent, card)
-    for graph, filename in card["graphs"].items():
+    for graph, filename in card.graphs.items():
         if graph not in ("model", "step"):  # model.onnx is the model itself
             export_graph_model(target / filename, repository, card, graph)
-    log.info("exported %s (%s) to %s: %s", name, arch_name, target, card["verification"])
+    log.info("exported %s (%s) to %s: %s", name, arch_name, target, dict(card.verification))
     return target
 
 
-def export_graph_model(graph_file: Path, repository: Path, card: dict, graph: str) -> Path:
+def export_graph_model(graph_file: Path, repository: Path, card: ModelCard, graph: str) -> Path:
     """Publish one graph of a model as a model of its own, `<name>_<graph>`, of kind
     `graph`: plain tensors in and out (the state as ordinary inputs and outputs), its
     inputs and outputs read from the ONNX file, the same version number."""
-    name, version = f"{card['name']}_{graph}", card["version"]
     inputs, outputs = graph_tensors(graph_file)
-    sub = {
-        "name": name,
-        "kind": "graph",
-        "version": version,
-        "graph_of": {"model": card["name"], "graph": graph},
-        "graphs": {"model": "model.onnx"},
-        "inputs": inputs,
-        "outputs": outputs,
-        **{k: card[k] for k in ("arch", "exported_with", "exported_at", "training_step")},
-    }
-    with staged_version(repository, name, version) as staging:
+    sub = ModelCard(
+        name=f"{card.name}_{graph}",
+        kind="graph",
+        version=card.version,
+        graph_of=GraphOf(card.name, graph),
+        graphs={"model": "model.onnx"},
+        inputs=inputs,
+        outputs=outputs,
+        arch=card.arch,
+        exported_with=card.exported_with,
+        exported_at=card.exported_at,
+        training_step=card.training_step,
+    )
+    with staged_version(repository, sub.name, sub.version) as staging:
         link_or_copy(graph_file, staging / "model.onnx")
-        write_json(staging / MODEL_CARD, sub)
-    target = Path(repository) / name / version
+        sub.write(staging)
+    target = Path(repository) / sub.name / sub.version
     write_model_config(target.parent, sub)
     return target
 
 
-def graph_tensors(path: Path) -> tuple[list[dict], list[dict]]:
+def graph_tensors(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The graph's inputs and outputs as card entries: name, numpy dtype, shape (-1 for
     a dimension the graph leaves open)."""
     import onnx
@@ -100,13 +93,12 @@ def graph_tensors(path: Path) -> tuple[list[dict], list[dict]]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
 
-    def spec(value) -> dict:
+    def spec(value) -> TensorSpec:
         tensor = value.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
-        dtype = tensor_dtype_to_np_dtype(tensor.elem_type).name
-        return {"name": value.name, "dtype": dtype, "shape": shape}
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+        return TensorSpec(value.name, tensor_dtype_to_np_dtype(tensor.elem_type).name, shape)
 
-    return [spec(v) for v in graph.input], [spec(v) for v in graph.output]
+    return tuple(spec(v) for v in graph.input), tuple(spec(v) for v in graph.output)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,9 @@ Language models: a step graph `model.onnx` (`tokens` [B, 1], `h`, `c` [B, L, H],
 batch-first as Triton batches -> `logits` [B, V], `h_next`, `c_next`) and a prefill
 graph `prefill.onnx` with the same names and a dynamic T axis on `tokens`, to consume
 a whole prompt in one call.
+
+Each exporter returns the card fields its graphs decide, as `ModelCard` keywords;
+`export.__main__` adds where the model came from and builds the card once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from export import verify
+from serving.core.card import GraphIO, ModelCard, Preprocess, StateSpec, TensorSpec
 from training.captioner import END_ID as CAPTION_END_ID
 from training.captioner import START_ID as CAPTION_START_ID
 from training.char_lm import BOS_ID, EOS_ID
@@ -65,34 +69,38 @@ def _export(
         )
 
 
-def stamp_model_card(path: Path, card: dict) -> None:
+def stamp_model_card(path: Path, card: ModelCard) -> None:
     """Copy the model card into the graph's metadata_props, so the .onnx stands alone."""
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(
         graph,
-        {"stepwise.model_card": json.dumps(card, sort_keys=True), "stepwise.kind": card["kind"]},
+        {
+            "stepwise.model_card": json.dumps(card.to_json(), sort_keys=True),
+            "stepwise.kind": card.kind,
+        },
     )
     onnx.save(graph, str(path))
 
 
 def _preprocess(
     channels: int, size: int, mean: list[float], std: list[float], background: tuple[int, ...]
-) -> dict:
+) -> Preprocess:
     """What serving does to an image: composite transparent pixels onto the training
     data's background, convert, resize bilinearly, /255, (x - mean) / std."""
-    return {
-        "background": list(background),
-        "color_mode": "L" if channels == 1 else "RGB",
-        "height": size,
-        "width": size,
-        "resample": "bilinear",
-        "scale": 1 / 255,
-        "mean": list(mean),
-        "std": list(std),
-    }
+    return Preprocess(
+        color_mode="L" if channels == 1 else "RGB",
+        width=size,
+        height=size,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        scale=1 / 255,
+        resample="bilinear",
+        background=tuple(background),
+    )
 
 
 def export_classifier(model: nn.Module, out_dir: Path) -> dict:
+    """`model.onnx`; its card fields (`ModelCard` keywords)."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     path = out_dir / "model.onnx"
@@ -105,12 +113,12 @@ def export_classifier(model: nn.Module, out_dir: Path) -> dict:
         {"input": {0: "batch"}, "logits": {0: "batch"}},
     )
     checks = verify.verify_classifier(model, path, shape)
-    card = {
+    return {
         "kind": "classifier",
         "graphs": {"model": "model.onnx"},
-        "inputs": [{"name": "input", "dtype": "float32", "shape": [-1, *shape]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, cfg.num_classes]}],
-        "labels": list(cfg.labels),
+        "inputs": (TensorSpec("input", "float32", (-1, *shape)),),
+        "outputs": (TensorSpec("logits", "float32", (-1, cfg.num_classes)),),
+        "labels": tuple(cfg.labels),
         "preprocess": _preprocess(
             cfg.in_channels,
             cfg.image_size,
@@ -120,11 +128,10 @@ def export_classifier(model: nn.Module, out_dir: Path) -> dict:
         ),  # fmt: skip
         "verification": checks,
     }
-    return card
 
 
 def _export_decoder(model: nn.Module, out_dir: Path, with_prefill: bool) -> dict:
-    """Step graph `model.onnx` (+ `prefill.onnx`) of a recurrent decoder; its card entries."""
+    """Step graph `model.onnx` (+ `prefill.onnx`) of a recurrent decoder; its card fields."""
     cfg = model.config
     layers, hidden = cfg.num_layers, cfg.hidden_size
     states = list(model.state_names)  # ["h", "c"] for an LSTM, ["h"] otherwise
@@ -140,33 +147,38 @@ def _export_decoder(model: nn.Module, out_dir: Path, with_prefill: bool) -> dict
         axes = {"tokens": token_axes, "logits": {0: "batch"}, **state_axes}
         tokens = torch.zeros(2, length, dtype=torch.long)
         _export(step, (tokens, *zeros), out_dir / graph, inputs, outputs, axes)
-    state_shape = [-1, layers, hidden]  # batch-first
-    state_specs = [{"name": n, "dtype": "float32", "shape": state_shape} for n in states]
+    state_shape = (-1, layers, hidden)  # batch-first
     return {
         "graphs": {name: spec[0] for name, spec in graphs.items()},
-        "inputs": [{"name": "tokens", "dtype": "int64", "shape": [-1, 1]}, *state_specs],
-        "outputs": [
-            {"name": "logits", "dtype": "float32", "shape": [-1, cfg.vocab_size]},
-            *({**spec, "name": f"{spec['name']}_next"} for spec in state_specs),
-        ],
+        "inputs": (
+            TensorSpec("tokens", "int64", (-1, 1)),
+            *(TensorSpec(n, "float32", state_shape) for n in states),
+        ),
+        "outputs": (
+            TensorSpec("logits", "float32", (-1, cfg.vocab_size)),
+            *(TensorSpec(o, "float32", state_shape) for o in nexts),
+        ),
         # Each state input is fed back from its output at the next step.
-        "state": [
-            {"input": n, "output": o, "dtype": "float32", "shape": state_shape}
-            for n, o in zip(states, nexts, strict=True)
-        ],
-        "vocab": list(cfg.vocab),
+        "state": tuple(
+            StateSpec(n, o, "float32", state_shape) for n, o in zip(states, nexts, strict=True)
+        ),
+        "vocab": tuple(cfg.vocab),
     }
 
 
 def export_char_lm(model: nn.Module, out_dir: Path) -> dict:
-    card = {"kind": "language_model", "cell": model.config.cell}
-    card.update(_export_decoder(model, out_dir, with_prefill=True))
-    card["verification"] = verify.verify_char_lm(
-        model, out_dir / "model.onnx", out_dir / "prefill.onnx"
-    )
-    # Generation starts from zero state, feeds BOS, then the prompt.
-    card["special_tokens"] = {"eos": EOS_ID, "bos": BOS_ID}
-    return card
+    """`model.onnx` (step) and `prefill.onnx`; their card fields (`ModelCard` keywords)."""
+    return {
+        "kind": "language_model",
+        "cell": model.config.cell,
+        **_export_decoder(model, out_dir, with_prefill=True),
+        "verification": verify.verify_char_lm(
+            model, out_dir / "model.onnx", out_dir / "prefill.onnx"
+        ),
+        # Generation starts from zero state, feeds BOS, then the prompt.
+        "eos": EOS_ID,
+        "bos": BOS_ID,
+    }
 
 
 class _Encoder(nn.Module):
@@ -180,27 +192,31 @@ class _Encoder(nn.Module):
 
 def export_captioner(model: nn.Module, out_dir: Path) -> dict:
     """Two graphs: `encoder.onnx` (image -> the decoder's initial h, c) and the
-    decoder's step graph `model.onnx`."""
+    decoder's step graph `model.onnx`; their card fields (`ModelCard` keywords)."""
     cfg = model.config
-    card = {"kind": "captioner"}
-    card.update(_export_decoder(model.decoder, out_dir, with_prefill=False))
-    shape = [cfg.in_channels, cfg.image_size, cfg.image_size]
+    decoder = _export_decoder(model.decoder, out_dir, with_prefill=False)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     axes = {"image": {0: "batch"}, "h": {0: "batch"}, "c": {0: "batch"}}
     _export(_Encoder(model).eval(), (torch.zeros(2, *shape),), out_dir / "encoder.onnx",
             ["image"], ["h", "c"], axes)  # fmt: skip
-    card["graphs"]["encoder"] = "encoder.onnx"
-    card["encoder"] = {
-        "inputs": [{"name": "image", "dtype": "float32", "shape": [-1, *shape]}],
-        "outputs": [dict(spec) for spec in card["inputs"][1:]],  # h, c: the initial state
+    return {
+        "kind": "captioner",
+        **decoder,
+        "graphs": {**decoder["graphs"], "encoder": "encoder.onnx"},
+        "encoder": GraphIO(
+            inputs=(TensorSpec("image", "float32", (-1, *shape)),),
+            outputs=decoder["inputs"][1:],  # h, c: the initial state
+        ),
+        "preprocess": _preprocess(
+            cfg.in_channels, cfg.image_size, cfg.mean, cfg.std, SCENES_BACKGROUND
+        ),
+        "eos": CAPTION_END_ID,
+        "bos": CAPTION_START_ID,
+        "max_length": cfg.max_length,
+        "verification": verify.verify_captioner(
+            model, out_dir / "encoder.onnx", out_dir / "model.onnx"
+        ),
     }
-    card["preprocess"] = _preprocess(
-        cfg.in_channels, cfg.image_size, cfg.mean, cfg.std, SCENES_BACKGROUND
-    )
-    card["special_tokens"] = {"eos": CAPTION_END_ID, "bos": CAPTION_START_ID}
-    card["max_length"] = cfg.max_length
-    card["verification"] = verify.verify_captioner(model, out_dir / "encoder.onnx",
-                                                   out_dir / "model.onnx")  # fmt: skip
-    return card
 
 
 EXPORTERS = {

@@ -1,5 +1,6 @@
 """The model repository, Triton-style: `<root>/<name>/<version>/model.onnx` + side-cars.
 
+The model card, `model.json`, is `serving.core.card.ModelCard`'s to write.
 A version directory is assembled in a temporary directory beside the repository
 and renamed into place, so readers never see a half-written model.
 """
@@ -13,9 +14,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-MODEL_CARD = "model.json"  # everything serving needs to know, beside the graphs
-METRICS = "metrics.json"
+if TYPE_CHECKING:
+    from serving.core.card import ModelCard
+
+METRICS = "metrics.json"  # training's figures, published with the graphs
 
 
 @contextlib.contextmanager
@@ -45,7 +49,7 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_model_config(model_dir: Path, card: dict) -> Path:
+def write_model_config(model_dir: Path, card: ModelCard) -> Path:
     """`<root>/<name>/config.pbtxt` (Triton's ModelConfig) for the model's graph, unless
     one is there already: an operator's edits (dynamic batching, instance groups) belong
     to the model, not to one version. Written to a temporary file and renamed into place."""

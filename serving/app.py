@@ -31,7 +31,8 @@ from serving.dataplane.control import ModelControl
 from serving.dataplane.deployments import Deployments
 from serving.dataplane.plane import DataPlane
 from serving.engine import StepEngine
-from serving.metrics.prometheus import Metrics, MetricsEndpoint
+from serving.metrics.endpoint import MetricsEndpoint
+from serving.metrics.prometheus import Metrics
 from serving.metrics.statistics import Statistics
 
 log = logging.getLogger(__name__)

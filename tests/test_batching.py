@@ -110,7 +110,7 @@ def test_a_full_queue_refuses_at_once():
     model.gate.clear()
     running = batcher.enqueue(np.asarray([1.0]))
     deadline = time.monotonic() + 10
-    while batcher._queue and time.monotonic() < deadline:  # the thread takes it, then waits
+    while batcher.pending() and time.monotonic() < deadline:  # the thread takes it, then waits
         time.sleep(0.01)
     queued = [batcher.enqueue(np.asarray([1.0])) for _ in range(2)]  # the queue is full
     try:

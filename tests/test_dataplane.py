@@ -84,7 +84,7 @@ def test_classify_refuses_what_it_cannot_run(plane):
         asyncio.run(plane.classify(lenet, top_k=11, image=_png(2)))
     with pytest.raises(InvalidArgument, match="set one of image"):
         asyncio.run(plane.classify(lenet))
-    huge = np.full(lenet.input["shape"][1:], 1e38, np.float32)
+    huge = np.full(lenet.input.shape[1:], 1e38, np.float32)
     with pytest.raises(InvalidArgument, match="tensor.raw_data: values up to magnitude"):
         asyncio.run(plane.classify(lenet, tensor=huge))
     assert plane.statistics["lenet5"].snapshot().fail.count == 3
@@ -162,12 +162,12 @@ def test_sequence_steps_carry_state_like_the_step_graph(plane):
 
 def test_infer_runs_a_graph_on_plain_tensors(plane):
     lenet = plane.model_version("lenet5")
-    x = np.random.default_rng(3).normal(size=(3, *lenet.input["shape"][1:])).astype(np.float32)
-    (expected,) = lenet.session.run(["logits"], {lenet.input["name"]: x})
+    x = np.random.default_rng(3).normal(size=(3, *lenet.input.shape[1:])).astype(np.float32)
+    (expected,) = lenet.session.run(["logits"], {lenet.input.name: x})
 
     async def infer():
         with plane.timed(lenet) as timing:
-            return await plane.infer(lenet, {lenet.input["name"]: x}, ["logits"], timing)
+            return await plane.infer(lenet, {lenet.input.name: x}, ["logits"], timing)
 
     out = asyncio.run(infer())
     np.testing.assert_allclose(out["logits"], expected, rtol=1e-5, atol=1e-5)
@@ -180,3 +180,19 @@ def test_load_and_unload_need_explicit_control(plane):
     assert plane.ready and plane.model_ready("lenet5") and not plane.model_ready("lenet5", "9")
     plane.accepting = False
     assert not plane.ready and not plane.model_ready("lenet5")
+
+
+def test_one_place_counts_the_engine_the_batcher_and_the_requests(plane):
+    """The engine's counters, the batcher's batch sizes and the requests' statistics are
+    the model's one ModelStats: what ModelStatistics, Prometheus and tests read."""
+    lm = plane.model("char_lstm", LanguageModel.kind)
+    stats = plane.statistics["char_lstm"]
+    assert plane.deployments.get("char_lstm").engine.stats is stats.engine
+    deltas = asyncio.run(_collect(plane.generate(lm, "KING", 6, SamplingParams(seed=4))))
+    assert stats.engine.leaves == 1 and stats.engine.finish_reasons[deltas[-1].finish_reason] == 1
+    assert stats.engine.step_runs == sum(stats.engine.batch_sizes.values()) >= 1
+    assert stats.snapshot().success.count == 1
+    lenet = plane.model("lenet5", Classifier.kind)
+    asyncio.run(plane.classify(lenet, image=_png(5)))
+    batcher = plane.deployments.get("lenet5").batcher
+    assert batcher.stats is plane.statistics["lenet5"] and batcher.batch_sizes == {1: 1}

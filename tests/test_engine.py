@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 
+from serving.core.card import StateSpec
 from serving.core.models import load_model
 from serving.engine import (
     EngineConfig,
@@ -34,7 +35,7 @@ class FakeStepModel:
 
     name = "fake"
     prefill_chunk = 4
-    state = [{"input": "h", "output": "h_next", "shape": [1, -1, 1], "dtype": "float32"}]
+    state = (StateSpec("h", "h_next", "float32", (1, -1, 1)),)
     state_axis = {"h": 1}
     eos = 0
     never_sampled: list[int] = []

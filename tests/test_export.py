@@ -9,36 +9,57 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
 
 import export.onnx_export as onnx_export
 from export.__main__ import export_checkpoint
 from export.verify import VerificationError
+from serving.core.card import CardError, GraphOf, ModelCard, TensorSpec
+from training.captioner import CaptionerConfig
+from training.checkpoint import save_checkpoint
+from training.registry import get_arch
+
+
+@pytest.fixture(scope="module")
+def captioner_repository(tmp_path_factory):
+    """An untrained tiny captioner, exported (verification included): `captioner` and
+    `captioner_encoder`."""
+    root = tmp_path_factory.mktemp("captioner")
+    torch.manual_seed(0)
+    words = ["<end>", "<start>", "a", "red", "blue", "circle", "square"]
+    config = CaptionerConfig(vocab=words, width=0.125, embed_dim=8, hidden_size=16, max_length=6)
+    model = get_arch("captioner").model_cls(config).eval()
+    save_checkpoint(root / "captioner.pt", "captioner", model, None, 1, {})
+    export_checkpoint(root / "captioner.pt", root / "repo")
+    return root / "repo"
 
 
 def test_classifier_card_carries_what_serving_needs(repository):
     version = repository / "lenet5" / "1"
-    card = json.loads((version / "model.json").read_text())
-    assert card["kind"] == "classifier" and card["labels"] == [str(i) for i in range(10)]
-    assert card["inputs"][0] == {"name": "input", "dtype": "float32", "shape": [-1, 1, 32, 32]}
-    pre = card["preprocess"]
-    assert (pre["color_mode"], pre["height"], pre["width"]) == ("L", 32, 32)
-    assert card["verification"]["checked_batches"] == [1, 3, 7]
+    card = ModelCard.read(version)
+    assert card.kind == "classifier" and card.labels == tuple(str(i) for i in range(10))
+    assert card.inputs[0] == TensorSpec("input", "float32", (-1, 1, 32, 32))
+    pre = card.preprocess
+    assert (pre.color_mode, pre.height, pre.width) == ("L", 32, 32)
+    assert card.verification["checked_batches"] == [1, 3, 7]
     metrics = json.loads((version / "metrics.json").read_text())
     assert 0.5 < metrics["test_accuracy"] <= 1
     graph = onnx.load(str(version / "model.onnx"))
     props = {p.key: p.value for p in graph.metadata_props}
-    assert json.loads(props["stepwise.model_card"])["labels"] == card["labels"]
+    # The whole card travels in the graph, as model.json holds it.
+    assert props["stepwise.model_card"] == json.dumps(card.to_json(), sort_keys=True)
+    assert props["stepwise.kind"] == "classifier"
     dims = graph.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 32, 32]
 
 
 def test_language_model_step_and_prefill_graphs(repository):
     version = repository / "char_lstm" / "1"
-    card = json.loads((version / "model.json").read_text())
-    assert card["graphs"] == {"step": "model.onnx", "prefill": "prefill.onnx"}
-    assert card["vocab"][0] == "<eos>" and card["special_tokens"]["eos"] == 0
-    assert [(s["input"], s["output"]) for s in card["state"]] == [("h", "h_next"), ("c", "c_next")]
-    assert card["verification"]["rollout_steps"] == 200
+    card = ModelCard.read(version)
+    assert card.graphs == {"step": "model.onnx", "prefill": "prefill.onnx"}
+    assert card.vocab[0] == "<eos>" and card.eos == 0
+    assert [(s.input, s.output) for s in card.state] == [("h", "h_next"), ("c", "c_next")]
+    assert card.verification["rollout_steps"] == 200
     assert "val_loss_nats_per_char" in json.loads((version / "metrics.json").read_text())
 
     def io_shapes(name):
@@ -52,7 +73,7 @@ def test_language_model_step_and_prefill_graphs(repository):
     assert step["tokens"][1] == 1 and isinstance(prefill["tokens"][1], str)
     # Batch-first state, as Triton batches: [B, L, H], and the card says so.
     assert step["h"] == [step["h"][0], 2, 48] and isinstance(step["h"][0], str)
-    assert card["state"][0]["shape"] == [-1, 2, 48] and step["logits"][1] == len(card["vocab"])
+    assert card.state[0].shape == (-1, 2, 48) and step["logits"][1] == len(card.vocab)
     assert set(step) == set(prefill) == {"tokens", "h", "c", "logits", "h_next", "c_next"}
 
 
@@ -64,15 +85,15 @@ def test_other_graphs_are_published_as_plain_tensor_models(repository):
     from serving.core.models import Graph, load_model
 
     sub = repository / "char_lstm_prefill" / "1"
-    card = json.loads((sub / "model.json").read_text())
-    assert card["kind"] == "graph"
-    assert card["graph_of"] == {"model": "char_lstm", "graph": "prefill"}
-    assert card["inputs"] == [
-        {"name": "tokens", "dtype": "int64", "shape": [-1, -1]},
-        {"name": "h", "dtype": "float32", "shape": [-1, 2, 48]},
-        {"name": "c", "dtype": "float32", "shape": [-1, 2, 48]},
-    ]
-    assert [o["name"] for o in card["outputs"]] == ["logits", "h_next", "c_next"]
+    card = ModelCard.read(sub)
+    assert card.kind == "graph"
+    assert card.graph_of == GraphOf(model="char_lstm", graph="prefill")
+    assert card.inputs == (
+        TensorSpec("tokens", "int64", (-1, -1)),
+        TensorSpec("h", "float32", (-1, 2, 48)),
+        TensorSpec("c", "float32", (-1, 2, 48)),
+    )
+    assert [o.name for o in card.outputs] == ["logits", "h_next", "c_next"]
     original = repository / "char_lstm" / "1" / "prefill.onnx"
     assert (sub / "model.onnx").read_bytes() == original.read_bytes()
     config = read_model_config(sub.parent, card)
@@ -90,6 +111,93 @@ def test_other_graphs_are_published_as_plain_tensor_models(repository):
     # Readable by a server running as another user (mkdtemp/mkstemp default to 0700/0600).
     assert (sub.stat().st_mode & 0o777) == 0o755
     assert ((sub.parent / "config.pbtxt").stat().st_mode & 0o777) == 0o644
+
+
+def test_every_exported_card_round_trips(repository, captioner_repository):
+    """Each model.json export writes reads back as a ModelCard that writes the same
+    JSON, byte for byte: every kind, the published graphs included."""
+    versions = sorted([*repository.glob("*/1"), *captioner_repository.glob("*/1")])
+    kinds = set()
+    for version in versions:
+        text = (version / "model.json").read_text()
+        card = ModelCard.read(version)
+        assert card.to_json() == json.loads(text), version
+        assert json.dumps(card.to_json(), indent=2, sort_keys=True) + "\n" == text, version
+        kinds.add(card.kind)
+    assert kinds == {"classifier", "language_model", "captioner", "graph"}
+    captioner = ModelCard.read(captioner_repository / "captioner" / "1")
+    assert (captioner.eos, captioner.start_token, captioner.max_length) == (0, 1, 6)
+    assert captioner.encoder.outputs == captioner.inputs[1:]  # the decoder's initial h, c
+    assert captioner.graphs == {"step": "model.onnx", "encoder": "encoder.onnx"}
+    encoder = ModelCard.read(captioner_repository / "captioner_encoder" / "1")
+    assert encoder.graph_of == GraphOf("captioner", "encoder")
+    image_to_state = captioner.encoder
+    assert (encoder.inputs, encoder.outputs) == (image_to_state.inputs, image_to_state.outputs)
+
+
+def _without(data: dict, *path):
+    """A deep copy of `data` without the entry at `path` (keys and list indices)."""
+    data = json.loads(json.dumps(data))
+    *parents, last = path
+    inner = data
+    for key in parents:
+        inner = inner[key]
+    del inner[last]
+    return data
+
+
+@pytest.mark.parametrize(
+    ("model", "edit", "message"),
+    [
+        ("char_lstm", lambda d: _without(d, "vocab"), "language_model card needs vocab"),
+        ("char_lstm", lambda d: _without(d, "special_tokens"), "language_model card needs eos"),
+        ("char_lstm", lambda d: _without(d, "state"), "language_model card needs state"),
+        ("char_lstm", lambda d: {**d, "graphs": {"prefill": "prefill.onnx"}}, "'step'"),
+        ("lenet5", lambda d: _without(d, "labels"), "classifier card needs labels"),
+        ("lenet5", lambda d: _without(d, "preprocess"), "classifier card needs preprocess"),
+        ("lenet5", lambda d: _without(d, "inputs", 0, "shape"), "'shape'"),
+        ("lenet5", lambda d: {**d, "kind": "detector"}, "kind 'detector'"),
+        ("captioner", lambda d: _without(d, "max_length"), "captioner card needs max_length"),
+        ("captioner", lambda d: _without(d, "encoder"), "captioner card needs encoder"),
+        ("captioner", lambda d: _without(d, "graphs", "encoder"), "'encoder'"),
+        ("char_lstm_prefill", lambda d: _without(d, "graph_of"), "graph card needs graph_of"),
+    ],
+)
+def test_a_card_missing_what_its_kind_needs_is_refused(
+    repository, captioner_repository, tmp_path, model, edit, message
+):
+    root = captioner_repository if model.startswith("captioner") else repository
+    data = json.loads((root / model / "1" / "model.json").read_text())
+    ModelCard.from_json(data)  # as exported: accepted
+    (tmp_path / "model.json").write_text(json.dumps(edit(data)))
+    with pytest.raises(CardError, match=message):
+        ModelCard.read(tmp_path)
+
+
+def test_a_state_shape_needs_one_batch_axis(repository):
+    card = ModelCard.read(repository / "char_lstm" / "1")
+    data = card.to_json()
+    for shape in ([1, 2, 48], [-1, -1, 48]):
+        data["state"][0]["shape"] = shape
+        with pytest.raises(CardError, match=r"state h: shape .* needs one -1 \(batch\)"):
+            ModelCard.from_json(data)
+    with pytest.raises(CardError, match="captioner card needs .*max_length"):
+        card.replace(kind="captioner")  # nor an encoder, a preprocess or max_length
+
+
+def test_an_exporter_that_leaves_out_a_field_writes_nothing(tmp_path, checkpoints, monkeypatch):
+    """The card is checked when export builds it, before anything is published."""
+    exporter = onnx_export.EXPORTERS["language_model"]
+
+    def without_vocab(model, out_dir):
+        fields = exporter(model, out_dir)
+        del fields["vocab"]
+        return fields
+
+    monkeypatch.setitem(onnx_export.EXPORTERS, "language_model", without_vocab)
+    with pytest.raises(CardError, match="char_lstm: a language_model card needs vocab"):
+        export_checkpoint(checkpoints["char_lstm"], tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no model, no staging leftovers
 
 
 def _corrupting(monkeypatch):

@@ -14,7 +14,7 @@ from pngs import GRAY, write_png
 
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.api.status import MAX_STATUS_MESSAGE_BYTES, status_message
-from serving.engine import run_alone, text_request
+from serving.engine import EngineStats, run_alone, text_request
 from serving.engine.sampler import SamplingParams
 from training.data.digits import digit_to_image, load_digits_split
 
@@ -138,10 +138,10 @@ def test_long_prompts_are_consumed_in_chunks_with_the_same_result(server):
         original = model.prefill_chunk
         model.prefill_chunk = chunk
         try:
-            start = model.steps_run
+            stats = EngineStats()
             seq = text_request(model, prompt, 30, greedy)
-            text = "".join(p for d in run_alone(model, seq) for p in d.pieces)
-            return text, model.steps_run - start
+            text = "".join(p for d in run_alone(model, seq, stats=stats) for p in d.pieces)
+            return text, stats.step_runs + stats.prefill_runs
         finally:
             model.prefill_chunk = original
 

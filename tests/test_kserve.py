@@ -17,6 +17,7 @@ from bench.harness import loopback_config
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.inference import model_config_pb2 as mc
+from serving.core.card import TensorSpec
 
 
 @pytest.fixture()
@@ -383,7 +384,7 @@ def test_bytes_codec_round_trips_and_refuses_malformed_elements():
         with pytest.raises(InvalidArgument, match=problem):
             deserialize_bytes(data, count, "raw_input_contents[0]", "t")
 
-    spec = [{"name": "text", "dtype": "object", "shape": [1, -1]}]
+    spec = [TensorSpec("text", "object", (1, -1))]
     request = kpb.ModelInferRequest()
     request.inputs.add(name="text", datatype="BYTES", shape=[1, 3])
     request.raw_input_contents.append(raw)
@@ -402,7 +403,7 @@ def test_narrow_typed_integers_are_refused_out_of_range_never_wrapped():
     from serving.api.kserve_codec import decode_inputs
     from serving.errors import InvalidArgument
 
-    spec = [{"name": "x", "dtype": "int8", "shape": [-1]}]
+    spec = [TensorSpec("x", "int8", (-1,))]
     request = kpb.ModelInferRequest()
     request.inputs.add(name="x", datatype="INT8", shape=[2]).contents.int_contents.extend([-5, 7])
     assert decode_inputs(request, spec)["x"].tolist() == [-5, 7]

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from serving.metrics.prometheus import Metrics, MetricsEndpoint
+from serving.metrics.endpoint import MetricsEndpoint
+from serving.metrics.prometheus import Metrics
 from serving.metrics.statistics import Statistics
 
 SLACK_S = 10.0  # generous: the test machine is small and busy; no test waits this long
@@ -116,7 +117,7 @@ def test_connections_past_the_cap_are_closed_at_once_and_hold_nothing(endpoints,
     """200 slow-loris sockets: 4 get a slot, 196 are closed on accept with one warning
     logged; the server side holds at most 4 threads and 4 descriptors. (The header
     deadline is a minute here, so no slot frees itself while we count.)"""
-    caplog.set_level(logging.WARNING, logger="serving.metrics.prometheus")
+    caplog.set_level(logging.WARNING, logger="serving.metrics.endpoint")
     endpoint = endpoints(max_connections=4, header_timeout_s=60)
     threads_before = _handler_threads()
     held = _slow_loris(endpoint.port, 200)
@@ -126,7 +127,7 @@ def test_connections_past_the_cap_are_closed_at_once_and_hold_nothing(endpoints,
         assert _accepted_descriptors(endpoint.port) <= 4
         assert _handler_threads() - threads_before <= 4
         assert sum(_closed_by_server(s, 0.01) for s in held) == 196
-        warnings = [r for r in caplog.records if r.name == "serving.metrics.prometheus"]
+        warnings = [r for r in caplog.records if r.name == "serving.metrics.endpoint"]
         assert len(warnings) == 1 and "max_connections=4" in warnings[0].getMessage()
     finally:
         for s in held:

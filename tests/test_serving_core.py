@@ -14,6 +14,7 @@ from PIL import Image
 from bench.harness import loopback_config
 from export.__main__ import export_checkpoint
 from serving.app import create_server
+from serving.core.card import ModelCard
 from serving.core.models import load_model
 from serving.core.preprocess import ImageDecoder, decode_image, image_to_tensor
 from serving.core.repository import ModelRegistry, latest_versions
@@ -49,15 +50,14 @@ def test_serving_preprocessing_equals_training_preprocessing(repository):
     """No train/serve skew: an 8x8 digit PNG becomes the very tensor training saw, on the
     path the server takes (ImageDecoder.tensor: the size check, the bounded decoders,
     the reduced decode)."""
-    card = json.loads((repository / "lenet5" / "1" / "model.json").read_text())
+    pre = ModelCard.read(repository / "lenet5" / "1").preprocess
     pixels = load_digits_split()[4][:20]
-    pre = card["preprocess"]
     decoder = ImageDecoder()
     for p in pixels:
         buf = io.BytesIO()
         digit_to_image(p).save(buf, "PNG")
         served = decoder.tensor(buf.getvalue(), pre)
-        trained = (image_to_array(digit_to_image(p)) - pre["mean"][0]) / pre["std"][0]
+        trained = (image_to_array(digit_to_image(p)) - pre.mean[0]) / pre.std[0]
         np.testing.assert_allclose(served, trained, atol=1e-6)
 
 
@@ -200,7 +200,7 @@ def test_a_cancelled_sequence_leaves_at_the_next_iteration(repository):
     assert engine.step() == 0 and not engine.has_work()
     delta = seq.outbox.take(timeout=0)
     assert (delta.finish_reason, delta.completion_tokens, len(delta.tokens)) == ("cancelled", 3, 3)
-    assert lm.steps_run == 3 and engine.stats.leaves == 1
+    assert engine.stats.step_runs + engine.stats.prefill_runs == 3 and engine.stats.leaves == 1
 
 
 def test_intra_op_threads_reach_every_session_and_change_no_result(repository):
@@ -208,7 +208,7 @@ def test_intra_op_threads_reach_every_session_and_change_no_result(repository):
     single = ModelRegistry.load(repository, "cpu", intra_op_threads=1).models["lenet5"]
     assert single.session.get_session_options().intra_op_num_threads == 1
     assert default.session.get_session_options().intra_op_num_threads == 0
-    x = np.random.default_rng(0).random((4, *single.input["shape"][1:]), np.float32)
+    x = np.random.default_rng(0).random((4, *single.input.shape[1:]), np.float32)
     np.testing.assert_allclose(
         np.stack(single.logit_rows(x)), np.stack(default.logit_rows(x)), rtol=1e-5, atol=1e-6
     )

@@ -16,6 +16,7 @@ from PIL import Image
 
 from bench import harness
 from export.__main__ import export_checkpoint
+from serving.core.card import ModelCard
 from serving.core.models import load_model
 from serving.core.preprocess import ImageDecoder
 from serving.engine import caption_request, run_alone, text_request
@@ -151,14 +152,14 @@ def test_dry_run_then_export_and_serve(name, dry_runs, tmp_path):
         assert samples.strip() and samples.count("----") == 2
         assert len(ckpt["metrics"]["samples"]) == 3
     version = export_checkpoint(dry_runs[name], tmp_path)  # verification included
-    card = json.loads((version / "model.json").read_text())
-    assert card["arch"] == name
+    card = ModelCard.read(version)
+    assert card.arch == name
     served = load_model(version, "cpu")
     if served.kind == "classifier":
-        probs = served.probabilities(np.zeros((2, *card["inputs"][0]["shape"][1:]), np.float32))
+        probs = served.probabilities(np.zeros((2, *card.inputs[0].shape[1:]), np.float32))
         assert probs.shape == (2, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
     else:
-        assert [s["input"] for s in served.state] == list(get_arch(name).model_cls(
+        assert [s.input for s in served.state] == list(get_arch(name).model_cls(
             get_arch(name).config_cls(**ckpt["config"])).state_names)  # fmt: skip
         if served.kind == "captioner":
             image = io.BytesIO()
@@ -179,9 +180,9 @@ def test_scene_sized_export_is_verified(name, tmp_path):
         for _ in range(3):
             model(torch.randn(8, 3, 64, 64))
     save_checkpoint(tmp_path / "m.pt", name, model, None, 1, {})
-    card = json.loads((export_checkpoint(tmp_path / "m.pt", tmp_path) / "model.json").read_text())
-    assert card["inputs"][0]["shape"] == [-1, 3, 64, 64]
-    assert card["preprocess"]["color_mode"] == "RGB"
+    card = ModelCard.read(export_checkpoint(tmp_path / "m.pt", tmp_path))
+    assert card.inputs[0].shape == (-1, 3, 64, 64)
+    assert card.preprocess.color_mode == "RGB"
 
 
 def test_vanilla_rnn_is_the_notes_equation():
@@ -280,8 +281,8 @@ def test_image_size_flag_travels_to_serving(tmp_path):
     argv = ["seq_digits", "--dry-run", "--quiet", "--image-size", "20", "--out", str(path)]
     assert train_main(argv) == 0
     version = export_checkpoint(path, tmp_path / "repo")
-    card = json.loads((version / "model.json").read_text())
-    assert card["inputs"][0]["shape"] == [-1, 1, 20, 20]
+    card = ModelCard.read(version)
+    assert card.inputs[0].shape == (-1, 1, 20, 20)
     served = load_model(version, "cpu")
     png = io.BytesIO()
     Image.new("L", (57, 31), 255).save(png, "PNG")

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         x = np.random.default_rng(1).normal(size=(8, 1, 32, 32)).astype(np.float32)
         for (name, device), m in models.items():
             if device == "cuda" and isinstance(m, Classifier):
-                shape = (8, *m.input["shape"][1:])
+                shape = (8, *m.input.shape[1:])
                 x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
                 a, b = m.probabilities(x), models[name, "cpu"].probabilities(x)
                 out[name] = {"max_abs_diff_vs_cpu": float(np.max(np.abs(a - b)))}

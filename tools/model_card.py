@@ -14,7 +14,12 @@ import json
 import math
 import os
 import platform
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serving.core.card import ModelCard  # noqa: E402
 
 DATA = {
     "classifier": "digits: 1,212 train / 135 validation / 450 test, 1x{size}x{size}",
@@ -80,20 +85,20 @@ def check(name: str, metrics: dict, budget: str) -> str:
     return "; ".join(out) or "reported"
 
 
-def shape(card: dict) -> str:
+def shape(card: ModelCard) -> str:
     """What was trained, in a few words (the config travels in model.json)."""
-    config = card["config"]
-    if card["kind"] == "language_model":
+    config = card.config
+    if card.kind == "language_model":
         return f"{config['num_layers']}x{config['hidden_size']} {config['cell'].upper()}"
-    if card["kind"] == "captioner":
+    if card.kind == "captioner":
         return f"CNN (width {config['width']}) + LSTM {config['hidden_size']}"
-    if card["arch"] == "seq_digits":
+    if card.arch == "seq_digits":
         return "LSTM over the image's rows"
     return f"width {config.get('width', 1.0)}"
 
 
-def row(name: str, card: dict, metrics: dict, budget: str) -> str:
-    kind = card["kind"]
+def row(name: str, card: ModelCard, metrics: dict, budget: str) -> str:
+    kind = card.kind
     figures = ", ".join(f"{key} {metrics[key]}" for key in FIGURES[kind] if key in metrics)
     if kind == "language_model":
         run = f"{metrics['steps']} steps ({metrics['epochs']} epochs)"
@@ -101,25 +106,24 @@ def row(name: str, card: dict, metrics: dict, budget: str) -> str:
         run = f"{metrics['epochs']} epochs of {metrics['train_scenes']:,} scenes"
     else:
         run = f"{metrics['epochs']} epochs"
-    data = DATA[kind].format(size=card["config"].get("image_size"))
+    data = DATA[kind].format(size=card.config.get("image_size"))
     trained = f"{shape(card)}, {metrics['parameters']:,}"
     seconds = f"{metrics['train_seconds']:.0f} s"
     cells = [f"`{name}`", data, trained, run, seconds, figures, check(name, metrics, budget)]
     return "| " + " | ".join(cells) + " |"
 
 
-def load(repository: Path) -> list[tuple[str, dict, dict]]:
+def load(repository: Path) -> list[tuple[str, ModelCard, dict]]:
     """(name, model.json, metrics.json) for every trained model's version 1, by name (a
     model's other graphs published on their own, kind `graph`, have no figures)."""
     return [
-        (v.parent.name, json.loads((v / "model.json").read_text()),
-         json.loads((v / "metrics.json").read_text()))
+        (v.parent.name, ModelCard.read(v), json.loads((v / "metrics.json").read_text()))
         for v in sorted(repository.glob("*/1"))
         if (v / "metrics.json").exists()
     ]  # fmt: skip
 
 
-def table(models: list[tuple[str, dict, dict]], budget: str) -> str:
+def table(models: list[tuple[str, ModelCard, dict]], budget: str) -> str:
     header = (
         "| model | data | trained | budget | training | figures | target |\n"
         "| --- | --- | --- | --- | ---: | --- | --- |\n"
@@ -127,7 +131,7 @@ def table(models: list[tuple[str, dict, dict]], budget: str) -> str:
     return header + "\n".join(row(name, card, metrics, budget) for name, card, metrics in models)
 
 
-def gradient_table(models: list[tuple[str, dict, dict]]) -> str:
+def gradient_table(models: list[tuple[str, ModelCard, dict]]) -> str:
     """|dC_t/dx_(t-k)| / |dC_t/dx_t| per language model and lag k (train_lm measures it)."""
     measured = [(n, m["gradient_through_time"]) for n, _, m in models
                 if "gradient_through_time" in m]  # fmt: skip

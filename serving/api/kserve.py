@@ -38,6 +38,7 @@ from serving.api.kserve_stream import stream_answers
 from serving.api.limits import MAX_PROMPT_CHARS
 from serving.api.status import STALLED, Undecodable, add_to_server, status_of, streaming, unary
 from serving.api.streams import StreamSlots
+from serving.core.card import TensorSpec
 from serving.core.model_config import DEFAULT_MAX_BATCH_SIZE, PLATFORM, config_for_card
 from serving.dataplane.plane import DataPlane
 from serving.errors import Cancelled, InvalidArgument, Unimplemented
@@ -59,7 +60,7 @@ SERVER_VERSION = _installed_version()
 # Triton's gRPC service itself and has no extension name).
 EXTENSIONS = ("model_configuration", "model_repository", "sequence", "statistics")
 # A language model's sequence step may send its input as text: one UTF-8 string.
-TEXT_INPUT = {"name": "text", "dtype": "object", "shape": [1, 1]}
+TEXT_INPUT = TensorSpec("text", "object", (1, 1))
 SEQUENCE_OUTPUTS = ("logits", "greedy_text")
 
 
@@ -96,7 +97,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         def tensors(specs):
             return [
                 kpb.ModelMetadataResponse.TensorMetadata(
-                    name=s["name"], datatype=DATATYPES[s["dtype"]], shape=s["shape"]
+                    name=s.name, datatype=DATATYPES[s.dtype], shape=s.shape
                 )
                 for s in specs
             ]
@@ -104,13 +105,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         # A step model's state is implicit, as in Triton's sequence batcher: the metadata
         # lists what a sequence step takes and gives (what perf_analyzer sends and asks
         # for); explicit state in a request without `sequence_id` is still accepted.
-        hidden = {n for s in getattr(model, "state", []) for n in (s["input"], s["output"])}
+        card = model.card
         return kpb.ModelMetadataResponse(
             name=model.name,
             versions=[model.version],
             platform=PLATFORM,
-            inputs=tensors([t for t in model.card["inputs"] if t["name"] not in hidden]),
-            outputs=tensors([t for t in model.card["outputs"] if t["name"] not in hidden]),
+            inputs=tensors(card.visible(card.inputs)),
+            outputs=tensors(card.visible(card.outputs)),
         )
 
     @unary
@@ -215,14 +216,14 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                         add_output(response, "greedy_text", _greedy_text(model, logits))
                 timing.mark("output")
                 return response
-            state = [s["input"] for s in getattr(model, "state", [])]
+            state = [s.input for s in model.card.state]
             limits = input_limits(model)
             check_limits(_shapes(request), limits, model.name)  # before the bytes are copied
-            feeds = decode_inputs(request, model.card["inputs"], optional=state)
+            feeds = decode_inputs(request, model.card.inputs, optional=state)
             check_values(feeds, limits, model.name)
             first = next(iter(feeds.values()), None)
             timing.count = int(first.shape[0]) if first is not None and first.ndim else 1
-            wanted = _requested(request, [t["name"] for t in model.card["outputs"]], model.name)
+            wanted = _requested(request, [t.name for t in model.card.outputs], model.name)
             timing.mark("input")
             values = await self.plane.infer(model, feeds, wanted, timing)
             for name, value in values.items():
@@ -324,17 +325,17 @@ def input_limits(model) -> InputLimits:
     dimension, the others' the first), and for a graph that reads token ids (a step
     graph, or a language model's prefill) its vocabulary and the prompt cap."""
     owner = getattr(model, "of", None) or model.card  # a published graph: its model's card
-    state_axes = {s["input"]: list(s["shape"]).index(-1) for s in owner.get("state", [])}
+    state_axes = {s.input: s.batch_axis for s in owner.state}
     axes = {}
-    for spec in model.card["inputs"]:
-        if spec["name"] in state_axes:
-            axes[spec["name"]] = state_axes[spec["name"]]
-        elif spec["shape"] and spec["shape"][0] == -1:
-            axes[spec["name"]] = 0
+    for spec in model.card.inputs:
+        if spec.name in state_axes:
+            axes[spec.name] = state_axes[spec.name]
+        elif spec.shape and spec.shape[0] == -1:
+            axes[spec.name] = 0
     return InputLimits(
         max_batch_size=model.config.max_batch_size or DEFAULT_MAX_BATCH_SIZE,
         batch_axes=axes,
-        vocab_size=len(owner.get("vocab", ())),
+        vocab_size=len(owner.vocab),
         max_tokens=MAX_PROMPT_CHARS,
     )
 
@@ -345,7 +346,7 @@ def _sequence_tokens(model, request, start: bool) -> np.ndarray:
     text opens with the model's BOS, as Generate's prompt does."""
     given = [t.name for t in request.inputs]
     if "text" not in given:
-        spec = [t for t in model.card["inputs"] if t["name"] == "tokens"]
+        spec = [t for t in model.card.inputs if t.name == "tokens"]
         feeds = decode_inputs(request, spec)
         check_values(feeds, input_limits(model), model.name)  # ids in the vocabulary
         tokens = feeds["tokens"]

@@ -109,13 +109,13 @@ def add_output(response, name: str, value: np.ndarray) -> None:
     response.raw_output_contents.append(value.astype(value.dtype.newbyteorder("<")).tobytes())
 
 
-def decode_inputs(request, specs: list[dict], optional=()) -> dict[str, np.ndarray]:
+def decode_inputs(request, specs, optional=()) -> dict[str, np.ndarray]:
     """The request's input tensors as numpy arrays, checked against the graph's inputs
-    (`specs`: name, numpy dtype name, shape with -1 for any): every input present once
+    (`specs`: `serving.core.card.TensorSpec`s, -1 for any size): every input present once
     (those named in `optional` may be left out, all together), its datatype and shape,
     and its bytes (raw) or values (typed contents); raw and typed contents never mixed
     in one request. BYTES become object arrays of bytes."""
-    by_name = {s["name"]: s for s in specs}
+    by_name = {s.name: s for s in specs}
     raw = list(request.raw_input_contents)
     typed = [t.name for t in request.inputs if t.HasField("contents")]
     if raw and typed:
@@ -136,13 +136,13 @@ def decode_inputs(request, specs: list[dict], optional=()) -> dict[str, np.ndarr
             )
         if tensor.name in feeds:
             raise InvalidArgument(f"{field}.name", f"{tensor.name!r} given twice")
-        want = DATATYPES[spec["dtype"]]
+        want = DATATYPES[spec.dtype]
         if tensor.datatype != want:
             raise InvalidArgument(
                 f"{field}.datatype", f"{tensor.name!r} is {want}, not {tensor.datatype!r}"
             )
         shape = list(tensor.shape)
-        allowed = spec["shape"]
+        allowed = list(spec.shape)
         if len(shape) != len(allowed) or any(
             d < 0 or (a != -1 and d != a) for d, a in zip(shape, allowed, strict=False)
         ):

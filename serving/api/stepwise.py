@@ -31,6 +31,7 @@ from serving.api.limits import (
 )
 from serving.api.status import STALLED, streaming, unary
 from serving.api.streams import StreamSlots
+from serving.core.card import TensorSpec
 from serving.core.models import Captioner, Classifier, LanguageModel
 from serving.dataplane.plane import DataPlane
 from serving.engine.sampler import SamplingParams
@@ -61,8 +62,8 @@ def tensor_to_array(tensor: pb.Tensor, field: str = "tensor") -> np.ndarray:
     return np.frombuffer(tensor.raw_data, dtype=dtype).astype(np.float32).reshape(shape)
 
 
-def _tensor_specs(specs: list[dict]) -> list[pb.TensorSpec]:
-    return [pb.TensorSpec(name=s["name"], dtype=s["dtype"], shape=s["shape"]) for s in specs]
+def _tensor_specs(specs: tuple[TensorSpec, ...]) -> list[pb.TensorSpec]:
+    return [pb.TensorSpec(name=s.name, dtype=s.dtype, shape=s.shape) for s in specs]
 
 
 def _temperature(request, default: float) -> float:
@@ -156,11 +157,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     name=model.name,
                     version=model.version,
                     kind=model.kind,
-                    inputs=_tensor_specs(model.card["inputs"]),
-                    outputs=_tensor_specs(model.card["outputs"]),
+                    inputs=_tensor_specs(model.card.inputs),
+                    outputs=_tensor_specs(model.card.outputs),
                     execution_provider=model.provider,
                     labels=getattr(model, "labels", []),
-                    metadata={"arch": model.card.get("arch", ""), **metrics},
+                    metadata={"arch": model.card.arch, **metrics},
                 )
             )
         return pb.ListModelsResponse(models=models)

@@ -65,9 +65,10 @@ class DynamicBatcher:
         stats: ModelStats | None = None,
     ):
         """`run(x: [B, ...])` returns B results, each a value or an Exception for that row.
-        `stats`, if given, counts each batch run as one execution."""
-        self.name, self.run, self.config, self.stats = name, run, config, stats
-        self.batch_sizes: Counter[int] = Counter()  # size -> batches run: tests, metrics
+        Each batch run counts as one execution in `stats` (the model's; a new one when
+        not given)."""
+        self.name, self.run, self.config = name, run, config
+        self.stats = stats if stats is not None else ModelStats()
         self._queue: deque[_Request] = deque()
         self._cond = threading.Condition()  # re-entrant (an RLock): enqueue_rows
         self._closed = False
@@ -107,6 +108,11 @@ class DynamicBatcher:
     def submit(self, x: np.ndarray, timeout: float | None = None):
         """One input row -> its result (raises the row's exception), waiting for it."""
         return self.enqueue(x).result(timeout)
+
+    @property
+    def batch_sizes(self) -> Counter:
+        """Batch size -> batches run (read from the model's statistics)."""
+        return self.stats.batch_sizes
 
     def lease(self):
         """Held by a request from the moment it picks this batcher until its rows are
@@ -167,14 +173,12 @@ class DynamicBatcher:
                 batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
                 if not batch:
                     continue
-                self.batch_sizes[len(batch)] += 1
                 for request in batch:
                     if request.timing is not None:
                         request.timing.mark("queue")
                 start = time.perf_counter_ns()
                 results = self._run(batch)
-                if self.stats is not None:
-                    self.stats.execution(len(batch), time.perf_counter_ns() - start)
+                self.stats.execution(len(batch), time.perf_counter_ns() - start)
                 for request in batch:
                     if request.timing is not None:
                         request.timing.mark("infer")

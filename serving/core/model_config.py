@@ -14,6 +14,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from serving._proto.inference import model_config_pb2 as mc
+from serving.core.card import ModelCard, TensorSpec
 from serving.errors import ModelLoadError
 
 CONFIG_FILE = "config.pbtxt"
@@ -37,11 +38,11 @@ DATA_TYPES = {
 ModelConfig = mc.ModelConfig
 
 
-def read_model_config(model_dir: Path, card: dict) -> ModelConfig:
+def read_model_config(model_dir: Path, card: ModelCard) -> ModelConfig:
     """The parsed and checked config of the model in `model_dir` (defaults if absent)."""
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
-        return ModelConfig(name=card["name"], platform=PLATFORM)
+        return ModelConfig(name=card.name, platform=PLATFORM)
     try:
         text = path.read_text()
         config = text_format.Parse(text, ModelConfig())
@@ -57,7 +58,7 @@ def read_model_config(model_dir: Path, card: dict) -> ModelConfig:
     return config
 
 
-def _check(config: ModelConfig, card: dict, directory: str) -> str:
+def _check(config: ModelConfig, card: ModelCard, directory: str) -> str:
     if config.name and config.name != directory:
         return f"name: {config.name!r} is not the model directory's name {directory!r}"
     if config.platform and config.platform != PLATFORM:
@@ -66,7 +67,7 @@ def _check(config: ModelConfig, card: dict, directory: str) -> str:
         return f"backend: {config.backend!r}; stepwise serves 'onnxruntime' only"
     if config.max_batch_size < 0:
         return f"max_batch_size: {config.max_batch_size}; allowed 0 or more"
-    shapes = {t["name"]: t["shape"][1:] for t in [*card["inputs"], *card["outputs"]]}
+    shapes = {t.name: list(t.shape[1:]) for t in [*card.inputs, *card.outputs]}
     for field, tensors in (("input", config.input), ("output", config.output)):
         for i, tensor in enumerate(tensors):
             if tensor.name not in shapes:
@@ -83,7 +84,7 @@ def _check(config: ModelConfig, card: dict, directory: str) -> str:
                     f"dynamic_batching.preferred_batch_size: {size}; allowed 1 to "
                     f"max_batch_size ({config.max_batch_size})"
                 )
-    states = {s["input"]: s["output"] for s in card.get("state", [])}
+    states = {s.input: s.output for s in card.state}
     for i, state in enumerate(config.sequence_batching.state):
         if states.get(state.input_name) != state.output_name:
             return (
@@ -93,39 +94,30 @@ def _check(config: ModelConfig, card: dict, directory: str) -> str:
     return ""
 
 
-def _tensor(spec: dict, cls):
-    dims = spec["shape"][1:]  # Triton leaves the batch dimension out
-    return cls(name=spec["name"], data_type=DATA_TYPES[spec["dtype"]], dims=dims)
+def _tensor(spec: TensorSpec, cls):
+    dims = spec.shape[1:]  # Triton leaves the batch dimension out
+    return cls(name=spec.name, data_type=DATA_TYPES[spec.dtype], dims=dims)
 
 
-def config_for_card(card: dict, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> ModelConfig:
+def config_for_card(card: ModelCard, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE) -> ModelConfig:
     """What export writes beside a model: its `model.onnx` as Triton would serve it.
     Step models get a sequence batcher whose implicit state maps each state input to
     its output (zero at the start of a sequence); their state is batch-first."""
-    config = ModelConfig(name=card["name"], platform=PLATFORM, max_batch_size=max_batch_size)
+    config = ModelConfig(name=card.name, platform=PLATFORM, max_batch_size=max_batch_size)
     config.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_AUTO)
-    state = card.get("state", [])
-    hidden = {s["input"] for s in state} | {s["output"] for s in state}
-    config.input.extend(
-        _tensor(t, mc.ModelInput) for t in card["inputs"] if t["name"] not in hidden
-    )
-    config.output.extend(
-        _tensor(t, mc.ModelOutput) for t in card["outputs"] if t["name"] not in hidden
-    )
-    if state:
+    config.input.extend(_tensor(t, mc.ModelInput) for t in card.visible(card.inputs))
+    config.output.extend(_tensor(t, mc.ModelOutput) for t in card.visible(card.outputs))
+    if card.state:
         seq = config.sequence_batching
         seq.max_sequence_idle_microseconds = DEFAULT_SEQUENCE_IDLE_US
         seq.oldest.max_candidate_sequences = max_batch_size
-        for s in state:
-            dims = s["shape"][1:]
+        for s in card.state:
+            dims = s.shape[1:]  # batch-first
             entry = seq.state.add(
-                input_name=s["input"],
-                output_name=s["output"],
-                data_type=DATA_TYPES[s["dtype"]],
-                dims=dims,
+                input_name=s.input, output_name=s.output, data_type=DATA_TYPES[s.dtype], dims=dims
             )
             entry.initial_state.add(
-                data_type=DATA_TYPES[s["dtype"]], dims=dims, zero_data=True, name="zero"
+                data_type=DATA_TYPES[s.dtype], dims=dims, zero_data=True, name="zero"
             )
     return config
 

@@ -1,12 +1,12 @@
 """Model runtimes built from a model directory alone: the graphs plus `model.json`.
 
 Nothing here knows gRPC: inputs are bytes, strings and numpy arrays; problems are
-`serving.errors` exceptions.
+`serving.errors` exceptions. What a model is comes from its typed card
+(`serving.core.card.ModelCard`), read once at load.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from pathlib import Path
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serving.core.card import MODEL_CARD, CardError, ModelCard, Preprocess, StateSpec, TensorSpec
 from serving.core.model_config import read_model_config
 from serving.core.runtime import SessionFactory
 from serving.errors import DeviceError, InvalidArgument, ModelLoadError, NonFiniteOutput, preview
 
-MODEL_CARD = "model.json"
 log = logging.getLogger(__name__)
 
 
@@ -27,18 +27,18 @@ class Model:
 
     kind = ""
 
-    def __init__(self, directory: Path, card: dict):
+    def __init__(self, directory: Path, card: ModelCard):
         self.directory = directory
         self.card = card
         # Triton's config.pbtxt beside the versions (defaults when absent): read once.
         self.config = read_model_config(directory.parent, card)
-        self.name = card["name"]
+        self.name = card.name
         self.version = directory.name  # the repository layout decides, as in Triton
         self.provider = ""
         self.metrics = _read_metrics(directory / "metrics.json")
 
     def _session(self, graph: str, sessions: SessionFactory):
-        session = sessions(self.directory / self.card["graphs"][graph])
+        session = sessions(self.directory / self.card.graphs[graph])
         self.provider = session.get_providers()[0]
         return session
 
@@ -55,16 +55,16 @@ def _read_metrics(path: Path) -> dict:
 class Classifier(Model):
     kind = "classifier"
 
-    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
+    def __init__(self, directory: Path, card: ModelCard, sessions: SessionFactory):
         super().__init__(directory, card)
         self.session = self._session("model", sessions)
-        self.labels: list[str] = card["labels"]
-        self.input = card["inputs"][0]
-        self.preprocess = card["preprocess"]
+        self.labels: list[str] = list(card.labels)
+        self.input: TensorSpec = card.inputs[0]
+        self.preprocess: Preprocess = card.preprocess
 
     def check_tensor(self, array: np.ndarray, field: str = "tensor") -> np.ndarray:
         """Accept [C, H, W] or [1, C, H, W] float32 matching the model input."""
-        want = tuple(self.input["shape"][1:])
+        want = tuple(self.input.shape[1:])
         if array.shape not in (want, (1, *want)):
             raise InvalidArgument(
                 f"{field}.shape", f"got {list(array.shape)}; allowed {list(want)} or {[1, *want]}"
@@ -77,7 +77,7 @@ class Classifier(Model):
         """x: [B, C, H, W] -> for each row its logits [K], or NonFiniteOutput for a row
         the graph overflowed on (that row alone fails): what the dynamic batcher runs, for
         Classify and for KServe's ModelInfer alike."""
-        (logits,) = self.session.run(["logits"], {self.input["name"]: x})
+        (logits,) = self.session.run(["logits"], {self.input.name: x})
         error = NonFiniteOutput(f"{self.name} produced non-finite logits")
         return [row if np.all(np.isfinite(row)) else error for row in logits]
 
@@ -117,35 +117,26 @@ class StepDecoder(Model):
     # long prompts join (docs/BENCHMARKS.md), and bound activations per stream.
     prefill_chunk = 32
 
-    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
+    def __init__(self, directory: Path, card: ModelCard, sessions: SessionFactory):
         super().__init__(directory, card)
         self.graphs = {"step": self._session("step", sessions)}
-        self.vocab: list[str] = card["vocab"]
-        self.eos = card["special_tokens"]["eos"]
-        self.bos = card["special_tokens"].get("bos", self.eos)
-        self.state = card["state"]  # [{input, output, dtype, shape}] fed back each step
+        self.vocab: list[str] = list(card.vocab)
+        self.eos, self.bos = card.eos, card.start_token
+        self.state: tuple[StateSpec, ...] = card.state  # fed back each step
         # The batch axis of each state tensor: the card's one dynamic (-1) dimension.
-        self.state_axis = {s["input"]: list(s["shape"]).index(-1) for s in self.state}
-        # Graph runs, for tests and metrics: read as a plain int (reading an itertools.count
-        # with next() moved the counter it read).
-        self._runs = itertools.count(1)
-        self.steps_run = 0
+        self.state_axis = {s.input: s.batch_axis for s in self.state}
         # A start token of its own (the captioner's <start>) only ever opens a sequence.
         self.never_sampled = [self.bos] if self.bos != self.eos else []
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
-        return {
-            s["input"]: np.zeros([batch if d == -1 else d for d in s["shape"]], s["dtype"])
-            for s in self.state
-        }
+        return {s.input: np.zeros(s.zeros_shape(batch), s.dtype) for s in self.state}
 
     def run(self, graph: str, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         """tokens: [B, T] int64, state: batched -> (logits of the last position [B, V],
         the state after the last token)."""
-        self.steps_run = next(self._runs)
-        names = ["logits", *(s["output"] for s in self.state)]
+        names = ["logits", *(s.output for s in self.state)]
         logits, *new = self.graphs[graph].run(names, {"tokens": tokens, **state})
-        return logits, {s["input"]: v for s, v in zip(self.state, new, strict=True)}
+        return logits, {s.input: v for s, v in zip(self.state, new, strict=True)}
 
     # The same run with the state kept on the model's device (ONNX Runtime I/O binding):
     # state goes in and comes out as OrtValues where the provider keeps them (GPU memory
@@ -168,25 +159,24 @@ class StepDecoder(Model):
     def run_bound(self, graph: str, tokens: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         """As `run`, with `state` a dict of OrtValues on the device, and the new state
         returned as OrtValues left on the device."""
-        self.steps_run = next(self._runs)
         session = self.graphs[graph]
         binding = session.io_binding()
         binding.bind_cpu_input("tokens", np.ascontiguousarray(tokens))
         for s in self.state:
-            binding.bind_ortvalue_input(s["input"], state[s["input"]])
+            binding.bind_ortvalue_input(s.input, state[s.input])
         binding.bind_output("logits", "cpu")
         for s in self.state:
-            binding.bind_output(s["output"], self.device_type, 0)
+            binding.bind_output(s.output, self.device_type, 0)
         session.run_with_iobinding(binding)
         logits, *new = binding.get_outputs()
-        state = {s["input"]: v for s, v in zip(self.state, new, strict=True)}
+        state = {s.input: v for s, v in zip(self.state, new, strict=True)}
         return self.to_host(logits), state
 
 
 class LanguageModel(StepDecoder):
     kind = "language_model"
 
-    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
+    def __init__(self, directory: Path, card: ModelCard, sessions: SessionFactory):
         super().__init__(directory, card, sessions)
         self.graphs["prefill"] = self._session("prefill", sessions)
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
@@ -208,16 +198,16 @@ class Captioner(StepDecoder):
 
     kind = "captioner"
 
-    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
+    def __init__(self, directory: Path, card: ModelCard, sessions: SessionFactory):
         super().__init__(directory, card, sessions)
         self.encoder = self._session("encoder", sessions)
-        self.preprocess = card["preprocess"]  # what `serving.core.preprocess` makes of an image
-        self.max_length = card["max_length"]
-        self.image_input = card["encoder"]["inputs"][0]["name"]
+        self.preprocess = card.preprocess  # what `serving.core.preprocess` makes of an image
+        self.max_length = card.max_length
+        self.image_input = card.encoder.inputs[0].name
 
     def initial_state(self, image: np.ndarray) -> dict:
         """image: [C, H, W], preprocessed as `self.preprocess` says -> the decoder state."""
-        names = [s["input"] for s in self.state]
+        names = [s.input for s in self.state]
         outputs = self.encoder.run(names, {self.image_input: image[None]})
         return dict(zip(names, outputs, strict=True))
 
@@ -228,26 +218,25 @@ class Graph(Model):
 
     kind = "graph"
 
-    def __init__(self, directory: Path, card: dict, sessions: SessionFactory):
+    def __init__(self, directory: Path, card: ModelCard, sessions: SessionFactory):
         super().__init__(directory, card)
         self.session = self._session("model", sessions)
         # The card of the model this graph belongs to (its vocabulary and state, which
-        # bound what a request may feed the graph), or {} when it cannot be read.
+        # bound what a request may feed the graph), or None when it cannot be read.
         self.of = _parent_card(directory, card)
 
 
-def _parent_card(directory: Path, card: dict) -> dict:
+def _parent_card(directory: Path, card: ModelCard) -> ModelCard | None:
     """The card of `<repository>/<model>/<same version>/`, for a graph published as
     `<model>_<graph>` (export writes both versions together)."""
-    parent = card.get("graph_of", {}).get("model")
-    if not parent:
-        return {}
-    path = directory.parent.parent / parent / directory.name / MODEL_CARD
+    if card.graph_of is None:
+        return None
+    parent = directory.parent.parent / card.graph_of.model / directory.name
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        log.warning("%s: cannot read %s (%s); its token ids go unchecked", card["name"], path, exc)
-        return {}
+        return ModelCard.read(parent)
+    except CardError as exc:
+        log.warning("%s: cannot read %s (%s); its token ids go unchecked", card.name, parent, exc)
+        return None
 
 
 KINDS = {cls.kind: cls for cls in (Classifier, LanguageModel, Captioner, Graph)}
@@ -258,10 +247,10 @@ def load_model(directory: Path, sessions: SessionFactory | str) -> Model:
     if isinstance(sessions, str):
         sessions = SessionFactory(sessions)
     try:
-        card = json.loads((directory / MODEL_CARD).read_text())
-        cls = KINDS[card["kind"]]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"{directory}: unreadable {MODEL_CARD} ({exc!r})") from exc
+        card = ModelCard.read(directory)
+    except CardError as exc:
+        raise ModelLoadError(f"{directory}: unreadable {MODEL_CARD} ({exc})") from exc
+    cls = KINDS[card.kind]
     try:
         return cls(directory, card, sessions)
     except (DeviceError, ModelLoadError):

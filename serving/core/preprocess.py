@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from serving.core.card import Preprocess
 from serving.errors import InvalidArgument, ResourceExhausted
 
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
@@ -205,7 +207,7 @@ def _undecodable(field: str, exc: Exception) -> InvalidArgument:
     )
 
 
-def flatten_alpha(image: Image.Image, background: list[int] | None) -> Image.Image:
+def flatten_alpha(image: Image.Image, background: tuple[int, ...] | None) -> Image.Image:
     """Composite an image with transparency onto the background the model was trained
     on: transparent means background (dropping alpha would expose whatever colour the
     transparent pixels happen to store, often black)."""
@@ -220,23 +222,29 @@ def flatten_alpha(image: Image.Image, background: list[int] | None) -> Image.Ima
     return Image.alpha_composite(base, image.convert("RGBA")).convert("RGB")
 
 
+def _spec(spec: Preprocess | Mapping) -> Preprocess:
+    """A card's preprocessing, typed (its JSON form, a mapping, is read as one)."""
+    return spec if isinstance(spec, Preprocess) else Preprocess.from_json(spec)
+
+
 def image_to_tensor(
-    image: Image.Image, spec: dict, field: str = "image", box: Box | None = None
+    image: Image.Image, spec: Preprocess | Mapping, field: str = "image", box: Box | None = None
 ) -> np.ndarray:
     """Flatten transparency, convert, resize (the region `box` of the image, all of it
     by default), scale and normalize: [C, H, W] float32, as the model card says."""
-    image = flatten_alpha(image, spec.get("background"))
+    spec = _spec(spec)
+    image = flatten_alpha(image, spec.background)
     try:
-        image = image.convert(spec["color_mode"])
+        image = image.convert(spec.color_mode)
     except ValueError as exc:
         raise InvalidArgument(
-            field, f"cannot convert mode {image.mode} to {spec['color_mode']} ({exc})"
+            field, f"cannot convert mode {image.mode} to {spec.color_mode} ({exc})"
         ) from None
-    image = image.resize((spec["width"], spec["height"]), RESAMPLE[spec["resample"]], box)
-    x = np.asarray(image, dtype=np.float32) * np.float32(spec["scale"])
+    image = image.resize((spec.width, spec.height), RESAMPLE[spec.resample], box)
+    x = np.asarray(image, dtype=np.float32) * np.float32(spec.scale)
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)  # [C, H, W]
-    mean = np.asarray(spec["mean"], np.float32)[:, None, None]
-    std = np.asarray(spec["std"], np.float32)[:, None, None]
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    std = np.asarray(spec.std, np.float32)[:, None, None]
     return (x - mean) / std
 
 
@@ -250,7 +258,7 @@ class ImageDecoder:
         self.limits = limits
         self._slots = threading.BoundedSemaphore(limits.max_concurrent_decodes)
 
-    def tensor(self, data: bytes, spec: dict, field: str = "image") -> np.ndarray:
+    def tensor(self, data: bytes, spec: Preprocess | Mapping, field: str = "image") -> np.ndarray:
         """Encoded bytes -> [C, H, W] float32 as `spec` (a model card's preprocess) says."""
         check_encoded(data, field, self.limits)  # refuse before queueing for a decoder
         if not self._slots.acquire(timeout=self.limits.decode_wait_s):
@@ -259,7 +267,8 @@ class ImageDecoder:
                 f"for {self.limits.decode_wait_s:g} s; retry later"
             )
         try:
-            image, box = decode_reduced(data, (spec["width"], spec["height"]), field, self.limits)
+            spec = _spec(spec)
+            image, box = decode_reduced(data, (spec.width, spec.height), field, self.limits)
             return image_to_tensor(image, spec, field, box)
         finally:
             self._slots.release()

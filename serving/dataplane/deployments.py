@@ -142,7 +142,12 @@ class Deployments:
         if isinstance(model, Classifier) and batching.max_batch_size > 1:
             batcher = DynamicBatcher(name, model.logit_rows, batching, self.statistics[name])
         if isinstance(model, StepDecoder):
-            engine = StepEngine(model, model_engine(model.config, self.engine), self.observer(name))
+            engine = StepEngine(
+                model,
+                model_engine(model.config, self.engine),
+                self.observer(name),
+                self.statistics[name].engine,  # counted with the model's other counters
+            )
         self._publish(name, Deployment(model, engine, batcher))
         if old is not None and old.model is not model:
             self._retire(old)

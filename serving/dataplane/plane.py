@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -27,9 +26,8 @@ from serving.core.preprocess import ImageDecoder
 from serving.core.repository import ModelRegistry
 from serving.dataplane.deployments import Deployment, Deployments
 from serving.dataplane.sequences import MAX_SEQUENCES, SequenceStore, idle_us
+from serving.dataplane.stream import OutboxReader, Stream
 from serving.engine import (
-    Delta,
-    Sequence,
     beam_request,
     caption_request,
     step_request,
@@ -37,7 +35,6 @@ from serving.engine import (
 )
 from serving.engine.sampler import SamplingParams
 from serving.errors import (
-    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NonFiniteOutput,
@@ -182,13 +179,13 @@ class DataPlane:
         plain inputs and outputs; state left out starts at zero, as Triton's implicit
         state does) on `feeds`; the `wanted` outputs by name. A classifier's rows join
         its dynamic batch."""
-        state = [s["input"] for s in getattr(model, "state", [])]
+        state = [s.input for s in model.card.state]
         if state and not any(name in feeds for name in state):
             feeds.update(model.zero_state(len(feeds["tokens"])))
         deployment = self.deployments.get(model.name)
         if deployment is not None and deployment.model is model and deployment.batcher:
             with deployment.lease():  # each row through the same queue as Classify's
-                futures = deployment.batcher.enqueue_rows(feeds[model.input["name"]], timing)
+                futures = deployment.batcher.enqueue_rows(feeds[model.input.name], timing)
                 try:
                     rows = [await asyncio.wrap_future(f) for f in futures]
                 except NonFiniteOutput:
@@ -327,74 +324,6 @@ class DataPlane:
 
     async def unload(self, name: str, rpc: str = "RepositoryModelUnload") -> None:
         await self._blocking(self._control(rpc).unload, name)  # it may wait for a load
-
-
-class Stream:
-    """One Generate or Caption stream: an async iterator of `Delta`s, everything the
-    stream produced since the previous one. Nothing runs until it is iterated (inside
-    the transport's stream slot): then it leases its model's deployment, builds the
-    sequence on the worker pool (it may decode an image), submits it to the engine and
-    yields its deltas. `cancel` is safe from any thread: the row leaves the batch at
-    the next iteration and the iteration raises `error`. A cancelled, timed-out or
-    disconnected stream (its task cancelled) leaves the batch at the next iteration."""
-
-    def __init__(self, plane: DataPlane, model, build, deadline, timing):
-        self.plane, self.model, self.build = plane, model, build
-        self.deadline, self.timing = deadline, timing
-        self._error: Exception | None = None
-        self._cancelled = threading.Event()
-        self._live: tuple | None = None  # (engine, sequence) once submitted
-
-    def cancel(self, error: Exception | None = None) -> None:
-        self._error = error or Cancelled("the stream was cancelled")
-        self._cancelled.set()
-        live = self._live
-        if live is not None:
-            live[0].cancel(live[1])
-
-    async def __aiter__(self):
-        with self.plane.timed(self.model, self.timing) as timing:
-            deployment = self.plane._deployment(self.model)
-            with deployment.lease():  # a reload retires it only after this stream
-                engine = deployment.engine
-                seq: Sequence = await self.plane._blocking(self.build)  # or a BeamSearch
-                timing.mark("input")
-                seq.deadline = self.deadline
-                reader = OutboxReader(seq.outbox)
-                self._live = engine, seq
-                engine.submit(seq)
-                try:
-                    while True:
-                        delta = await reader.next()
-                        if delta.error is not None:
-                            raise delta.error
-                        if delta.finished:  # it waited for a batch row, then ran in it
-                            timing.engine(delta.queue_time_us * 1000)
-                        yield delta
-                        if self._cancelled.is_set():
-                            raise self._error
-                        if delta.finished:
-                            return
-                finally:
-                    engine.cancel(seq)  # a no-op once it finished; else it leaves at once
-
-
-class OutboxReader:
-    """Awaits an engine outbox from the event loop: the engine's thread wakes the loop
-    once per wait (the outbox is armed only while nothing is there to take)."""
-
-    def __init__(self, outbox):
-        loop, self._outbox, self._ready = asyncio.get_running_loop(), outbox, asyncio.Event()
-        outbox.on_ready = lambda: loop.call_soon_threadsafe(self._ready.set)
-
-    async def next(self) -> Delta:
-        """Everything the sequence produced since the previous call, waiting for some."""
-        while True:
-            self._ready.clear()
-            delta = self._outbox.take_or_arm()
-            if delta is not None:
-                return delta
-            await self._ready.wait()
 
 
 def _top_k(model: Classifier, top_k: int) -> int:

@@ -43,10 +43,13 @@ class EngineCore:
         wake: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         observer: EngineObserver | None = None,
+        stats: EngineStats | None = None,
     ):
+        """`stats`: where it counts (the model's, `serving.metrics.statistics`); a new
+        object when not given."""
         config, observer = config or EngineConfig(), observer or EngineObserver()
         self.clock = clock
-        self.stats = EngineStats()
+        self.stats = stats if stats is not None else EngineStats()
         self.scheduler = Scheduler(model, config, wake, self.stats)
         self.runner = Runner(model, config, self.stats, observer)
         self.update = Update(model, self.runner, self.stats, observer, clock)
@@ -93,10 +96,14 @@ class StepEngine:
     """An engine core and the thread that runs its iterations while there is work."""
 
     def __init__(
-        self, model, config: EngineConfig | None = None, observer: EngineObserver | None = None
+        self,
+        model,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+        stats: EngineStats | None = None,
     ):
         self._cond = threading.Condition()
-        self.core = EngineCore(model, config, wake=self._wake, observer=observer)
+        self.core = EngineCore(model, config, wake=self._wake, observer=observer, stats=stats)
         self.scheduler = self.core.scheduler  # occupancy(), live, config: from any thread
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -171,10 +178,13 @@ class StepEngine:
             self._thread.join(CLOSE_TIMEOUT_S)
 
 
-def run_alone(model, job: Job, config: EngineConfig | None = None) -> Iterator[Delta]:
+def run_alone(
+    model, job: Job, config: EngineConfig | None = None, stats: EngineStats | None = None
+) -> Iterator[Delta]:
     """Run one job to its end on a private engine core in this thread, yielding each
-    delta as it is produced (tests, tools, and a reference for batch invariance)."""
-    core = EngineCore(model, config)
+    delta as it is produced (tests, tools, and a reference for batch invariance); what
+    it did is counted in `stats` when given."""
+    core = EngineCore(model, config, stats=stats)
     core.submit(job)
     while True:
         core.step()

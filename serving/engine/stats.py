@@ -1,30 +1,12 @@
-"""What an engine did, counted in one place (`EngineStats`: the scheduler, the runner
-and the update each add their part to one object), and what it reports as it goes
-(`EngineObserver`, for metrics)."""
+"""What an engine reports as it goes (`EngineObserver`, for metrics). What it did is
+counted in `serving.metrics.statistics.EngineStats`, with the model's other counters
+(the scheduler, the runner and the update each add their part to that one object)."""
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from serving.metrics.statistics import EngineStats
 
-
-@dataclass
-class EngineStats:
-    """What the engine did, counted in one place for tests, metrics and benchmarks."""
-
-    iterations: int = 0
-    step_runs: int = 0
-    prefill_runs: int = 0
-    joins: int = 0
-    leaves: int = 0
-    refused: int = 0
-    preemptions: int = 0  # prefilling streams swapped out for a shorter prompt
-    batch_sizes: Counter = field(default_factory=Counter)  # decode rows per step run -> runs
-    # Batched state moved between host and device (bound decode runs only): an upload
-    # when the decode batch's streams change, a download before that and for answers.
-    state_uploads: int = 0
-    state_downloads: int = 0
-    finish_reasons: Counter = field(default_factory=Counter)
+__all__ = ["EngineObserver", "EngineStats"]
 
 
 class EngineObserver:

@@ -1,5 +1,9 @@
-"""Per-model inference statistics as plain data (Triton's ModelStatistics), for every
-protocol: Classify, Generate, Caption, KServe ModelInfer and sequence steps count alike.
+"""Every counter of a model, as plain data, in one place: Triton's inference statistics
+(ModelStatistics, and the Prometheus exporter's nv_inference_*) for every protocol
+(Classify, Generate, Caption, KServe ModelInfer and sequence steps count alike), the
+graph runs by batch size (the dynamic batcher's and the engine's), and what a step
+model's engine did (`EngineStats`). ModelStatistics, Prometheus, tests and the bench
+all read them here.
 
 A request is timed in phases, Triton's: `queue` (waiting for a worker, a batch or a
 batch row), `input` (decoding and checking its tensors), `infer` (the graph run, or
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 PHASES = ("queue", "input", "infer", "output")
@@ -71,12 +76,38 @@ class Snapshot:
     last_inference_ms: int = 0  # wall clock of the last request's end, ms since the epoch
 
 
+@dataclass
+class EngineStats:
+    """What the engine did, counted in one place for tests, metrics and benchmarks."""
+
+    iterations: int = 0
+    step_runs: int = 0
+    prefill_runs: int = 0
+    joins: int = 0
+    leaves: int = 0
+    refused: int = 0
+    preemptions: int = 0  # prefilling streams swapped out for a shorter prompt
+    batch_sizes: Counter = field(default_factory=Counter)  # decode rows per step run -> runs
+    # Batched state moved between host and device (bound decode runs only): an upload
+    # when the decode batch's streams change, a download before that and for answers.
+    state_uploads: int = 0
+    state_downloads: int = 0
+    finish_reasons: Counter = field(default_factory=Counter)
+
+
 class ModelStats:
-    """One model's counters, safe from any thread."""
+    """One model's counters, safe from any thread (`engine`: written by the model's
+    engine thread alone, read as plain numbers)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._data = Snapshot()
+        self.engine = EngineStats()  # a step model's continuous batching
+
+    @property
+    def batch_sizes(self) -> Counter:
+        """Batch size -> graph runs timed as executions (the dynamic batcher's batches)."""
+        return Counter({size: d.count for size, d in self.snapshot().batches.items()})
 
     @contextlib.contextmanager
     def request(self, count: int = 1):
