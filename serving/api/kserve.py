@@ -275,7 +275,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def RepositoryModelLoad(self, request, context):
-        self.plane._control("RepositoryModelLoad")  # refused first, whatever the request
+        self.plane.check_control("RepositoryModelLoad")  # refused first, whatever the request
         if not request.model_name:
             raise InvalidArgument("model_name", "required")
         for name in request.parameters:
@@ -291,7 +291,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     @unary
     async def RepositoryModelUnload(self, request, context):
-        self.plane._control("RepositoryModelUnload")
+        self.plane.check_control("RepositoryModelUnload")
         if not request.model_name:
             raise InvalidArgument("model_name", "required")
         await self.plane.unload(request.model_name)

@@ -105,14 +105,14 @@ class DataPlane:
             return contextlib.nullcontext(timing)
         return self.statistics[model.name].request()
 
-    def _deployment(self, model: Model) -> Deployment:
+    def deployment_of(self, model: Model) -> Deployment:
         """The deployment serving `model`; UNAVAILABLE when a reload replaced it."""
         deployment = self.deployments.get(model.name)
         if deployment is None or deployment.model is not model:
             raise Unavailable(f"{model.name} was reloaded as this request began; retry")
         return deployment
 
-    async def _blocking(self, fn, *args):
+    async def blocking(self, fn, *args):
         """Run `fn(*args)` on the worker pool; the event loop goes on serving."""
         return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
 
@@ -139,10 +139,10 @@ class DataPlane:
                 return x
 
             if batcher is None:  # decode and run on a worker
-                return await self._blocking(self._classify_here, model, prepare, timing, tensor)
+                return await self.blocking(self._classify_here, model, prepare, timing, tensor)
             # Decode on a worker, then wait for the batch on the loop (no worker held).
             with deployment.lease():
-                x, top_k = await self._blocking(prepare)
+                x, top_k = await self.blocking(prepare)
                 try:
                     logits = await asyncio.wrap_future(batcher.enqueue(x, timing))
                 except NonFiniteOutput as exc:
@@ -202,7 +202,7 @@ class DataPlane:
             return values
 
         try:
-            values = await self._blocking(run)
+            values = await self.blocking(run)
         except Exception as exc:  # noqa: BLE001 - ORT rejects what its graph cannot take
             raise InvalidArgument("inputs", f"the graph refused them: {exc}"[:400]) from None
         if any(v.dtype.kind == "f" and not np.all(np.isfinite(v)) for v in values):
@@ -256,7 +256,7 @@ class DataPlane:
             raise InvalidArgument(
                 "parameters.sequence_id", f"{model.name} is not a step model (no state)"
             )
-        return self._deployment(model)
+        return self.deployment_of(model)
 
     async def step(
         self,
@@ -306,7 +306,7 @@ class DataPlane:
 
     # -- model control -----------------------------------------------------------------
 
-    def _control(self, rpc: str):
+    def check_control(self, rpc: str):
         control = self.control
         if control is None or control.mode != "explicit":
             mode = control.mode if control is not None else "none"
@@ -320,10 +320,10 @@ class DataPlane:
 
     async def load(self, name: str, rpc: str = "RepositoryModelLoad") -> str:
         """Serve the repository's highest version of `name` (explicit model control)."""
-        return await self._blocking(self._control(rpc).load, name)
+        return await self.blocking(self.check_control(rpc).load, name)
 
     async def unload(self, name: str, rpc: str = "RepositoryModelUnload") -> None:
-        await self._blocking(self._control(rpc).unload, name)  # it may wait for a load
+        await self.blocking(self.check_control(rpc).unload, name)  # it may wait for a load
 
 
 def _top_k(model: Classifier, top_k: int) -> int:

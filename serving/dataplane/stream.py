@@ -35,10 +35,10 @@ class Stream:
 
     async def __aiter__(self):
         with self.plane.timed(self.model, self.timing) as timing:
-            deployment = self.plane._deployment(self.model)
+            deployment = self.plane.deployment_of(self.model)
             with deployment.lease():  # a reload retires it only after this stream
                 engine = deployment.engine
-                seq: Sequence = await self.plane._blocking(self.build)  # or a BeamSearch
+                seq: Sequence = await self.plane.blocking(self.build)  # or a BeamSearch
                 timing.mark("input")
                 seq.deadline = self.deadline
                 reader = OutboxReader(seq.outbox)
