@@ -1,6 +1,6 @@
 """One exception hierarchy for the serving core, each class with a neutral status name.
 
-The core raises these without knowing gRPC; `serving.api.stepwise` maps the names to
+The core raises these without knowing gRPC; `serving.api.status` maps the names to
 gRPC status codes in one place. Every message names the field and what is allowed,
 and lists at most a few offending items (`preview`), so a message never outgrows
 the status header that carries it.
@@ -51,6 +51,11 @@ class DeadlineExceeded(ServingError):
     code = "DEADLINE_EXCEEDED"
 
 
+class LoadFailed(FailedPrecondition):
+    """A model version asked for (RepositoryModelLoad) failed to load; an older one
+    may still serve."""
+
+
 class NonFiniteOutput(ServingError):
     """A graph produced NaN or infinity: never sent; INTERNAL unless the caller knows
     the client's input caused it."""
@@ -58,6 +63,11 @@ class NonFiniteOutput(ServingError):
 
 class ModelLoadError(Exception):
     """A model directory could not be turned into a runnable model (not a request error)."""
+
+
+class CardError(ValueError):
+    """A model card (`model.json`) that is not what serving can run: refused when export
+    builds it and when serving reads it."""
 
 
 class DeviceError(RuntimeError):

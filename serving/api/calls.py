@@ -109,7 +109,7 @@ class Calls(grpc.aio.ServerInterceptor):
             try:
                 try:
                     # handed over, not held: a failed call's traceback keeps this frame
-                    # alive until a garbage collection (serving.api.stepwise.unary)
+                    # alive until a garbage collection (serving.api.status.unary)
                     args, request = [request], None
                     response = await inner(args.pop(), context)
                 except asyncio.CancelledError:

@@ -16,12 +16,22 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 
+from serving.errors import CardError
+
+__all__ = [
+    "KINDS",
+    "MODEL_CARD",
+    "CardError",
+    "GraphIO",
+    "GraphOf",
+    "ModelCard",
+    "Preprocess",
+    "StateSpec",
+    "TensorSpec",
+]
+
 MODEL_CARD = "model.json"
 KINDS = ("classifier", "language_model", "captioner", "graph")
-
-
-class CardError(ValueError):
-    """A model card that is not what serving can run."""
 
 
 def _frozen(mapping: Mapping | None) -> Mapping:

@@ -27,14 +27,10 @@ from serving.core.models import load_model
 from serving.core.repository import latest_versions
 from serving.core.runtime import SessionFactory
 from serving.dataplane.deployments import Deployments
-from serving.errors import ModelLoadError, NotFound, ServingError, Unavailable
+from serving.errors import LoadFailed, ModelLoadError, NotFound, ServingError, Unavailable
 
 log = logging.getLogger(__name__)
 MODES = ("none", "poll", "explicit")
-
-
-class LoadFailed(ServingError):
-    code = "FAILED_PRECONDITION"
 
 
 class ModelControl:
