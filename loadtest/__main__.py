@@ -168,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--top-p", type=float)
     g.add_argument("--seed", type=int, help="the same seed for every request")
     g.add_argument("--max-length", type=int, help="caption: words at most")
+    g.add_argument(
+        "--stream-interval-ms",
+        type=int,
+        help="generate, caption: coalesce tokens within this many ms into one message "
+        "(the request's stream_interval_ms; unset: the server's default)",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", type=Path, default=Path("loadtest-results"))
     g.add_argument("--quiet", action="store_true", help="no per-window progress")

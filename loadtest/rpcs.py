@@ -215,6 +215,7 @@ class Generate(_Stream):
             "temperature": options.temperature,
             "top_k": options.top_k,
             "top_p": options.top_p,
+            "stream_interval_ms": getattr(options, "stream_interval_ms", None),
         }
         sampling = {k: v for k, v in sampling.items() if v is not None}
         rng = random.Random(options.seed)
@@ -242,6 +243,8 @@ class Caption(_Stream):
         from training.data.scenes import make_scenes  # Pillow only: no torch
 
         extra = {"max_length": options.max_length} if options.max_length else {}
+        if getattr(options, "stream_interval_ms", None) is not None:
+            extra["stream_interval_ms"] = options.stream_interval_ms
         return [
             pb.CaptionRequest(model=options.model, image=_png(image), **extra)
             for image, _, _ in make_scenes(16, seed=options.seed or 0)

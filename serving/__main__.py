@@ -132,6 +132,14 @@ def parser() -> argparse.ArgumentParser:
         help="KServe server-held sequences one client may keep live per model",
     )
     p.add_argument(
+        "--stream-interval-ms",
+        type=_count,
+        default=d.stream_interval_ms,
+        help="coalesced streaming for requests that do not set stream_interval_ms: tokens "
+        "within this many ms of the oldest unsent one share a message; the first token "
+        "and the last message never wait (0: a message per token)",
+    )
+    p.add_argument(
         "--stream-stall-timeout",
         type=_seconds,
         default=d.stream_stall_timeout_s,
@@ -277,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             client_id_header=args.client_id_header.lower() if args.client_id_header else None,
             max_sequences_per_client=args.max_sequences_per_client,
             stream_stall_timeout_s=args.stream_stall_timeout,
+            stream_interval_ms=args.stream_interval_ms,
             drain_delay_s=args.drain_delay,
             grace_period_s=args.grace_period,
             engine=EngineConfig(

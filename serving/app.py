@@ -100,7 +100,9 @@ class Server:
             config.repository_poll_secs,
             registry.sessions or SessionFactory(config.device, config.intra_op_threads),
         )  # fmt: skip
-        self.servicer = InferenceServicer(self.plane, self.streams, identify)
+        self.servicer = InferenceServicer(
+            self.plane, self.streams, identify, config.stream_interval_ms
+        )
         # The KServe V2 protocol; its server-held sequences join the same engines.
         self.kserve = kserve.KServeServicer(self.plane, self.kserve_streams, identify)
         self.health = health.aio.HealthServicer()

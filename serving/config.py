@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.api.limits import MAX_STREAM_INTERVAL_MS
 from serving.api.security import SecurityConfig
 from serving.batching.dynamic import BatchingConfig
 from serving.core.preprocess import ImageLimits
@@ -49,6 +50,9 @@ class ServerConfig:
     # A stream whose client takes no message for this long (a flow-control window that
     # never reopens) is cancelled and frees its slot; 0 disables the watchdog.
     stream_stall_timeout_s: float = 5.0
+    # Coalesced streaming for requests that leave stream_interval_ms unset: tokens within
+    # this many ms of the oldest unsent one share a message (0: a message per token).
+    stream_interval_ms: int = 20
     max_message_bytes: int = 32 * 1024 * 1024
     request_log: bool = True  # one log line per RPC (serving.api.logs)
     # HTTP/2 connection hygiene: ping idle peers, close connections idle or old (clients
@@ -79,6 +83,11 @@ class ServerConfig:
         if self.max_waiting_streams < 0 or self.max_sequences_per_client < 1:
             raise ValueError(
                 "max_waiting_streams must be >= 0 and max_sequences_per_client at least 1"
+            )
+        if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+            raise ValueError(
+                f"stream_interval_ms must be 0 to {MAX_STREAM_INTERVAL_MS}, "
+                f"not {self.stream_interval_ms}"
             )
         if self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be 0 or more, not {self.intra_op_threads}")

@@ -114,6 +114,8 @@ def test_seeded_sampling_repeats_differs_across_seeds_and_never_says_start(capti
      "beam_size"),
     (dict(model="captioner", image=b"x", beam_size=3, temperature=1.0),
      grpc.StatusCode.INVALID_ARGUMENT, "beam_size"),
+    (dict(model="captioner", image=b"x", stream_interval_ms=1001),
+     grpc.StatusCode.INVALID_ARGUMENT, "stream_interval_ms"),
 ])  # fmt: skip
 def test_caption_errors_name_the_field(captioner, fields, code, field):
     client = captioner[0]

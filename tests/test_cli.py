@@ -226,6 +226,7 @@ def test_the_command_line_takes_every_default_from_the_configuration():
         "max_waiting_streams": "max_waiting_streams", "client_id_header": "client_id_header",
         "max_sequences_per_client": "max_sequences_per_client",
         "stream_stall_timeout_s": "stream_stall_timeout", "drain_delay_s": "drain_delay",
+        "stream_interval_ms": "stream_interval_ms",
         "grace_period_s": "grace_period", "intra_op_threads": "intra_op_threads",
         "request_log": "request_log", "max_message_bytes": "max_message_bytes",
     }  # fmt: skip
@@ -251,6 +252,7 @@ def test_the_configuration_refuses_what_cannot_run():
         dict(max_streams=0), dict(device="tpu"), dict(model_control_mode="sometimes"),
         dict(model_control_mode="poll", repository_poll_secs=0), dict(intra_op_threads=-1),
         dict(grace_period_s=-1), dict(max_sequences_per_client=0),
+        dict(stream_interval_ms=1001),
     ):  # fmt: skip
         with pytest.raises(ValueError):
             ServerConfig(**bad)

@@ -196,3 +196,38 @@ def test_one_place_counts_the_engine_the_batcher_and_the_requests(plane):
     asyncio.run(plane.classify(lenet, image=_png(5)))
     batcher = plane.deployments.get("lenet5").batcher
     assert batcher.stats is plane.statistics["lenet5"] and batcher.batch_sizes == {1: 1}
+
+
+def test_a_coalescing_reader_holds_for_the_interval_and_never_past_the_end():
+    """What is there waits up to the interval for company, counted from the oldest
+    token; the stream's end releases it at once (a 30 s interval would time out here)."""
+    from serving.dataplane.stream import OutboxReader
+    from serving.engine import Outbox
+
+    def token(t):
+        return lambda d: d.tokens.append(t)
+
+    def end(d):
+        d.finished, d.finish_reason = True, "length"
+
+    async def run():
+        outbox = Outbox()
+        reader = OutboxReader(outbox)
+        outbox.put(token(1))
+        assert (await asyncio.wait_for(reader.next(0), 5)).tokens == [1]  # no interval
+        outbox.put(token(2))
+        held = asyncio.ensure_future(reader.next(30.0))
+        await asyncio.sleep(0.05)
+        outbox.put(token(3))
+        await asyncio.sleep(0.05)
+        assert not held.done()  # within the interval: held for company
+        outbox.put(end)
+        last = await asyncio.wait_for(held, 5)  # the end goes out at once
+        assert last.tokens == [2, 3] and last.finished
+        short = Outbox()
+        reader = OutboxReader(short)
+        short.put(token(7))
+        got = await asyncio.wait_for(reader.next(0.1), 5)  # the interval ends it
+        assert got.tokens == [7] and not got.finished
+
+    asyncio.run(run())

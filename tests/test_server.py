@@ -273,6 +273,35 @@ def test_tokens_stream_before_generation_ends(server, client, slow_lm):
     stream.cancel()
 
 
+def test_coalesced_streaming_sends_the_same_tokens_in_fewer_messages(channel, slow_lm):
+    """At 5 ms a step, stream_interval_ms=50 puts about ten tokens in a message, unset
+    (the server's default, 20 ms) about four; 0 sends each as it comes. The text, the
+    token count and the finish are the same; a value past 1000 is refused, naming the
+    field."""
+    from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.InferenceStub(channel)
+
+    def run(**interval):
+        request = pb.GenerateRequest(
+            model="char_lstm", prompt="KING.\n", max_tokens=60, min_tokens=60, seed=5, **interval
+        )
+        return list(stub.Generate(request, timeout=60))
+
+    alone, coalesced = run(stream_interval_ms=0), run(stream_interval_ms=50)
+    assert "".join(r.text for r in coalesced) == "".join(r.text for r in alone)
+    assert coalesced[-1].completion_tokens == alone[-1].completion_tokens == 60
+    assert coalesced[-1].finish_reason == alone[-1].finish_reason == "length"
+    assert len(alone) >= 40  # a message per token, or nearly: the client keeps up
+    assert len(coalesced) <= 20  # about 60 / 10, the first token alone
+    assert len(coalesced[0].text) <= 2  # the first token was not held for company
+    assert len(run()) <= 30  # unset: the server's default, 20 ms
+    with pytest.raises(grpc.RpcError) as info:
+        run(stream_interval_ms=1001)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("stream_interval_ms: got 1001; allowed 0")
+
+
 def test_cancelled_stream_stops_generating(server, client, slow_lm):
     start = graph_runs(server)
     stream = client.generate_stream(

@@ -11,4 +11,5 @@ MAX_STOPS, MAX_STOP_CHARS = 8, 64
 MAX_PROMPT_CHARS = 16_384  # a Generate prompt, or a KServe request's token ids
 MAX_CAPTION_WORDS = 64
 MAX_BEAMS = 16
+MAX_STREAM_INTERVAL_MS = 1000  # coalesced streaming: the longest a token may wait
 MAX_TENSOR_DIMS = 8  # far above any model's rank; numpy itself stops at 64

@@ -23,6 +23,7 @@ from serving.api.limits import (
     MAX_PROMPT_CHARS,
     MAX_STOP_CHARS,
     MAX_STOPS,
+    MAX_STREAM_INTERVAL_MS,
     MAX_TENSOR_DIMS,
     MAX_TOKENS_DEFAULT,
     MAX_TOKENS_LIMIT,
@@ -136,7 +137,13 @@ def sampling_params(request: pb.GenerateRequest, vocab_size: int) -> tuple[int, 
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, plane: DataPlane, streams: StreamSlots, identify=None):
+    def __init__(
+        self,
+        plane: DataPlane,
+        streams: StreamSlots,
+        identify=None,
+        stream_interval_ms: int = 0,
+    ):
         """Handlers run on the server's event loop and never block it (the data plane
         sends blocking work to its worker pool); a stream holds no thread, only a slot
         (`streams`: global and per-client caps, stall watchdog) and a row in its
@@ -144,6 +151,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.plane = plane
         self.streams = streams
         self.identify = identify or client_identity  # quota key: context -> client
+        self.stream_interval_ms = stream_interval_ms  # for requests that leave it unset
 
     @unary
     async def ListModels(self, request, context):
@@ -195,7 +203,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             max_tokens, params = sampling_params(request, len(model.vocab))
             stream = self.plane.generate(
                 model, request.prompt, max_tokens, params, list(request.stop),
-                _deadline(context), timing,
+                _deadline(context), timing, self._interval(request),
             )  # fmt: skip
             async for delta in self._held(stream, context):
                 yield pb.GenerateResponse(
@@ -216,7 +224,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             max_length, params = caption_params(request, model.max_length)
             stream = self.plane.caption(
                 model, request.image, max_length, params, request.beam_size,
-                _deadline(context), timing,
+                _deadline(context), timing, self._interval(request),
             )  # fmt: skip
             words = []
             async for delta in self._held(stream, context):
@@ -239,6 +247,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                         for b in delta.beams or ()
                     ],
                 )
+
+    def _interval(self, request) -> int:
+        """The request's stream_interval_ms, or the server's when unset."""
+        if not request.HasField("stream_interval_ms"):
+            return self.stream_interval_ms
+        interval = request.stream_interval_ms
+        if interval > MAX_STREAM_INTERVAL_MS:
+            raise InvalidArgument(
+                "stream_interval_ms",
+                f"got {interval}; allowed 0 (a message per token) to {MAX_STREAM_INTERVAL_MS}",
+            )
+        return interval
 
     def _held(self, stream, context):
         """The stream's deltas inside a stream slot (waiting for one, fairly, when all

@@ -220,10 +220,12 @@ class DataPlane:
         stop: list[str] = (),
         deadline: float | None = None,
         timing: RequestTiming | None = None,
+        interval_ms: int = 0,
     ) -> Stream:
-        """Text from `prompt`, as a stream of deltas (`Stream`)."""
+        """Text from `prompt`, as a stream of deltas (`Stream`); tokens within
+        `interval_ms` of each other share a delta."""
         seq = text_request(model, prompt, max_tokens, params, list(stop))
-        return Stream(self, model, lambda: seq, deadline, timing)
+        return Stream(self, model, lambda: seq, deadline, timing, interval_ms / 1000)
 
     def caption(
         self,
@@ -234,6 +236,7 @@ class DataPlane:
         beam_size: int = 0,
         deadline: float | None = None,
         timing: RequestTiming | None = None,
+        interval_ms: int = 0,
     ):
         """A caption of an encoded `image`, as a stream of deltas (each word a piece);
         with `beam_size` > 1, beam search, whose last delta carries the ranked beams."""
@@ -244,7 +247,7 @@ class DataPlane:
                 return beam_request(model, tensor, beam_size, max_length)
             return caption_request(model, tensor, max_length, params)
 
-        return Stream(self, model, job, deadline, timing)
+        return Stream(self, model, job, deadline, timing, interval_ms / 1000)
 
     # -- server-held sequences ---------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from serving.engine import Delta, Sequence
 from serving.errors import Cancelled
@@ -17,11 +18,15 @@ class Stream:
     sequence on the worker pool (it may decode an image), submits it to the engine and
     yields its deltas. `cancel` is safe from any thread: the row leaves the batch at
     the next iteration and the iteration raises `error`. A cancelled, timed-out or
-    disconnected stream (its task cancelled) leaves the batch at the next iteration."""
+    disconnected stream (its task cancelled) leaves the batch at the next iteration.
 
-    def __init__(self, plane, model, build, deadline, timing):
+    With `interval_s`, everything produced within `interval_s` of the oldest part not
+    yet yielded goes out in one delta (coalesced streaming): the first token and the
+    end are yielded at once, and nothing waits longer than the interval."""
+
+    def __init__(self, plane, model, build, deadline, timing, interval_s: float = 0.0):
         self.plane, self.model, self.build = plane, model, build
-        self.deadline, self.timing = deadline, timing
+        self.deadline, self.timing, self.interval_s = deadline, timing, interval_s
         self._error: Exception | None = None
         self._cancelled = threading.Event()
         self._live: tuple | None = None  # (engine, sequence) once submitted
@@ -45,8 +50,11 @@ class Stream:
                 self._live = engine, seq
                 engine.submit(seq)
                 try:
+                    interval = 0.0  # the first token goes out at once
                     while True:
-                        delta = await reader.next()
+                        delta = await reader.next(interval)
+                        if delta.tokens or delta.pieces:
+                            interval = self.interval_s
                         if delta.error is not None:
                             raise delta.error
                         if delta.finished:  # it waited for a batch row, then ran in it
@@ -65,14 +73,31 @@ class OutboxReader:
     once per wait (the outbox is armed only while nothing is there to take)."""
 
     def __init__(self, outbox):
-        loop, self._outbox, self._ready = asyncio.get_running_loop(), outbox, asyncio.Event()
-        outbox.on_ready = lambda: loop.call_soon_threadsafe(self._ready.set)
+        self._loop, self._outbox, self._ready = asyncio.get_running_loop(), outbox, asyncio.Event()
+        outbox.on_ready = lambda: self._loop.call_soon_threadsafe(self._ready.set)
 
-    async def next(self) -> Delta:
-        """Everything the sequence produced since the previous call, waiting for some."""
+    async def next(self, interval_s: float = 0.0) -> Delta:
+        """Everything the sequence produced since the previous call, waiting for some;
+        with `interval_s`, also what it produces until `interval_s` after the oldest of
+        it, unless the stream ends first (then at once): coalesced streaming."""
+        if interval_s <= 0:
+            while True:
+                self._ready.clear()
+                delta = self._outbox.take_or_arm()
+                if delta is not None:
+                    return delta
+                await self._ready.wait()
         while True:
             self._ready.clear()
-            delta = self._outbox.take_or_arm()
-            if delta is not None:
-                return delta
+            if self._outbox.ready_or_arm():
+                break
             await self._ready.wait()
+        hold = self._outbox.ready_since + interval_s - time.monotonic()
+        self._ready.clear()
+        if hold > 0 and not self._outbox.ready_or_arm(end_only=True):
+            timer = self._loop.call_later(hold, self._ready.set)
+            try:
+                await self._ready.wait()  # the interval, or the stream's end
+            finally:
+                timer.cancel()
+        return self._outbox.take_or_arm()

@@ -70,6 +70,8 @@ class Outbox:
         self._ready = False
         self._done = False
         self._armed = False  # a consumer found nothing and waits for `on_ready`
+        self._armed_end = False  # a consumer holds what is there until the end comes
+        self.ready_since = 0.0  # time.monotonic() of the oldest put not yet taken
         self.on_ready: Callable[[], None] | None = None  # called outside the lock
 
     def put(self, update: Callable[[Delta], None]) -> None:
@@ -77,12 +79,27 @@ class Outbox:
             if self._done:
                 return
             update(self._delta)
-            self._ready = True
+            if not self._ready:
+                self._ready, self.ready_since = True, time.monotonic()
             self._done = self._delta.finished
             self._cond.notify_all()
-            wake, self._armed = self._armed, False
+            wake = self._armed or (self._armed_end and self._done)
+            if wake:
+                self._armed = self._armed_end = False
         if wake and self.on_ready is not None:
             self.on_ready()  # once per wait, not once per token
+
+    def ready_or_arm(self, end_only: bool = False) -> bool:
+        """Whether there is something to take (with `end_only`: whether the stream's end
+        is there), else False having armed `on_ready` for the next put (for the end,
+        with `end_only`): a consumer that waits before it takes."""
+        with self._cond:
+            if end_only:
+                self._armed_end = not self._done
+                return self._done
+            if not self._ready:
+                self._armed = True
+            return self._ready
 
     def take_or_arm(self) -> Delta | None:
         """The accumulated delta, or None having armed `on_ready` for the next put (an
@@ -92,6 +109,7 @@ class Outbox:
                 self._armed = True
                 return None
             delta, self._delta, self._ready = self._delta, Delta(), False
+            self._armed_end = False
             return delta
 
     def take(self, timeout: float | None = None) -> Delta | None:
