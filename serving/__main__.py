@@ -202,10 +202,18 @@ def parser() -> argparse.ArgumentParser:
         "--intra-op-threads",
         type=_count,
         default=d.intra_op_threads,
-        help="ONNX Runtime threads per graph run on the CPU: 0 (default) its own choice, "
-        "one per physical core, "
-        "spinning between runs; 1 runs each graph on its calling thread: half the CPU "
-        "per Classify here, but about half the Generate tokens/s (docs/BENCHMARKS.md)",
+        help="ONNX Runtime threads per graph run on the CPU, for every graph: 0 its pool, "
+        "one per physical core; 1 each run on its calling thread. Unset: by graph, as "
+        "measured (docs/BENCHMARKS.md): the pool for step and prefill graphs (1.7x the "
+        "tokens/s at 64 streams), 1 for classifiers and encoders (0.53-0.59x the CPU "
+        "per request)",
+    )
+    p.add_argument(
+        "--intra-op-spinning",
+        action=argparse.BooleanOptionalAction,
+        default=d.intra_op_spinning,
+        help="ONNX Runtime's pool threads spin for work between runs (its default; "
+        "--no-intra-op-spinning: they sleep, and an idle server burns no CPU)",
     )
     p.add_argument(
         "--request-log",
@@ -278,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             device=args.device,
             intra_op_threads=args.intra_op_threads,
+            intra_op_spinning=args.intra_op_spinning,
             max_workers=args.max_workers,
             max_streams=args.max_streams,
             max_streams_per_client=args.max_streams_per_client,

@@ -98,7 +98,8 @@ class Server:
         self.plane.control = self.control = ModelControl(
             self.deployments, config.model_repository, config.model_control_mode,
             config.repository_poll_secs,
-            registry.sessions or SessionFactory(config.device, config.intra_op_threads),
+            registry.sessions
+            or SessionFactory(config.device, config.intra_op_threads, config.intra_op_spinning),
         )  # fmt: skip
         self.servicer = InferenceServicer(
             self.plane, self.streams, identify, config.stream_interval_ms
@@ -257,7 +258,7 @@ def create_server(
 ) -> tuple[Server, int]:
     """Load the models (unless given), bind, and return the server ready to start."""
     registry = registry or ModelRegistry.load(
-        config.model_repository, config.device, config.intra_op_threads
+        config.model_repository, config.device, config.intra_op_threads, config.intra_op_spinning
     )
     server = Server(config, registry)
     return server, server.port

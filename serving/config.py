@@ -33,7 +33,9 @@ class ServerConfig:
     device: str = "auto"  # cpu, cuda or auto
     # ONNX Runtime threads per graph run on the CPU; 0: its default, one per physical core
     # (they spin between runs); 1: the run stays on the calling thread, no pool.
-    intra_op_threads: int = 0
+    intra_op_threads: int | None = None  # None: by graph kind (core/runtime.py)
+    # Whether those threads spin between runs (ONNX Runtime's default) or sleep.
+    intra_op_spinning: bool = True
     # Threads for blocking work (decoding images, running graphs); streams hold none.
     max_workers: int = 16
     # Concurrent Generate/Caption/ModelStreamInfer streams, all models together; past it
@@ -89,7 +91,7 @@ class ServerConfig:
                 f"stream_interval_ms must be 0 to {MAX_STREAM_INTERVAL_MS}, "
                 f"not {self.stream_interval_ms}"
             )
-        if self.intra_op_threads < 0:
+        if self.intra_op_threads is not None and self.intra_op_threads < 0:
             raise ValueError(f"intra_op_threads must be 0 or more, not {self.intra_op_threads}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {self.device!r}")

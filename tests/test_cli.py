@@ -226,7 +226,7 @@ def test_the_command_line_takes_every_default_from_the_configuration():
         "max_waiting_streams": "max_waiting_streams", "client_id_header": "client_id_header",
         "max_sequences_per_client": "max_sequences_per_client",
         "stream_stall_timeout_s": "stream_stall_timeout", "drain_delay_s": "drain_delay",
-        "stream_interval_ms": "stream_interval_ms",
+        "stream_interval_ms": "stream_interval_ms", "intra_op_spinning": "intra_op_spinning",
         "grace_period_s": "grace_period", "intra_op_threads": "intra_op_threads",
         "request_log": "request_log", "max_message_bytes": "max_message_bytes",
     }  # fmt: skip

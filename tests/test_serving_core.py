@@ -207,10 +207,38 @@ def test_intra_op_threads_reach_every_session_and_change_no_result(repository):
     default = ModelRegistry.load(repository, "cpu").models["lenet5"]
     single = ModelRegistry.load(repository, "cpu", intra_op_threads=1).models["lenet5"]
     assert single.session.get_session_options().intra_op_num_threads == 1
-    assert default.session.get_session_options().intra_op_num_threads == 0
+    # unset: by graph kind, as measured: a classifier runs on its calling thread, a
+    # step model's graphs on the pool; one number set applies to every graph
+    assert default.session.get_session_options().intra_op_num_threads == 1
+    lm = ModelRegistry.load(repository, "cpu").models
+    for graph in lm["char_lstm"].graphs.values():
+        assert graph.get_session_options().intra_op_num_threads == 0
+    assert lm["char_lstm_prefill"].session.get_session_options().intra_op_num_threads == 0
+    pool = ModelRegistry.load(repository, "cpu", intra_op_threads=0).models["lenet5"]
+    assert pool.session.get_session_options().intra_op_num_threads == 0
     x = np.random.default_rng(0).random((4, *single.input.shape[1:]), np.float32)
     np.testing.assert_allclose(
         np.stack(single.logit_rows(x)), np.stack(default.logit_rows(x)), rtol=1e-5, atol=1e-6
     )
     with pytest.raises(ValueError, match="intra_op_threads"):
         create_server(loopback_config(repository, intra_op_threads=-1))
+
+
+def test_spinning_off_reaches_every_session_and_changes_no_result(repository):
+    spin = ModelRegistry.load(repository, "cpu").models["char_lstm"]
+    calm = ModelRegistry.load(repository, "cpu", spinning=False).models["char_lstm"]
+
+    def spinning(session) -> str | None:
+        try:
+            return session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning"
+            )
+        except RuntimeError:  # not set: ONNX Runtime's default, spinning
+            return None
+
+    for graph in ("step", "prefill"):
+        assert spinning(calm.graphs[graph]) == "0" and spinning(spin.graphs[graph]) is None
+    tokens, state = np.asarray([[5], [9]], np.int64), spin.zero_state(2)
+    np.testing.assert_array_equal(
+        spin.run("step", tokens, state)[0], calm.run("step", tokens, state)[0]
+    )

@@ -25,10 +25,13 @@ class Stream(threading.Thread):
     def __init__(self, stub, seed: int):
         super().__init__(daemon=True)
         # min_tokens: no stream ends early on EOS, so some are cut by the grace period
-        # whatever the session's tiny model learned (a full-suite run once saw all 8 end).
+        # whatever the session's tiny model learned (a full-suite run once saw all 8 end);
+        # a message per token (stream_interval_ms 0) keeps each stream as slow as the
+        # transport makes it, not the faster coalesced default.
         request = pb.GenerateRequest(
-            model="char_lstm", prompt="KING.\n", max_tokens=4096, min_tokens=4096, seed=seed
-        )
+            model="char_lstm", prompt="KING.\n", max_tokens=4096, min_tokens=4096, seed=seed,
+            stream_interval_ms=0,
+        )  # fmt: skip
         self.call = stub.Generate(request, timeout=60)
         self.text, self.finish_reason, self.code, self.details = "", "", None, ""
         self.first = threading.Event()

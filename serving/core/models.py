@@ -38,7 +38,9 @@ class Model:
         self.metrics = _read_metrics(directory / "metrics.json")
 
     def _session(self, graph: str, sessions: SessionFactory):
-        session = sessions(self.directory / self.card.graphs[graph])
+        # A published graph (`<model>_prefill`) runs as the graph it is.
+        kind = self.card.graph_of.graph if self.card.graph_of else graph
+        session = sessions(self.directory / self.card.graphs[graph], kind)
         self.provider = session.get_providers()[0]
         return session
 

@@ -49,11 +49,13 @@ class ModelRegistry:
         self.failed_versions: dict[tuple[str, str], str] = {}
 
     @classmethod
-    def load(cls, root: Path, device: str, intra_op_threads: int = 0) -> ModelRegistry:
+    def load(
+        cls, root: Path, device: str, intra_op_threads: int | None = None, spinning: bool = True
+    ) -> ModelRegistry:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"model repository {root} does not exist; run `make models`")
-        models, failed, sessions = {}, {}, SessionFactory(device, intra_op_threads)
+        models, failed, sessions = {}, {}, SessionFactory(device, intra_op_threads, spinning)
         for name, directory in latest_versions(root).items():
             try:
                 model = load_model(directory, sessions)

@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("cpu", "cuda", "auto")
+# ONNX Runtime's CPU threads per run, by the graph's kind, unless the operator sets one
+# number for all (`--intra-op-threads`). Measured with `python -m bench.ort_threading`
+# (docs/BENCHMARKS.md): a step graph runs 64 streams' rows at once, and its pool (one
+# thread per core, 0) gives 1.7x the tokens/s of one thread at the same CPU per token;
+# a classifier or encoder runs one request's image, where the pool buys 1.08-1.17x the
+# requests/s of one client for 1.7-1.9x the CPU per request, and one thread per run
+# lets concurrent requests use the cores instead.
+INTRA_OP_THREADS = {"step": 0, "prefill": 0, "model": 1, "encoder": 1}
 
 
 def requested_providers(device: str, available: list[str] | None = None) -> list[str]:
@@ -56,14 +64,26 @@ class SessionFactory:
     rest go straight to the CPU instead of failing to load CUDA once per graph.
     """
 
-    def __init__(self, device: str, intra_op_threads: int = 0):
+    def __init__(self, device: str, intra_op_threads: int | None = None, spinning: bool = True):
         requested_providers(device)  # validate early
         self.device = device
-        self.intra_op_threads = intra_op_threads
+        self.intra_op_threads = intra_op_threads  # None: by graph (INTRA_OP_THREADS)
+        # Whether ONNX Runtime's pool threads spin for work between runs (its default)
+        # or sleep: spinning answers a run sooner and burns CPU while idle.
+        self.spinning = spinning
 
-    def __call__(self, path: Path) -> ort.InferenceSession:
+    def threads(self, graph: str) -> int:
+        """Intra-op threads for a graph of this name ("step", "prefill", "model",
+        "encoder"; 0: ONNX Runtime's pool, one thread per physical core)."""
+        if self.intra_op_threads is not None:
+            return self.intra_op_threads
+        return INTRA_OP_THREADS.get(graph, 1)
+
+    def __call__(self, path: Path, graph: str = "model") -> ort.InferenceSession:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
+        options.intra_op_num_threads = self.threads(graph)
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only: a CUDA fallback is reported by us
         providers = requested_providers(self.device)
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
