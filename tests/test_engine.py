@@ -449,6 +449,50 @@ def test_an_armed_outbox_wakes_its_consumer_once_per_wait():
     assert seq.outbox.take_or_arm().tokens == [5]
 
 
+def test_an_iteration_wakes_each_event_loop_once_however_many_streams_turn_ready():
+    """Six armed outboxes of coalescing readers on two event loops turn ready in one
+    iteration: each loop is called into once, at the iteration's end, and sets all its
+    readers' events. Outside an iteration, or for a reader of every token, an outbox
+    wakes its reader at once, as before."""
+    from serving.engine.request import Waker, batched_wakes
+
+    class Loop:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.calls.append((fn, args))
+
+    class Event:
+        done = False
+
+        def set(self):
+            self.done = True
+
+    loops, seqs, events = [Loop(), Loop()], [fake_request([1]) for _ in range(6)], []
+    for i, seq in enumerate(seqs):
+        events.append(Event())
+        seq.outbox.on_ready = Waker(loops[i % 2], events[-1], batch=True)
+        assert seq.outbox.take_or_arm() is None  # armed
+    with batched_wakes():
+        for seq in seqs:
+            seq.outbox.put(lambda d: d.tokens.append(2))
+        assert [len(loop.calls) for loop in loops] == [0, 0]  # held to the iteration's end
+    assert [len(loop.calls) for loop in loops] == [1, 1]
+    for loop in loops:
+        fn, args = loop.calls[0]
+        fn(*args)
+    assert all(e.done for e in events)
+    assert seqs[0].outbox.take_or_arm().tokens == [2] and seqs[0].outbox.take_or_arm() is None
+    seqs[0].outbox.put(lambda d: d.tokens.append(3))  # no iteration: at once
+    assert len(loops[0].calls) == 2
+    seqs[2].outbox.on_ready.batch = False  # a reader of every token: woken at once
+    assert seqs[2].outbox.take_or_arm().tokens == [2] and seqs[2].outbox.take_or_arm() is None
+    with batched_wakes():
+        seqs[2].outbox.put(lambda d: d.tokens.append(3))
+        assert len(loops[0].calls) == 3
+
+
 @pytest.mark.parametrize("bind", [False, True], ids=["host-state", "bound-state"])
 def test_step_requests_join_the_batch_and_reproduce_greedy_generation(repository, bind):
     """A client-driven sequence (feed a token, get logits, keep the state) run through

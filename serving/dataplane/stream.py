@@ -8,6 +8,7 @@ import threading
 import time
 
 from serving.engine import Delta, Sequence
+from serving.engine.request import Waker
 from serving.errors import Cancelled
 
 
@@ -74,12 +75,16 @@ class OutboxReader:
 
     def __init__(self, outbox):
         self._loop, self._outbox, self._ready = asyncio.get_running_loop(), outbox, asyncio.Event()
-        outbox.on_ready = lambda: self._loop.call_soon_threadsafe(self._ready.set)
+        # A coalescing reader's wake-ups join the engine iteration's others (one call
+        # into the loop per iteration); a reader of every token is woken at once, so the
+        # loop sends while the engine still delivers (measured: docs/BENCHMARKS.md).
+        self._waker = outbox.on_ready = Waker(self._loop, self._ready)
 
     async def next(self, interval_s: float = 0.0) -> Delta:
         """Everything the sequence produced since the previous call, waiting for some;
         with `interval_s`, also what it produces until `interval_s` after the oldest of
         it, unless the stream ends first (then at once): coalesced streaming."""
+        self._waker.batch = interval_s > 0
         if interval_s <= 0:
             while True:
                 self._ready.clear()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from serving.core.leases import Leases
-from serving.engine.request import Delta, Status
+from serving.engine.request import Delta, Status, batched_wakes
 from serving.engine.runner import Runner, as_serving_error
 from serving.engine.scheduler import EngineConfig, Scheduler
 from serving.engine.stats import EngineObserver, EngineStats
@@ -159,7 +159,8 @@ class StepEngine:
                 if self._stopped:
                     return
             try:
-                self.core.step()
+                with batched_wakes():  # one wake-up per event loop per iteration
+                    self.core.step()
             except Exception as exc:  # noqa: BLE001 - the engine must outlive any bug
                 log.exception("%s: engine iteration failed", self.model.name)
                 try:

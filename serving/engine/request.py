@@ -6,6 +6,7 @@ between its queues and rebuilds the batch from them at every iteration. (A beam 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import threading
@@ -59,6 +60,53 @@ class Delta:
     beams: list | None = None
 
 
+class Waker:
+    """How an outbox wakes a reader on an event loop: `event.set()` on `loop`, from any
+    thread. Called at once, or, when `batch` is set and inside `batched_wakes()`, with
+    every other such waker of the same loop in one call into that loop."""
+
+    __slots__ = ("loop", "event", "batch")
+
+    def __init__(self, loop, event, batch: bool = False):
+        self.loop, self.event, self.batch = loop, event, batch
+
+    def __call__(self) -> None:
+        _wake(self.loop, [self.event])
+
+
+def _wake(loop, events: list) -> None:
+    try:
+        loop.call_soon_threadsafe(_set_all, events)
+    except RuntimeError:  # the loop is closed: its readers are gone
+        pass
+
+
+def _set_all(events: list) -> None:
+    for event in events:
+        event.set()
+
+
+_batch = threading.local()
+
+
+@contextlib.contextmanager
+def batched_wakes():
+    """Within it (one engine iteration, on the engine's thread), the outboxes that turn
+    ready wake their readers together when it ends: one call into each event loop per
+    iteration, not one per stream."""
+    pending: list[Waker] = []
+    _batch.pending = pending
+    try:
+        yield
+    finally:
+        _batch.pending = None
+        by_loop: dict = {}
+        for waker in pending:
+            by_loop.setdefault(waker.loop, []).append(waker.event)
+        for loop, events in by_loop.items():
+            _wake(loop, events)
+
+
 class Outbox:
     """Where the scheduler leaves a stream's output and the transport takes it: every
     `take` returns all that accumulated since the previous one, so a client that reads
@@ -86,8 +134,12 @@ class Outbox:
             wake = self._armed or (self._armed_end and self._done)
             if wake:
                 self._armed = self._armed_end = False
-        if wake and self.on_ready is not None:
-            self.on_ready()  # once per wait, not once per token
+        if wake and self.on_ready is not None:  # once per wait, not once per token
+            pending = getattr(_batch, "pending", None)
+            if pending is not None and getattr(self.on_ready, "batch", False):
+                pending.append(self.on_ready)  # with the iteration's other wake-ups
+            else:
+                self.on_ready()
 
     def ready_or_arm(self, end_only: bool = False) -> bool:
         """Whether there is something to take (with `end_only`: whether the stream's end
