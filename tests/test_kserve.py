@@ -412,6 +412,26 @@ def test_narrow_typed_integers_are_refused_out_of_range_never_wrapped():
         decode_inputs(request, spec)
 
 
+def test_raw_tensors_are_read_in_place_on_a_little_endian_machine():
+    """raw_input_contents become arrays over the request's own bytes (no copy) where the
+    byte order already matches; the values are the same either way."""
+    import sys
+
+    import numpy as np
+
+    from serving.api.kserve_codec import decode_inputs
+
+    x = np.arange(6, dtype="<f4").reshape(2, 3)
+    request = kpb.ModelInferRequest()
+    request.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    request.raw_input_contents.append(x.tobytes())
+    got = decode_inputs(request, [TensorSpec("x", "float32", (-1, 3))])["x"]
+    np.testing.assert_array_equal(got, x)
+    assert got.dtype == np.float32
+    if sys.byteorder == "little":
+        assert not got.flags.owndata and not got.flags.writeable  # a view of the bytes
+
+
 def _text_step(kserve, key, text: bytes, start=False, outputs=(), model="char_lstm"):
     from serving.api.kserve_codec import serialize_bytes
 

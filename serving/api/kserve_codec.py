@@ -167,7 +167,9 @@ def decode_inputs(request, specs, optional=()) -> dict[str, np.ndarray]:
                     f"raw_input_contents[{i}]",
                     f"{tensor.name!r}: {len(data)} bytes; shape {shape} of {want} needs {need}",
                 )
-            array = np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).astype(dtype)
+            # a view of the request's bytes where the machine is little-endian (a copy
+            # only to swap bytes): the tensor is read, never written
+            array = np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=False)
         else:
             values = getattr(tensor.contents, contents_field) if contents_field else []
             if len(values) != count:
