@@ -73,3 +73,15 @@ def beam_search(
         if len(decided) > sent:
             yield BeamEvent(decided[sent:])
             sent = len(decided)
+
+
+def run_beams(core, jobs) -> list[list]:
+    """Step `core` (jobs submitted) to the end, taking each job's delta after every
+    iteration: per job, the deltas it produced."""
+    got = [[] for _ in jobs]
+    while core.has_work():
+        core.step()
+        for deltas, job in zip(got, jobs, strict=True):
+            if (delta := job.outbox.take(timeout=0)) is not None:
+                deltas.append(delta)
+    return got

@@ -234,7 +234,7 @@ def test_beam_search_jobs_in_the_engine_equal_the_former_beam_search(captioner, 
     """`beam_request` jobs stepped in one batch with each other and with sampled
     captions give exactly what `beam_search` (beams in a batch of their own) gives:
     the same words at the same steps, the same ranked beams, scores to the bit."""
-    from beam_reference import beam_search
+    from beam_reference import beam_search, run_beams
 
     from serving.core.models import load_model
     from serving.core.preprocess import ImageDecoder
@@ -254,12 +254,7 @@ def test_beam_search_jobs_in_the_engine_equal_the_former_beam_search(captioner, 
     ]
     for job in [sampled[0], *jobs, *sampled[1:]]:
         core.submit(job)
-    got = [[] for _ in jobs]
-    while core.has_work():
-        core.step()
-        for deltas, job in zip(got, jobs, strict=True):
-            if (delta := job.outbox.take(timeout=0)) is not None:
-                deltas.append(delta)
+    got = run_beams(core, jobs)
     for (image, k, n), deltas in zip(cases, got, strict=True):
         events = list(beam_search(model, model.initial_state(image), k, n))
         assert [d.pieces for d in deltas] == [e.words for e in events]

@@ -552,25 +552,13 @@ def test_a_beam_search_job_with_non_finite_logits_fails_alone():
     assert drain(company)[0].finish_reason == "length"
 
 
-def run_beams(core, jobs) -> list[list]:
-    """Step `core` (jobs submitted) to the end, taking each job's delta after every
-    iteration: per job, the deltas it produced."""
-    got = [[] for _ in jobs]
-    while core.has_work():
-        core.step()
-        for deltas, job in zip(got, jobs, strict=True):
-            if (delta := job.outbox.take(timeout=0)) is not None:
-                deltas.append(delta)
-    return got
-
-
 @pytest.mark.parametrize("bind", [False, True], ids=["host-state", "bound-state"])
 def test_beam_search_jobs_in_the_batch_equal_the_beams_run_alone(bind):
     """Beam searches as jobs of the engine, beside each other and beside sampled
     streams, give what the former generator gives with the beams in a batch of their
     own: the same words at the same steps, the same beams with the same scores. The
     fake model's state (a running sum) makes every beam's logits depend on its rows."""
-    from beam_reference import beam_search
+    from beam_reference import beam_search, run_beams
 
     from serving.engine import BeamSearch
 
@@ -621,7 +609,7 @@ def test_beam_search_beats_greedy_where_the_likeliest_first_word_leads_nowhere()
     """Greedy takes "a" (0.5) then "c" (0.4) then <end>: mean log-probability
     (ln 0.5 + ln 0.4 + ln 1) / 3 = -0.536. "b" (0.4) then <end> (0.97) scores
     (ln 0.4 + ln 0.97) / 2 = -0.474: beam search must find it, strictly higher."""
-    from beam_reference import beam_search
+    from beam_reference import beam_search, run_beams
 
     model = TableModel()
     state = {"h": np.zeros((1, 1), np.float32)}

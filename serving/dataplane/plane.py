@@ -112,6 +112,14 @@ class DataPlane:
             raise Unavailable(f"{model.name} was reloaded as this request began; retry")
         return deployment
 
+    def _batching(self, model: Model) -> Deployment | None:
+        """The deployment serving `model` when it has a dynamic batcher; None: run on a
+        worker (no batcher, or a reload replaced the model this request was given)."""
+        deployment = self.deployments.get(model.name)
+        if deployment is None or deployment.model is not model or deployment.batcher is None:
+            return None
+        return deployment
+
     async def blocking(self, fn, *args):
         """Run `fn(*args)` on the worker pool; the event loop goes on serving."""
         return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
@@ -129,8 +137,7 @@ class DataPlane:
         """The `top_k` most likely classes (0: the default) of an encoded `image`, or of
         a `tensor` [C, H, W] (or a function that decodes it, run on the worker pool)."""
         with self.timed(model, timing) as timing:
-            deployment = self.deployments.get(model.name)
-            batcher = deployment.batcher if deployment and deployment.model is model else None
+            deployment = self._batching(model)
 
             def prepare():
                 timing.mark("queue")  # waited for a worker
@@ -138,13 +145,13 @@ class DataPlane:
                 timing.mark("input")
                 return x
 
-            if batcher is None:  # decode and run on a worker
+            if deployment is None:  # decode and run on a worker
                 return await self.blocking(self._classify_here, model, prepare, timing, tensor)
             # Decode on a worker, then wait for the batch on the loop (no worker held).
             with deployment.lease():
                 x, top_k = await self.blocking(prepare)
                 try:
-                    logits = await asyncio.wrap_future(batcher.enqueue(x, timing))
+                    logits = await asyncio.wrap_future(deployment.batcher.enqueue(x, timing))
                 except NonFiniteOutput as exc:
                     raise _overflow(model, tensor, x, exc) from None
             result = _classification(model, model.softmax(logits), top_k)
@@ -182,8 +189,8 @@ class DataPlane:
         state = [s.input for s in model.card.state]
         if state and not any(name in feeds for name in state):
             feeds.update(model.zero_state(len(feeds["tokens"])))
-        deployment = self.deployments.get(model.name)
-        if deployment is not None and deployment.model is model and deployment.batcher:
+        deployment = self._batching(model)
+        if deployment is not None:
             with deployment.lease():  # each row through the same queue as Classify's
                 futures = deployment.batcher.enqueue_rows(feeds[model.input.name], timing)
                 try:
