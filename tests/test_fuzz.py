@@ -195,6 +195,11 @@ def classify_requests(draw) -> pb.ClassifyRequest:
     return request
 
 
+# Coalescing intervals: short ones that run (a long one would hold every message), or
+# any uint32, almost all past the 1000 ms bound and refused.
+stream_intervals = optional(mostly(st.integers(0, 30), st.integers(0, 2**32 - 1)))
+
+
 @st.composite
 def generate_requests(draw) -> pb.GenerateRequest:
     in_vocabulary = st.text(alphabet="KINGQUEFOLwhatlig .\n", max_size=200)
@@ -215,6 +220,7 @@ def generate_requests(draw) -> pb.GenerateRequest:
                 st.lists(text, max_size=10),
             )
         ),
+        "stream_interval_ms": draw(stream_intervals),
     }
     return pb.GenerateRequest(**{k: v for k, v in fields.items() if v is not None})
 
@@ -227,6 +233,7 @@ def caption_requests(draw) -> pb.CaptionRequest:
         "max_length": draw(optional(mostly(st.integers(0, 65), int32))),
         "temperature": draw(optional(mostly(st.floats(0, 10), floats32))),
         "seed": draw(optional(st.integers(0, 2**64 - 1))),
+        "stream_interval_ms": draw(stream_intervals),
     }
     return pb.CaptionRequest(**{k: v for k, v in fields.items() if v is not None})
 
