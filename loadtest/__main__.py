@@ -198,14 +198,28 @@ def _split(total, workers: int, whole: bool) -> list:
 
 
 def server_cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of a process, from /proc/PID/stat."""
+    """utime + stime of a process and of its live child processes (a server's engine
+    process), from /proc/PID/stat."""
     if pid is None:
         return None
+    own = _cpu_and_parent(pid)
+    if own is None:
+        return None
+    children = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(pid):
+            found = _cpu_and_parent(int(entry.name))
+            if found is not None and found[1] == pid:
+                children += server_cpu_seconds(int(entry.name)) or 0.0
+    return own[0] + children
+
+
+def _cpu_and_parent(pid: int) -> tuple[float, int] | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
 
 
 class Inbox:

@@ -216,6 +216,13 @@ def parser() -> argparse.ArgumentParser:
         "--no-intra-op-spinning: they sleep, and an idle server burns no CPU)",
     )
     p.add_argument(
+        "--engine-process",
+        choices=("on", "off"),
+        default="on" if d.engine_process else "off",
+        help="on: the step models' continuous-batching engines run in a process of their "
+        "own (restarted if it dies), the gRPC frontend in this one; off: one process",
+    )
+    p.add_argument(
         "--request-log",
         action=argparse.BooleanOptionalAction,
         default=d.request_log,
@@ -287,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             intra_op_threads=args.intra_op_threads,
             intra_op_spinning=args.intra_op_spinning,
+            engine_process=args.engine_process == "on",
             max_workers=args.max_workers,
             max_streams=args.max_streams,
             max_streams_per_client=args.max_streams_per_client,

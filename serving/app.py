@@ -34,6 +34,7 @@ from serving.engine import StepEngine
 from serving.metrics.endpoint import MetricsEndpoint
 from serving.metrics.prometheus import Metrics
 from serving.metrics.statistics import Statistics
+from serving.remote.link import EngineLink
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,22 @@ class Server:
         identify = functools.partial(client_identity, header=config.client_id_header)
         # Per-model counts and durations of every protocol's inferences (ModelStatistics).
         self.statistics = Statistics()
+        self.link = None  # the engine process, when step models run in one
+        engines = StepEngine
+        if config.engine_process:
+            self.link = EngineLink(
+                {
+                    "device": config.device,
+                    "intra_op_threads": config.intra_op_threads,
+                    "spinning": config.intra_op_spinning,
+                },
+                on_change=lambda up: self._follow_health(),
+            )
+            self.link.start()
+            engines = self.link.engine
         self.deployments = Deployments(
             registry, self.statistics, config.batching, config.engine,
-            observer=lambda name: self.metrics.engine_observer(name),
+            observer=lambda name: self.metrics.engine_observer(name), engines=engines,
         )  # fmt: skip
         self.metrics = Metrics(
             registry, self.statistics, self.deployments.engines, self.deployments.batchers
@@ -171,12 +185,13 @@ class Server:
         return port
 
     async def _set_health(self) -> None:
-        """SERVING while any model serves (and shutdown has not begun), else NOT_SERVING."""
+        """SERVING while any model serves and every step model's engine takes jobs (and
+        shutdown has not begun), else NOT_SERVING."""
         if not self.plane.accepting:
             return  # graceful shutdown owns the status now
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if self.registry.models
+            if self.plane.ready
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for service in ("", SERVICE_NAME, kserve.SERVICE_NAME):
@@ -227,6 +242,8 @@ class Server:
             try:
                 self.control.stop()  # waits for a load in progress: nothing attaches after
                 self.deployments.close()
+                if self.link is not None:
+                    self.link.close()
                 self.streams.close()
                 self.kserve_streams.close()
                 if self.metrics_endpoint is not None:

@@ -36,6 +36,9 @@ class ServerConfig:
     intra_op_threads: int | None = None  # None: by graph kind (core/runtime.py)
     # Whether those threads spin between runs (ONNX Runtime's default) or sleep.
     intra_op_spinning: bool = True
+    # Step models' engines in a process of their own (serving/remote/), apart from the
+    # gRPC frontend: False runs everything in this one process.
+    engine_process: bool = False
     # Threads for blocking work (decoding images, running graphs); streams hold none.
     max_workers: int = 16
     # Concurrent Generate/Caption/ModelStreamInfer streams, all models together; past it

@@ -20,7 +20,10 @@ class InvalidArgument(ServingError):
 
     def __init__(self, field: str, problem: str):
         super().__init__(f"{field}: {problem}")
-        self.field = field
+        self.field, self.problem = field, problem
+
+    def __reduce__(self):  # pickled as it was built (errors cross to an engine process)
+        return type(self), (self.field, self.problem)
 
 
 class NotFound(ServingError):

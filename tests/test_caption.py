@@ -262,3 +262,26 @@ def test_beam_search_jobs_in_the_engine_equal_the_former_beam_search(captioner, 
         assert deltas[-1].finish_reason in ("eos", "length") and deltas[-1].error is None
     assert all(s.outbox.take(timeout=0).finished for s in sampled)
     assert max(core.stats.batch_sizes) > 16  # the beams really ran with company
+
+
+def test_captions_and_beams_from_the_engine_process_equal_one_process(captioner):
+    """`--engine-process on`: the image is decoded and encoded in the frontend, the
+    decoder's state crosses to the engine process, and sampled captions (seeded) and
+    beam searches (the ranked beams, scores to the bit) come back as in one process."""
+    client, _, version, _ = captioner
+    server, port = create_server(loopback_config(version.parent.parent, engine_process=True))
+    server.start()
+    try:
+        with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as remote:
+            for i, (image, _, _) in enumerate(make_scenes(3, seed=55)):
+                data = png(image)
+                for options in (dict(temperature=0.9, seed=i), dict(beam_size=4)):
+                    want = list(client.caption_stream(data, **options))
+                    got = list(remote.caption_stream(data, **options))
+                    assert got[-1].caption == want[-1].caption
+                    assert [(b.caption, b.score) for b in got[-1].beams] == [
+                        (b.caption, b.score) for b in want[-1].beams
+                    ]
+                    assert got[-1].finish_reason == want[-1].finish_reason
+    finally:
+        server.stop(None).wait(30)

@@ -23,9 +23,10 @@ from serving.engine import EngineConfig
 from serving.metrics.prometheus import HostUsage
 
 
-@pytest.fixture(scope="module")
-def served(repository):
-    server, port = create_server(loopback_config(repository, metrics_port=0))
+@pytest.fixture(scope="module", params=[False, True], ids=["one-process", "engine-process"])
+def served(repository, request):
+    config = loopback_config(repository, metrics_port=0, engine_process=request.param)
+    server, port = create_server(config)
     server.start()
     with StepwiseClient(f"127.0.0.1:{port}", timeout=30) as client:
         yield server, client, f"http://127.0.0.1:{server.metrics_endpoint.port}/metrics"

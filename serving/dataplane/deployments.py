@@ -119,10 +119,14 @@ class Deployments:
         batching: BatchingConfig | None = None,
         engine: EngineConfig | None = None,
         observer: Callable[[str], EngineObserver | None] = lambda name: None,
+        engines: Callable = StepEngine,
     ):
+        """`engines(model, config, observer, stats)` builds a step model's engine: a
+        `StepEngine` in this process, or `serving.remote.link.EngineLink.engine` for one
+        in the engine process."""
         self.registry, self.statistics = registry, statistics
         self.batching, self.engine = batching or BatchingConfig(), engine or EngineConfig()
-        self.observer = observer
+        self.observer, self.make_engine = observer, engines
         self._live: dict[str, Deployment] = {}
         self.engines: dict[str, StepEngine] = {}
         self.batchers: dict[str, DynamicBatcher] = {}
@@ -142,7 +146,7 @@ class Deployments:
         if isinstance(model, Classifier) and batching.max_batch_size > 1:
             batcher = DynamicBatcher(name, model.logit_rows, batching, self.statistics[name])
         if isinstance(model, StepDecoder):
-            engine = StepEngine(
+            engine = self.make_engine(
                 model,
                 model_engine(model.config, self.engine),
                 self.observer(name),

@@ -93,11 +93,17 @@ class DataPlane:
 
     @property
     def ready(self) -> bool:
-        return self.accepting and bool(self.registry.models)
+        """Accepting, serving some model, and every step model's engine taking jobs (an
+        engine process that died is not, until it is back)."""
+        engines = list(self.deployments.engines.values())
+        return self.accepting and bool(self.registry.models) and all(e.available for e in engines)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         model = self.registry.models.get(name)
-        return self.accepting and model is not None and version in ("", model.version)
+        if not (self.accepting and model is not None and version in ("", model.version)):
+            return False
+        engine = self.deployments.engines.get(name)
+        return engine is None or engine.available
 
     def timed(self, model: Model, timing: RequestTiming | None = None):
         """The request's statistics: `timing` as given, else a request of its own."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.engine.request import Delta, Outbox, Status, next_id
+from serving.engine.request import Delta, Outbox, Shippable, Status, next_id
 from serving.engine.sampler import log_softmax
 from serving.errors import NonFiniteOutput
 
@@ -40,7 +40,7 @@ class Beam:
         return self.logprob / max(self.tokens, 1)
 
 
-class BeamSearch:
+class BeamSearch(Shippable):
     """A beam search as one job of the engine: while it runs, each live beam is a row of
     the decode batch (up to `beam_size`, the rows its join reserves). `pending` holds
     each beam's last token, fed as [k, 1]; `advance` takes the k rows' logits and says

@@ -123,6 +123,15 @@ class StepEngine:
         """Whether `close()` was called: it takes no more jobs."""
         return self._stopped
 
+    @property
+    def available(self) -> bool:
+        """Whether it takes jobs now (an engine in another process may not, for a while)."""
+        return not self._stopped
+
+    def occupancy(self) -> tuple[int, int]:
+        """(jobs in the batch, jobs waiting for rows), from any thread."""
+        return self.scheduler.occupancy()
+
     def lease(self):
         """Held by a request from the moment it picks this engine until it is done with
         it (`serving.core.leases`)."""

@@ -59,11 +59,43 @@ class Delta:
     # A beam search's result, on its last delta: `serving.engine.beam.Beam`s, best first.
     beams: list | None = None
 
+    def merge(self, later: Delta) -> None:
+        """Add `later` (what the same stream produced after this one) to this delta: its
+        parts appended, its end and results taken (deltas from an engine process)."""
+        self.pieces += later.pieces
+        self.tokens += later.tokens
+        self.logprobs += later.logprobs
+        if later.finished:
+            for name in _RESULTS:
+                setattr(self, name, getattr(later, name))
+
+
+_RESULTS = (  # what a stream's last delta carries besides its parts
+    "finished", "finish_reason", "error", "prompt_tokens", "completion_tokens", "seed",
+    "queue_time_us", "time_to_first_token_us", "logits", "state", "beams",
+)  # fmt: skip
+
+
+class Shippable:
+    """A job that can be sent to an engine process (`serving.remote`): pickled without
+    its outbox, which stays with the transport; the copy gets a fresh one."""
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["outbox"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.outbox = Outbox()
+
 
 class Waker:
-    """How an outbox wakes a reader on an event loop: `event.set()` on `loop`, from any
-    thread. Called at once, or, when `batch` is set and inside `batched_wakes()`, with
-    every other such waker of the same loop in one call into that loop."""
+    """How an outbox wakes a reader on an event loop: `event.set()` on `loop` (an asyncio
+    loop, or anything with its `call_soon_threadsafe`: an engine process's connection to
+    its frontend, `serving.remote.host`), from any thread. Called at once, or, when
+    `batch` is set and inside `batched_wakes()`, with every other such waker of the same
+    loop in one call into that loop."""
 
     __slots__ = ("loop", "event", "batch")
 
@@ -174,7 +206,7 @@ class Outbox:
 
 
 @dataclass(eq=False)
-class Sequence:
+class Sequence(Shippable):
     """One generation: a prompt (or a captioner's <start>) to feed, then one sampled
     token per iteration until EOS, a stop string, max_tokens, cancellation or a deadline.
     Without a sampler, a step request: its tokens are fed (in the same batch as the

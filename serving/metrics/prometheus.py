@@ -117,7 +117,7 @@ class Metrics:
         queued for the dynamic batcher."""
         engine, batcher = self.engines.get(name), self.batchers.get(name)
         if engine is not None:
-            return engine.scheduler.occupancy()[1]
+            return engine.occupancy()[1]
         return batcher.pending() if batcher is not None else 0
 
     def triton_text(self) -> str:
@@ -227,7 +227,7 @@ class _EngineGauges:
             "stepwise_queue_depth", "Streams waiting for a batch row", labels=["model"]
         )
         for name, engine in sorted(self.engines.items()):
-            running, waiting = engine.scheduler.occupancy()
+            running, waiting = engine.occupancy()
             live.add_metric([name], running)
             queued.add_metric([name], waiting)
         yield live

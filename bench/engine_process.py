@@ -1,0 +1,110 @@
+"""The engine process measured: one server with `--engine-process off` against one with
+`--engine-process on`, in alternating rounds.
+
+    python -m bench.engine_process                      # 2 rounds, Generate 1/16/64, Classify 1/4
+    python -m bench.engine_process --rounds 1 --duration 4
+
+Each round starts `python -m serving` (loopback, the default repository) once per
+layout, in turn, and runs `python -m loadtest` against it: Generate (char_lstm, 256
+tokens, the server's default stream interval) at 1, 16 and 64 streams, and Classify
+(lenet5) at 1 and 4 clients. The server's CPU counts its engine process too (loadtest's
+--server-pid adds the CPU of the server's child processes). Printed: each figure's
+median over the rounds for each layout, and the ratio on / off (one run: the ratios are
+the figures to read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import harness
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUTS = ("off", "on")
+
+LOADS = {  # name -> (loadtest arguments, figures read: (heading, figure of a level))
+    "generate": (
+        ["--rpc", "generate", "--model", "char_lstm", "--max-tokens", "256"],
+        (
+            ("tokens/s", lambda v: v["tokens_per_s"]),
+            ("TTFT p50 us", lambda v: v["ttft_us"]["p50"]),
+            ("ITL p99 us", lambda v: v["itl_us"]["p99"]),
+            ("CPU s/1k tok", lambda v: v["server_cpu_s_per_1k_tokens"]),
+        ),
+    ),
+    "classify": (
+        ["--rpc", "classify", "--model", "lenet5"],
+        (
+            ("req/s", lambda v: v["throughput_rps"]),
+            ("p99 us", lambda v: v["latency_us"]["p99"]),
+            ("CPU ms/req", lambda v: v["server_cpu_s_per_request"] * 1000),
+        ),
+    ),
+}
+
+
+def one_run(layout: str, loads: dict, duration: float, repository: Path, out: Path) -> dict:
+    """{load: [a loadtest level's figures, one per level]} for one server."""
+    figures = {}
+    with harness.start(
+        ["--model-repository", str(repository), "--no-request-log", "--engine-process", layout],
+        name=f"server ({layout})", metrics_port=None, stop_timeout=60,
+    ) as server:  # fmt: skip
+        for load, levels in loads.items():
+            where = out / f"{layout}-{load}"
+            subprocess.run(
+                [sys.executable, "-m", "loadtest", "--target", server.target, *LOADS[load][0],
+                 "--concurrency", ",".join(map(str, levels)), "--duration", str(duration),
+                 "--warmup", "2", "--quiet", "--server-pid", str(server.pid),
+                 "--output-dir", str(where)],
+                cwd=ROOT, stdout=subprocess.DEVNULL, check=True,
+            )  # fmt: skip
+            figures[load] = json.loads((where / "results.json").read_text())["levels"]
+    return figures
+
+
+def table(runs: dict[str, list[dict]], loads: dict) -> str:
+    rows = ["| load | level | figure | off | on | on / off |", "|" + " --- |" * 6]
+    for load, levels in loads.items():
+        for i, level in enumerate(levels):
+            for heading, value in LOADS[load][1]:
+                off, on = (
+                    statistics.median(value(r[load][i]) for r in runs[layout]) for layout in LAYOUTS
+                )
+                ratio = f"{on / off:.2f}x" if off else "-"
+                rows.append(f"| {load} | {level} | {heading} | {off:.4g} | {on:.4g} | {ratio} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--generate", default="1,16,64", help="concurrent streams ('' to skip)")
+    p.add_argument("--classify", default="1,4", help="concurrent clients ('' to skip)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per level")
+    p.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    args = p.parse_args()
+    loads = {
+        load: [int(x) for x in levels.split(",")]
+        for load, levels in (("generate", args.generate), ("classify", args.classify))
+        if levels
+    }
+    runs: dict[str, list[dict]] = {layout: [] for layout in LAYOUTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for layout in LAYOUTS:
+                runs[layout].append(
+                    one_run(layout, loads, args.duration, args.model_repository, Path(tmp))
+                )
+    print(table(runs, loads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The engine process: the step models' continuous-batching engines, serving the
+frontends that connect to it (`python -m serving.remote`, started by
+`serving.remote.link.EngineLink`).
+
+Each frontend connection has a thread reading its requests:
+    ("load", key, directory, EngineConfig)   -> ("loaded", key, error or None)
+    ("unload", key)
+    ("submit", key, job)                      a pickled `Sequence` or `BeamSearch`
+    ("cancel", job_id)
+    ("stop",)                                 the owner's: close the engines and exit
+and, after each engine iteration, gets one message with what every one of its jobs
+produced in it: ("deltas", [(job_id, Delta), ...], occupancy, report or None): each
+engine's jobs running and waiting, and a report (at most every REPORT_INTERVAL_S, and
+whenever a job ended) of its counters and the observations its metrics are built from.
+
+The process exits when the frontend that started it goes away (its first connection
+closes): an engine process never outlives its server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+
+from serving.core.models import load_model
+from serving.core.runtime import SessionFactory
+from serving.engine import Delta, EngineObserver, StepEngine
+from serving.engine.request import Waker
+from serving.errors import ServingError, Unavailable
+
+log = logging.getLogger(__name__)
+
+REPORT_INTERVAL_S = 0.1  # counters and gauges reach the frontend at least this often
+
+
+class Recorder(EngineObserver):
+    """An engine's observations, kept until the next report carries them to the
+    frontend, whose metrics observe them there."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.runs: list = []
+        self.first_tokens: list = []
+        self.tokens: list = []
+
+    def run(self, graph: str, rows: int, seconds: float) -> None:
+        with self._lock:
+            self.runs.append((graph, rows, seconds))
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.first_tokens.append(seconds)
+
+    def token(self, gap_seconds: float) -> None:
+        with self._lock:
+            self.tokens.append(gap_seconds)
+
+    def drain(self) -> tuple[list, list, list]:
+        with self._lock:
+            out = self.runs, self.first_tokens, self.tokens
+            self.runs, self.first_tokens, self.tokens = [], [], []
+        return out
+
+
+class Hosted:
+    """One model version's engine in this process, and its recorder."""
+
+    def __init__(self, model, config):
+        self.recorder = Recorder()
+        self.engine = StepEngine(model, config, self.recorder)
+
+
+def _report(hosted: dict[str, Hosted]) -> dict:
+    """key -> (EngineStats copy, (runs, first tokens, token gaps))."""
+    report = {}
+    for key, h in list(hosted.items()):
+        stats = copy.deepcopy(h.engine.stats)  # written by its engine thread meanwhile
+        report[key] = (stats, h.recorder.drain())
+    return report
+
+
+def _occupancy(hosted: dict[str, Hosted]) -> dict:
+    """key -> (jobs in the batch, jobs waiting): sent with every message (gauges)."""
+    return {key: h.engine.occupancy() for key, h in list(hosted.items())}
+
+
+class Outbound:
+    """One frontend's connection, as the event loop its jobs' outboxes wake (see
+    `serving.engine.request.Waker`): within an engine iteration the jobs that produced
+    something are gathered and sent in one message when it ends."""
+
+    def __init__(self, conn: Connection, hosted: dict[str, Hosted]):
+        self.conn, self.hosted = conn, hosted
+        self._lock = threading.Lock()
+        self._buffer: list = []
+        self._ended = False  # a job ended since the last report
+        self._reported = 0.0
+        self.jobs: dict[int, tuple[str, object]] = {}  # frontend's job id -> (key, the job)
+
+    def call_soon_threadsafe(self, callback, takers) -> None:
+        """Take what the woken jobs produced (`callback(takers)`) and send it at once."""
+        with self._lock:
+            callback(takers)
+            self._flush()
+
+    def send(self, job_id: int, delta) -> None:
+        with self._lock:
+            self._buffer.append((job_id, delta))
+            self._ended |= delta.finished
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        now = time.monotonic()
+        report = None
+        if self._ended or now - self._reported >= REPORT_INTERVAL_S:
+            report, self._reported, self._ended = _report(self.hosted), now, False
+        message = ("deltas", self._buffer, _occupancy(self.hosted), report)
+        self._buffer = []
+        try:
+            self.conn.send(message)
+        except (OSError, ValueError):  # the frontend is gone; its reader thread stops
+            pass
+
+    def report(self) -> None:
+        """Counters and gauges alone (sent while nothing else is, so they stay fresh)."""
+        with self._lock:
+            if time.monotonic() - self._reported >= REPORT_INTERVAL_S and not self._buffer:
+                self._reported = time.monotonic()
+                try:
+                    self.conn.send(("deltas", [], _occupancy(self.hosted), _report(self.hosted)))
+                except (OSError, ValueError):
+                    pass
+
+
+class Taker:
+    """Takes a job's output for its frontend when its outbox wakes it (the `event` of a
+    `Waker` whose loop is an `Outbound`)."""
+
+    __slots__ = ("job_id", "outbox", "out")
+
+    def __init__(self, job_id: int, outbox, out: Outbound):
+        self.job_id, self.outbox, self.out = job_id, outbox, out
+        outbox.on_ready = Waker(out, self, batch=True)
+        outbox.take_or_arm()  # armed: its first put wakes this taker
+
+    def set(self) -> None:
+        while (delta := self.outbox.take_or_arm()) is not None:  # re-armed once empty
+            self.out._buffer.append((self.job_id, delta))
+            if delta.finished:
+                self.out._ended = True
+                self.out.jobs.pop(self.job_id, None)
+                return
+
+
+def _wire_error(exc: BaseException) -> ServingError:
+    """An error that unpickles in the frontend as what it is, or INTERNAL with its text."""
+    if isinstance(exc, ServingError):
+        return exc
+    return ServingError(f"{type(exc).__name__}: {exc}"[:400])
+
+
+class EngineHost:
+    def __init__(self, address: str, authkey: bytes, sessions: SessionFactory):
+        self.sessions = sessions
+        self.hosted: dict[str, Hosted] = {}  # "name/version" -> its engine
+        self._lock = threading.Lock()
+        self.listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        self.stopped = threading.Event()
+
+    def serve(self) -> None:
+        """Accept frontends (on a thread of its own) until the first one, the server that
+        started this process, goes away or says stop; then close the engines."""
+        threading.Thread(target=self._accept, name="accept", daemon=True).start()
+        self.stopped.wait()
+        for hosted in list(self.hosted.values()):
+            hosted.engine.close()
+
+    def _accept(self) -> None:
+        first = True
+        while not self.stopped.is_set():
+            try:
+                conn = self.listener.accept()
+            except (OSError, EOFError):
+                continue  # a connection that failed authentication
+            threading.Thread(
+                target=self._serve, args=(conn, first), name="frontend", daemon=True
+            ).start()
+            first = False
+
+    def _serve(self, conn: Connection, owner: bool) -> None:
+        out = Outbound(conn, self.hosted)
+        try:
+            while True:
+                if not conn.poll(REPORT_INTERVAL_S):
+                    out.report()
+                    continue
+                self._handle(conn, out, conn.recv())
+        except (EOFError, OSError):
+            pass
+        finally:
+            for key, job in list(out.jobs.values()):  # its streams end with the connection
+                hosted = self.hosted.get(key)
+                if hosted is not None:
+                    hosted.engine.cancel(job)
+            if owner:
+                self.stopped.set()
+
+    def _handle(self, conn: Connection, out: Outbound, message: tuple) -> None:
+        op = message[0]
+        if op == "stop":
+            self.stopped.set()
+        elif op == "submit":
+            _, key, job = message
+            frontend_id = job.id
+            out.jobs[frontend_id] = key, job
+            Taker(frontend_id, job.outbox, out)
+            hosted = self.hosted.get(key)
+            try:
+                if hosted is None:
+                    raise Unavailable(f"{key} is not loaded in the engine process; retry")
+                hosted.engine.submit(job)
+            except Exception as exc:  # noqa: BLE001 - a refused job ends with its error
+                out.jobs.pop(frontend_id, None)
+                job.outbox.on_ready = None
+                error = _wire_error(exc)
+                out.send(frontend_id, Delta(finished=True, finish_reason="error", error=error))
+        elif op == "cancel":
+            key, job = out.jobs.get(message[1], (None, None))
+            hosted = self.hosted.get(key)
+            if hosted is not None:
+                hosted.engine.cancel(job)
+        elif op == "load":
+            _, key, directory, config = message
+            try:
+                self.load(key, directory, config)
+                conn.send(("loaded", key, None))
+            except Exception as exc:  # noqa: BLE001 - the frontend reports it
+                log.exception("engine process: loading %s failed", key)
+                conn.send(("loaded", key, f"{type(exc).__name__}: {exc}"))
+        elif op == "unload":
+            with self._lock:
+                hosted = self.hosted.pop(message[1], None)
+            if hosted is not None:
+                hosted.engine.close()
+
+    def load(self, key: str, directory: str, config) -> None:
+        with self._lock:
+            if key in self.hosted:
+                return
+        model = load_model(Path(directory), self.sessions)
+        with self._lock:
+            self.hosted.setdefault(key, Hosted(model, config))
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="stepwise's engine process (started by the server)")
+    p.add_argument("--address", required=True, help="the Unix socket to listen on")
+    p.add_argument("--runtime", default="{}", help="JSON: device, intra_op_threads, spinning")
+    args = p.parse_args(argv)
+    # Its life follows its server's: a Ctrl-C or SIGTERM to the process group is the
+    # server's to act on (it drains, then says stop), not this process's.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s"
+    )
+    authkey = bytes.fromhex(os.environ.pop("STEPWISE_ENGINE_KEY", ""))
+    runtime = json.loads(args.runtime)
+    sessions = SessionFactory(
+        runtime.get("device", "cpu"), runtime.get("intra_op_threads"), runtime.get("spinning", True)
+    )
+    host = EngineHost(args.address, authkey, sessions)
+    log.info("engine process listening on %s", args.address)
+    host.serve()
+    log.info("engine process stopping: its server asked, or went away")
+    sys.exit(0)

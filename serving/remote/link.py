@@ -1,0 +1,320 @@
+"""The server's side of its engine process: `EngineLink` starts `python -m
+serving.remote`, keeps one connection to it, sends jobs and routes each iteration's
+deltas into the jobs' outboxes; `RemoteEngine` is a step model's engine there, with the
+interface of `serving.engine.StepEngine` the data plane uses.
+
+The transport is unchanged: a job is built here (validated, the prompt encoded, a
+captioner's image encoded), sent pickled without its outbox, and stepped in the engine
+process's continuous batch; its deltas come back one message per engine iteration, and
+the reader thread here puts them into the job's own outbox inside `batched_wakes()`, as
+the engine's thread would: one wake-up per event loop per message.
+
+Times cross as they are: `time.monotonic()` is the system's CLOCK_MONOTONIC on Linux, the
+same clock in both processes, so deadlines, queue times and TTFT need no translation.
+
+When the process dies, every live job ends UNAVAILABLE, the engines report unavailable
+(readiness goes false), and the link starts a new process, loads the same model versions
+into it and reports available again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import Future
+from multiprocessing.connection import Client
+
+from serving.core.leases import Leases
+from serving.engine import EngineConfig, EngineObserver, EngineStats
+from serving.engine.request import batched_wakes
+from serving.errors import ModelLoadError, Unavailable
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 60.0  # the process listens within this (imports, not models)
+LOAD_TIMEOUT_S = 300.0  # a model version loads within this
+STOP_TIMEOUT_S = 10.0
+RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # waits before successive restarts
+
+
+def _fail(job, error: Exception) -> None:
+    def close(d):
+        d.finished, d.finish_reason, d.error = True, "error", error
+
+    job.outbox.put(close)
+
+
+class EngineLink:
+    """One engine process for the server's step models (see the module's doc).
+    `on_change(up)` is called when the process died (False) and when it serves again
+    (True), from the link's own thread."""
+
+    def __init__(self, runtime: dict, on_change=lambda up: None):
+        self.runtime = runtime  # device, intra_op_threads, spinning: the process's sessions
+        self.on_change = on_change
+        self._dir = tempfile.mkdtemp(prefix="stepwise-engine-")
+        self.address = os.path.join(self._dir, "engine.sock")
+        self._authkey = secrets.token_bytes(16)
+        self._lock = threading.Lock()  # up, conn, jobs, replies
+        self._send_lock = threading.Lock()
+        self._jobs: dict[int, tuple[RemoteEngine, object]] = {}  # job id -> (engine, job)
+        self._engines: dict[str, RemoteEngine] = {}  # key -> engine, what a new process loads
+        self._replies: dict[str, Future] = {}
+        self.process: subprocess.Popen | None = None
+        self.conn = None
+        self.up = False
+        self.restarts = 0
+        self._closing = False
+
+    # -- the process -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the process and connect (raises when it cannot start)."""
+        self._spawn()
+        self.up = True
+
+    def _spawn(self) -> None:
+        try:
+            os.unlink(self.address)  # a dead process's socket
+        except FileNotFoundError:
+            pass
+        env = dict(os.environ, STEPWISE_ENGINE_KEY=self._authkey.hex())
+        command = [sys.executable, "-m", "serving.remote", "--address", self.address]
+        command += ["--runtime", json.dumps(self.runtime)]
+        process = subprocess.Popen(command, env=env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the engine process exited ({process.returncode}) at start")
+            try:
+                conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    process.kill()
+                    raise RuntimeError("the engine process did not listen in time") from None
+                time.sleep(0.02)
+        with self._lock:
+            self.process, self.conn = process, conn
+        threading.Thread(target=self._read, args=(conn,), name="engine-link", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop the process (it exits when this connection closes) and wait for it."""
+        self._closing = True
+        with self._lock:
+            self.up = False
+            conn, process = self.conn, self.process
+        try:
+            self._send(("stop",))  # it closes its engines and exits; our reader sees EOF
+        except (OSError, ValueError, AttributeError):
+            pass
+        if process is not None:
+            try:
+                process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.error("the engine process did not stop in %g s; killing it", STOP_TIMEOUT_S)
+                process.kill()
+                process.wait()
+        if conn is not None:
+            conn.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- messages ----------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self.conn.send(message)
+
+    def _read(self, conn) -> None:
+        try:
+            while True:
+                message = conn.recv()
+                if message[0] == "deltas":
+                    self._deliver(*message[1:])
+                elif message[0] == "loaded":
+                    with self._lock:
+                        reply = self._replies.pop(message[1], None)
+                    if reply is not None:
+                        reply.set_result(message[2])
+        except (EOFError, OSError):
+            pass
+        except Exception:  # noqa: BLE001 - a bug here must not leave streams hanging
+            log.exception("engine link: reading from the engine process failed")
+        self._lost(conn)
+
+    def _deliver(self, deltas: list, occupancy: dict, report: dict | None) -> None:
+        # First, so a client that has its stream's end (or start) finds them too.
+        for key, running_waiting in occupancy.items():
+            engine = self._engines.get(key)
+            if engine is not None:
+                engine.occupied = running_waiting
+        for key, (stats, observations) in (report or {}).items():
+            engine = self._engines.get(key)
+            if engine is not None:
+                engine.report(stats, observations)
+        with batched_wakes():
+            for job_id, delta in deltas:
+                with self._lock:
+                    entry = self._jobs.pop(job_id) if delta.finished else self._jobs.get(job_id)
+                if entry is not None:
+                    entry[1].outbox.put(lambda acc, later=delta: acc.merge(later))
+
+    def _lost(self, conn) -> None:
+        """The process died (or this link closed): end every live job, then restart."""
+        with self._lock:
+            if conn is not self.conn:
+                return
+            self.up = False
+            jobs, self._jobs = list(self._jobs.values()), {}
+            replies, self._replies = list(self._replies.values()), {}
+        for reply in replies:
+            reply.set_result("the engine process exited")
+        if self._closing:
+            return
+        code = self.process.wait() if self.process is not None else None
+        log.error("the engine process exited (%s); %d stream(s) end; restarting", code, len(jobs))
+        error = Unavailable("the engine process exited while serving this stream; retry")
+        with batched_wakes():
+            for _, job in jobs:
+                _fail(job, error)
+        self.on_change(False)
+        self._restart()
+
+    def _restart(self) -> None:
+        for attempt in range(1_000_000):
+            if self._closing:
+                return
+            time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+            try:
+                self._spawn()
+                for engine in list(self._engines.values()):
+                    self._load(engine)
+            except Exception:  # noqa: BLE001 - try again, slower
+                log.exception("engine process: restart %d failed", attempt + 1)
+                continue
+            with self._lock:
+                self.up = not self._closing
+            self.restarts += 1
+            log.info("engine process restarted (pid %d)", self.process.pid)
+            self.on_change(True)
+            return
+
+    # -- what engines ask --------------------------------------------------------------
+
+    def engine(self, model, config: EngineConfig | None = None, observer=None, stats=None):
+        """A `RemoteEngine` for `model` (the signature of `StepEngine`'s constructor, for
+        `serving.dataplane.deployments.Deployments`); its version is loaded there first."""
+        engine = RemoteEngine(self, model, config or EngineConfig(), observer, stats)
+        self._load(engine)
+        self._engines[engine.key] = engine
+        return engine
+
+    def _load(self, engine: RemoteEngine) -> None:
+        reply: Future = Future()
+        with self._lock:
+            self._replies[engine.key] = reply
+        self._send(("load", engine.key, str(engine.model.directory), engine.config))
+        error = reply.result(LOAD_TIMEOUT_S)
+        if error is not None:
+            raise ModelLoadError(f"{engine.key} in the engine process: {error}")
+
+    def unload(self, engine: RemoteEngine) -> None:
+        if self._engines.get(engine.key) is engine:
+            del self._engines[engine.key]
+        try:
+            self._send(("unload", engine.key))
+        except (OSError, ValueError, AttributeError):
+            pass  # the process is gone or restarting: it will not load it again
+
+    def submit(self, engine: RemoteEngine, job) -> None:
+        with self._lock:
+            if not self.up:
+                raise Unavailable("the engine process is restarting; retry")
+            self._jobs[job.id] = engine, job
+        try:
+            self._send(("submit", engine.key, job))
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                self._jobs.pop(job.id, None)
+            raise Unavailable(f"the engine process is unreachable ({exc}); retry") from None
+
+    def cancel(self, job) -> None:
+        with self._lock:
+            live = job.id in self._jobs
+        if live:
+            try:
+                self._send(("cancel", job.id))
+            except (OSError, ValueError):
+                pass  # gone: the job ended with it
+
+    def live(self, engine: RemoteEngine) -> int:
+        with self._lock:
+            return sum(1 for e, _ in self._jobs.values() if e is engine)
+
+
+class RemoteEngine:
+    """A step model's engine in the engine process, seen as the data plane sees a
+    `StepEngine`: submit, cancel, lease, close, counters and occupancy (as of the
+    process's latest report)."""
+
+    def __init__(self, link: EngineLink, model, config, observer=None, stats=None):
+        self.link, self.model, self.config = link, model, config
+        self.key = f"{model.name}/{model.version}"
+        self.observer = observer or EngineObserver()
+        self.stats = stats if stats is not None else EngineStats()
+        self.occupied = (0, 0)  # (running, waiting) as of the process's latest message
+        self._leases = Leases()
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def available(self) -> bool:
+        """Whether it takes jobs now (false while the engine process restarts)."""
+        return self.link.up and not self._closed
+
+    def lease(self):
+        return self._leases.hold()
+
+    def busy(self) -> bool:
+        return self._leases.held or self.link.live(self) > 0
+
+    def occupancy(self) -> tuple[int, int]:
+        """(jobs in the batch, jobs waiting for rows) at the process's latest message."""
+        return self.occupied
+
+    def submit(self, job) -> None:
+        if self._closed:
+            raise Unavailable(f"{self.model.name}: the server is shutting down")
+        self.link.submit(self, job)
+
+    def cancel(self, job) -> None:
+        self.link.cancel(job)
+
+    def close(self) -> None:
+        self._closed = True
+        self.link.unload(self)
+
+    def report(self, stats: EngineStats, observations) -> None:
+        """The process's latest counters (copied into the model's own object, which
+        metrics and statistics read) and what its metrics observed since the last."""
+        for f in dataclasses.fields(EngineStats):
+            setattr(self.stats, f.name, getattr(stats, f.name))
+        runs, first_tokens, tokens = observations
+        for run in runs:
+            self.observer.run(*run)
+        for seconds in first_tokens:
+            self.observer.first_token(seconds)
+        for gap in tokens:
+            self.observer.token(gap)
