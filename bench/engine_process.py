@@ -10,7 +10,10 @@ tokens, the server's default stream interval) at 1, 16 and 64 streams, and Class
 (lenet5) at 1 and 4 clients. The server's CPU counts its engine process too (loadtest's
 --server-pid adds the CPU of the server's child processes). Printed: each figure's
 median over the rounds for each layout, and the ratio on / off (one run: the ratios are
-the figures to read).
+the figures to read); then Generate against the limit, the same step graph run in this
+process at the same batch (`bench.inprocess`, measured in every round): served tokens/s
+over in-process tokens/s, and the server's CPU per token over one batch-1 step's time
+(issue 20's targets: >= 0.4 at 16 and 64 streams, <= 3x at 1 stream).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import harness
+from bench import harness, inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = ("off", "on")
@@ -82,6 +85,24 @@ def table(runs: dict[str, list[dict]], loads: dict) -> str:
     return "\n".join(rows)
 
 
+def limits(runs: dict[str, list[dict]], limit: list[list[dict]], levels: list[int]) -> str:
+    """Generate's figures over the in-process step graph's (medians over the rounds)."""
+    rows = ["| layout | streams | tokens/s / in process, same batch | CPU/token / batch-1 step |"]
+    rows.append("|" + " --- |" * 4)
+    step_us = statistics.median(r[0]["us_per_call"] for r in limit)
+    for layout in LAYOUTS:
+        for i, level in enumerate(levels):
+            served = statistics.median(r["generate"][i]["tokens_per_s"] for r in runs[layout])
+            cpu = statistics.median(
+                r["generate"][i]["server_cpu_s_per_1k_tokens"] for r in runs[layout]
+            )
+            batch = statistics.median(r[i]["tokens_per_s"] for r in limit)
+            rows.append(
+                f"| {layout} | {level} | {served / batch:.3f} | {cpu * 1e3 / step_us:.2f}x |"
+            )
+    return f"In process: one batch-1 step {step_us:.0f} us.\n\n" + "\n".join(rows)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=2)
@@ -96,13 +117,20 @@ def main() -> int:
         if levels
     }
     runs: dict[str, list[dict]] = {layout: [] for layout in LAYOUTS}
+    limit: list[list[dict]] = []  # the step graph in process, once per round
+    step = args.model_repository / "char_lstm" / "1"
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
+            if "generate" in loads:
+                limit.append(inprocess.step_graph(step, loads["generate"], 2.0))
             for layout in LAYOUTS:
                 runs[layout].append(
                     one_run(layout, loads, args.duration, args.model_repository, Path(tmp))
                 )
     print(table(runs, loads))
+    if "generate" in loads:
+        print()
+        print(limits(runs, limit, loads["generate"]))
     return 0
 
 

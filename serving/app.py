@@ -82,6 +82,7 @@ class Server:
                     "intra_op_threads": config.intra_op_threads,
                     "spinning": config.intra_op_spinning,
                 },
+                self.loop,
                 on_change=lambda up: self._follow_health(),
             )
             self.link.start()

@@ -185,3 +185,28 @@ def test_startup_fails_clearly_when_the_engine_process_cannot_load(tmp_path, rep
     with pytest.raises(Exception, match="char_lstm/1 in the engine process"):
         create_server(config, registry)
     assert time.monotonic() - started < 60
+
+
+def test_a_new_version_loads_into_the_engine_process_and_the_old_one_leaves(tmp_path, repository):
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(repository, root)
+    config = loopback_config(
+        root, engine_process=True, model_control_mode="poll", repository_poll_secs=0.1
+    )
+    server, port = create_server(config)
+    server.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        want = _text(_responses(target, REQUESTS[0]))
+        assert set(server.link._engines) == {"char_lstm/1"}
+        staging = root / "char_lstm" / ".staging-2"
+        shutil.copytree(root / "char_lstm" / "1", staging)
+        staging.rename(root / "char_lstm" / "2")  # published whole, as export does
+        eventually(lambda: server.registry.models["char_lstm"].version == "2", timeout=30)
+        assert server.engines["char_lstm"].key == "char_lstm/2"
+        assert _text(_responses(target, REQUESTS[0])) == want  # the same export, now v2
+        eventually(lambda: set(server.link._engines) == {"char_lstm/2"}, timeout=10)
+    finally:
+        server.stop(grace=None).wait(30)

@@ -6,6 +6,7 @@ between its queues and rebuilds the batch from them at every iteration. (A beam 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import itertools
@@ -59,12 +60,16 @@ class Delta:
     # A beam search's result, on its last delta: `serving.engine.beam.Beam`s, best first.
     beams: list | None = None
 
+    def extend(self, pieces: list[str], tokens: list[int], logprobs: list) -> None:
+        """Append parts the same stream produced after these (an engine process's)."""
+        self.pieces += pieces
+        self.tokens += tokens
+        self.logprobs += logprobs
+
     def merge(self, later: Delta) -> None:
         """Add `later` (what the same stream produced after this one) to this delta: its
         parts appended, its end and results taken (deltas from an engine process)."""
-        self.pieces += later.pieces
-        self.tokens += later.tokens
-        self.logprobs += later.logprobs
+        self.extend(later.pieces, later.tokens, later.logprobs)
         if later.finished:
             for name in _RESULTS:
                 setattr(self, name, getattr(later, name))
@@ -107,6 +112,9 @@ class Waker:
 
 
 def _wake(loop, events: list) -> None:
+    if asyncio._get_running_loop() is loop:  # on the loop's own thread (an engine
+        _set_all(events)  # process's deltas arrive there): no hop through its self-pipe
+        return
     try:
         loop.call_soon_threadsafe(_set_all, events)
     except RuntimeError:  # the loop is closed: its readers are gone

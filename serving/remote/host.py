@@ -9,7 +9,7 @@ Each frontend connection has a thread reading its requests:
     ("cancel", job_id)
     ("stop",)                                 the owner's: close the engines and exit
 and, after each engine iteration, gets one message with what every one of its jobs
-produced in it: ("deltas", [(job_id, Delta), ...], occupancy, report or None): each
+produced in it: ("deltas", [`wire(job_id, Delta)`, ...], occupancy, report or None): each
 engine's jobs running and waiting, and a report (at most every REPORT_INTERVAL_S, and
 whenever a job ended) of its counters and the observations its metrics are built from.
 
@@ -114,7 +114,7 @@ class Outbound:
 
     def send(self, job_id: int, delta) -> None:
         with self._lock:
-            self._buffer.append((job_id, delta))
+            self._buffer.append(wire(job_id, delta))
             self._ended |= delta.finished
             self._flush()
 
@@ -156,11 +156,20 @@ class Taker:
 
     def set(self) -> None:
         while (delta := self.outbox.take_or_arm()) is not None:  # re-armed once empty
-            self.out._buffer.append((self.job_id, delta))
+            self.out._buffer.append(wire(self.job_id, delta))
             if delta.finished:
                 self.out._ended = True
                 self.out.jobs.pop(self.job_id, None)
                 return
+
+
+def wire(job_id: int, delta: Delta) -> tuple:
+    """A delta as sent: (job_id, pieces, tokens, logprobs) while its stream runs (plain
+    lists pickle ~9x faster than the dataclass), (job_id, delta) for its end or a
+    result."""
+    if delta.finished or delta.logits is not None or delta.beams is not None:
+        return job_id, delta
+    return job_id, delta.pieces, delta.tokens, delta.logprobs
 
 
 def _wire_error(exc: BaseException) -> ServingError:

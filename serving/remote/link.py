@@ -5,9 +5,11 @@ interface of `serving.engine.StepEngine` the data plane uses.
 
 The transport is unchanged: a job is built here (validated, the prompt encoded, a
 captioner's image encoded), sent pickled without its outbox, and stepped in the engine
-process's continuous batch; its deltas come back one message per engine iteration, and
-the reader thread here puts them into the job's own outbox inside `batched_wakes()`, as
-the engine's thread would: one wake-up per event loop per message.
+process's continuous batch. Its deltas come back one message per engine iteration. The
+server's event loop reads the connection itself (an asyncio protocol over the socket,
+once `multiprocessing.connection`'s handshake is done): a message wakes the loop once,
+and its deltas go into the jobs' own outboxes there, setting their readers' events
+directly, with no thread in between (item 2's one wake-up per engine iteration).
 
 Times cross as they are: `time.monotonic()` is the system's CLOCK_MONOTONIC on Linux, the
 same clock in both processes, so deadlines, queue times and TTFT need no translation.
@@ -19,12 +21,16 @@ into it and reports available again.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import os
+import pickle
 import secrets
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -46,6 +52,54 @@ STOP_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # waits before successive restarts
 
 
+def _frame(message) -> bytes:
+    """`message` framed as `multiprocessing.connection.Connection.send` frames it."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, len(data)) + data
+    return struct.pack("!i", len(data)) + data
+
+
+class _Frames(asyncio.Protocol):
+    """The engine process's messages, read on the event loop: each whole frame is
+    unpickled and handed to the link, in order."""
+
+    def __init__(self, link: EngineLink):
+        self.link, self.buffer, self.transport = link, bytearray(), None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= 4:
+            (size,) = struct.unpack_from("!i", buffer, start)
+            header = 4
+            if size == -1:
+                if len(buffer) - start < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buffer, start + 4)
+                header = 12
+            end = start + header + size
+            if len(buffer) < end:
+                break
+            with memoryview(buffer) as view:
+                message = pickle.loads(view[start + header : end])
+            start = end
+            self.link._message(message)
+        del buffer[:start]
+
+    def connection_lost(self, exc) -> None:
+        self.link._lost(self)
+
+
+def _on(loop) -> bool:
+    """Whether this thread runs `loop`."""
+    return asyncio._get_running_loop() is loop
+
+
 def _fail(job, error: Exception) -> None:
     def close(d):
         d.finished, d.finish_reason, d.error = True, "error", error
@@ -55,22 +109,22 @@ def _fail(job, error: Exception) -> None:
 
 class EngineLink:
     """One engine process for the server's step models (see the module's doc).
-    `on_change(up)` is called when the process died (False) and when it serves again
-    (True), from the link's own thread."""
+    `on_change(up)` is called when the process died (False, on the loop) and when it
+    serves again (True, from the thread that restarted it)."""
 
-    def __init__(self, runtime: dict, on_change=lambda up: None):
+    def __init__(self, runtime: dict, loop, on_change=lambda up: None):
         self.runtime = runtime  # device, intra_op_threads, spinning: the process's sessions
+        self.loop = loop  # the server's event loop, running on a thread of its own
         self.on_change = on_change
         self._dir = tempfile.mkdtemp(prefix="stepwise-engine-")
         self.address = os.path.join(self._dir, "engine.sock")
         self._authkey = secrets.token_bytes(16)
-        self._lock = threading.Lock()  # up, conn, jobs, replies
-        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # up, the connection, jobs, replies
         self._jobs: dict[int, tuple[RemoteEngine, object]] = {}  # job id -> (engine, job)
         self._engines: dict[str, RemoteEngine] = {}  # key -> engine, what a new process loads
         self._replies: dict[str, Future] = {}
         self.process: subprocess.Popen | None = None
-        self.conn = None
+        self._frames: _Frames | None = None  # the live connection
         self.up = False
         self.restarts = 0
         self._closing = False
@@ -78,7 +132,8 @@ class EngineLink:
     # -- the process -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the process and connect (raises when it cannot start)."""
+        """Start the process and connect (raises when it cannot start). Not on the
+        loop's thread: the connection is set up there."""
         self._spawn()
         self.up = True
 
@@ -103,19 +158,27 @@ class EngineLink:
                     process.kill()
                     raise RuntimeError("the engine process did not listen in time") from None
                 time.sleep(0.02)
+        sock = socket.socket(fileno=os.dup(conn.fileno()))  # authenticated: now the loop's
+        conn.close()
+
+        async def attach() -> _Frames:
+            _, frames = await self.loop.create_unix_connection(lambda: _Frames(self), sock=sock)
+            return frames
+
+        frames = asyncio.run_coroutine_threadsafe(attach(), self.loop).result(START_TIMEOUT_S)
         with self._lock:
-            self.process, self.conn = process, conn
-        threading.Thread(target=self._read, args=(conn,), name="engine-link", daemon=True).start()
+            self.process, self._frames = process, frames
 
     def close(self) -> None:
-        """Stop the process (it exits when this connection closes) and wait for it."""
+        """Stop the process (asked to, it closes its engines and exits) and wait for it.
+        Safe on the loop's thread (the server's stop ends there)."""
         self._closing = True
         with self._lock:
             self.up = False
-            conn, process = self.conn, self.process
+            frames, process = self._frames, self.process
         try:
-            self._send(("stop",))  # it closes its engines and exits; our reader sees EOF
-        except (OSError, ValueError, AttributeError):
+            self._write(("stop",))
+        except OSError:
             pass
         if process is not None:
             try:
@@ -124,32 +187,36 @@ class EngineLink:
                 log.error("the engine process did not stop in %g s; killing it", STOP_TIMEOUT_S)
                 process.kill()
                 process.wait()
-        if conn is not None:
-            conn.close()
+        if frames is not None and frames.transport is not None:
+            try:
+                self.loop.call_soon_threadsafe(frames.transport.close)
+            except RuntimeError:  # the loop is closed already
+                pass
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- messages ----------------------------------------------------------------------
 
-    def _send(self, message: tuple) -> None:
-        with self._send_lock:
-            self.conn.send(message)
+    def _write(self, message: tuple) -> None:
+        """Send `message` from any thread (OSError when not connected): at once on the
+        loop's thread, else through the loop, in order."""
+        frames = self._frames
+        if frames is None or frames.transport is None or frames.transport.is_closing():
+            raise OSError("not connected to the engine process")
+        frame = _frame(message)
+        if _on(self.loop):
+            frames.transport.write(frame)
+        else:
+            self.loop.call_soon_threadsafe(frames.transport.write, frame)
 
-    def _read(self, conn) -> None:
-        try:
-            while True:
-                message = conn.recv()
-                if message[0] == "deltas":
-                    self._deliver(*message[1:])
-                elif message[0] == "loaded":
-                    with self._lock:
-                        reply = self._replies.pop(message[1], None)
-                    if reply is not None:
-                        reply.set_result(message[2])
-        except (EOFError, OSError):
-            pass
-        except Exception:  # noqa: BLE001 - a bug here must not leave streams hanging
-            log.exception("engine link: reading from the engine process failed")
-        self._lost(conn)
+    def _message(self, message: tuple) -> None:
+        """One message from the engine process, on the loop."""
+        if message[0] == "deltas":
+            self._deliver(*message[1:])
+        elif message[0] == "loaded":
+            with self._lock:
+                reply = self._replies.pop(message[1], None)
+            if reply is not None:
+                reply.set_result(message[2])
 
     def _deliver(self, deltas: list, occupancy: dict, report: dict | None) -> None:
         # First, so a client that has its stream's end (or start) finds them too.
@@ -162,16 +229,23 @@ class EngineLink:
             if engine is not None:
                 engine.report(stats, observations)
         with batched_wakes():
-            for job_id, delta in deltas:
+            for item in deltas:  # serving.remote.host.wire
+                if len(item) == 4:  # parts of a running stream
+                    entry = self._jobs.get(item[0])
+                    if entry is not None:
+                        entry[1].outbox.put(lambda acc, i=item: acc.extend(i[1], i[2], i[3]))
+                    continue
+                job_id, delta = item
                 with self._lock:
                     entry = self._jobs.pop(job_id) if delta.finished else self._jobs.get(job_id)
                 if entry is not None:
                     entry[1].outbox.put(lambda acc, later=delta: acc.merge(later))
 
-    def _lost(self, conn) -> None:
-        """The process died (or this link closed): end every live job, then restart."""
+    def _lost(self, frames: _Frames) -> None:
+        """The process died (or this link closed): end every live job, then restart, on
+        a thread of its own (starting a process must not hold the loop)."""
         with self._lock:
-            if conn is not self.conn:
+            if frames is not self._frames:
                 return
             self.up = False
             jobs, self._jobs = list(self._jobs.values()), {}
@@ -180,14 +254,14 @@ class EngineLink:
             reply.set_result("the engine process exited")
         if self._closing:
             return
-        code = self.process.wait() if self.process is not None else None
+        code = self.process.poll() if self.process is not None else None
         log.error("the engine process exited (%s); %d stream(s) end; restarting", code, len(jobs))
         error = Unavailable("the engine process exited while serving this stream; retry")
         with batched_wakes():
             for _, job in jobs:
                 _fail(job, error)
         self.on_change(False)
-        self._restart()
+        threading.Thread(target=self._restart, name="engine-restart", daemon=True).start()
 
     def _restart(self) -> None:
         for attempt in range(1_000_000):
@@ -195,6 +269,8 @@ class EngineLink:
                 return
             time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
             try:
+                if self.process is not None:
+                    self.process.wait()  # reaped: no zombie left behind
                 self._spawn()
                 for engine in list(self._engines.values()):
                     self._load(engine)
@@ -212,7 +288,8 @@ class EngineLink:
 
     def engine(self, model, config: EngineConfig | None = None, observer=None, stats=None):
         """A `RemoteEngine` for `model` (the signature of `StepEngine`'s constructor, for
-        `serving.dataplane.deployments.Deployments`); its version is loaded there first."""
+        `serving.dataplane.deployments.Deployments`); its version is loaded there first.
+        Not on the loop's thread: the reply comes through the loop."""
         engine = RemoteEngine(self, model, config or EngineConfig(), observer, stats)
         self._load(engine)
         self._engines[engine.key] = engine
@@ -222,7 +299,7 @@ class EngineLink:
         reply: Future = Future()
         with self._lock:
             self._replies[engine.key] = reply
-        self._send(("load", engine.key, str(engine.model.directory), engine.config))
+        self._write(("load", engine.key, str(engine.model.directory), engine.config))
         error = reply.result(LOAD_TIMEOUT_S)
         if error is not None:
             raise ModelLoadError(f"{engine.key} in the engine process: {error}")
@@ -231,8 +308,8 @@ class EngineLink:
         if self._engines.get(engine.key) is engine:
             del self._engines[engine.key]
         try:
-            self._send(("unload", engine.key))
-        except (OSError, ValueError, AttributeError):
+            self._write(("unload", engine.key))
+        except OSError:
             pass  # the process is gone or restarting: it will not load it again
 
     def submit(self, engine: RemoteEngine, job) -> None:
@@ -241,8 +318,8 @@ class EngineLink:
                 raise Unavailable("the engine process is restarting; retry")
             self._jobs[job.id] = engine, job
         try:
-            self._send(("submit", engine.key, job))
-        except (OSError, ValueError) as exc:
+            self._write(("submit", engine.key, job))
+        except OSError as exc:
             with self._lock:
                 self._jobs.pop(job.id, None)
             raise Unavailable(f"the engine process is unreachable ({exc}); retry") from None
@@ -252,8 +329,8 @@ class EngineLink:
             live = job.id in self._jobs
         if live:
             try:
-                self._send(("cancel", job.id))
-            except (OSError, ValueError):
+                self._write(("cancel", job.id))
+            except OSError:
                 pass  # gone: the job ended with it
 
     def live(self, engine: RemoteEngine) -> int:
