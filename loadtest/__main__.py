@@ -29,7 +29,7 @@ import grpc
 from loadtest import report
 from loadtest.rpcs import DEFAULT_MODELS, RPCS
 from loadtest.stats import Window, stable
-from loadtest.worker import Plan, process_main
+from loadtest.worker import Flag, Plan, process_main
 
 
 def _list(kind):
@@ -284,7 +284,9 @@ def wait_healthy(target: str, seconds: float) -> str | None:
 def run_level(args, level: dict, requests: list, say) -> dict:
     """Run one level with its workers; return its figures."""
     ctx = multiprocessing.get_context("spawn")  # grpc must not be forked
-    results, stop, go, start = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Value("d", 0.0)
+    # Lock-free flags (worker.Flag), not ctx.Event(): Event.set() in the finally below
+    # blocks forever once a worker has died inside stop.wait().
+    results, stop, go, start = ctx.Queue(), Flag(ctx), Flag(ctx), ctx.RawValue("d", 0.0)
     window_s = args.duration or args.measurement_interval / 1000
     max_windows = 1 if args.duration else args.max_windows
     closed = "concurrency" in level

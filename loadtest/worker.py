@@ -47,6 +47,33 @@ class Plan:
     seed: int = 0
 
 
+class Flag:
+    """A flag shared with worker processes, without a lock: `set()` never blocks. (A
+    multiprocessing.Event's set() waits for every process asleep in its wait() to wake,
+    forever for one that died there, and its lock stays taken by a process that exits
+    inside is_set().) `wait()` polls."""
+
+    POLL_S = 0.005
+
+    def __init__(self, ctx):
+        self._value = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._value.value:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            time.sleep(self.POLL_S if left is None else min(self.POLL_S, left))
+        return True
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -235,3 +235,32 @@ def test_a_workers_done_never_stands_in_for_another_workers_window():
     # Window 1: worker 1's "done" arrives; both are done, so there is nothing to wait for.
     assert inbox.window(1, time.time() + 1).successes == 0
     assert inbox.done == {0, 1}
+
+
+def _wait_forever(flag) -> None:
+    flag.wait()
+
+
+def test_stopping_a_level_never_waits_for_a_worker_that_died_waiting():
+    """A worker killed inside `stop.wait()` once hung a whole bench run: a
+    multiprocessing Event's set() waits for every sleeper to wake, forever for a dead
+    one. The workers' flags take no lock: set() returns, and the waiters that live see it."""
+    import multiprocessing
+    import threading
+
+    from loadtest.worker import Flag
+
+    ctx = multiprocessing.get_context("spawn")
+    flag = Flag(ctx)
+    dead, alive = (ctx.Process(target=_wait_forever, args=(flag,)) for _ in range(2))
+    dead.start()
+    alive.start()
+    time.sleep(1.0)  # both asleep in wait()
+    dead.kill()
+    dead.join(10)
+    setter = threading.Thread(target=flag.set, daemon=True)
+    setter.start()
+    setter.join(5)
+    assert not setter.is_alive(), "set() blocked on a dead waiter"
+    alive.join(10)
+    assert alive.exitcode == 0 and flag.is_set() and flag.wait(0)
