@@ -59,8 +59,9 @@ def _list_models_code(channel: grpc.Channel) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("engine_process", ["off", "on"])
 def test_sigterm_drains_live_streams_and_exits_0(repository, engine_process):
-    # One batch row: the streams take turns (1 to 2 s each here), so some are still
-    # generating or queued when the grace period ends.
+    # One batch row: the streams take turns (0.4 to 2 s each here, as loaded as the
+    # machine is), 16 of them, so some are still generating or queued when the grace
+    # period ends however fast they run (8 once all finished on a quiet machine).
     proc, target = start_server(
         repository, "--drain-delay", str(DRAIN_S), "--grace-period", str(GRACE_S),
         "--stream-batch-size", "1", "--engine-process", engine_process,
@@ -68,9 +69,12 @@ def test_sigterm_drains_live_streams_and_exits_0(repository, engine_process):
     children = _children(proc.pid)
     assert len(children) == (engine_process == "on")
     try:
-        with grpc.insecure_channel(target) as channel:
+        with grpc.insecure_channel(target) as channel, grpc.insecure_channel(
+            target, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as second:  # its own connection: 8 streams is a connection's cap
             stub = pb_grpc.InferenceStub(channel)
-            streams = [Stream(stub, seed) for seed in range(8)]  # 8: the connection's cap
+            streams = [Stream(stub, seed) for seed in range(8)]
+            streams += [Stream(pb_grpc.InferenceStub(second), seed) for seed in range(8, 16)]
             for stream in streams:
                 stream.start()
             assert streams[0].first.wait(20), "the first stream produced nothing"
