@@ -12,6 +12,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from polling import eventually
@@ -210,3 +211,24 @@ def test_a_new_version_loads_into_the_engine_process_and_the_old_one_leaves(tmp_
         eventually(lambda: set(server.link._engines) == {"char_lstm/2"}, timeout=10)
     finally:
         server.stop(grace=None).wait(30)
+
+
+def test_coalescing_happens_in_the_engine_process_and_is_not_done_twice(remote):
+    """With stream_interval_ms, a stream's parts wait in the engine process (one message
+    per interval crosses to the frontend) and carry when they were produced, so the
+    frontend's reader sends them on at once: the same text as a message per token, the
+    first message one token, and messages an interval apart (held twice, two)."""
+    import statistics
+
+    options = dict(prompt="KING.\n", max_tokens=4096, min_tokens=4096, seed=9)
+    per_token = _text(_responses(remote[1], {**options, "stream_interval_ms": 0}))
+    arrivals, texts = [], []
+    with StepwiseClient(remote[1], timeout=60) as client:
+        for r in client.generate_stream(model="char_lstm", stream_interval_ms=100, **options):
+            arrivals.append(time.monotonic())
+            texts.append(r.text)
+    assert "".join(texts) == per_token[0] and len(texts[0]) == 1  # the first token alone
+    gaps = list(np.diff(arrivals[:-1]))  # the end goes at once
+    assert len(gaps) >= 3, f"the stream lasted too few intervals: {arrivals}"
+    assert 0.075 <= statistics.median(gaps) <= 0.15, gaps
+    assert remote[0].engines["char_lstm"].occupancy() == (0, 0)

@@ -46,7 +46,7 @@ class Stream:
                 engine = deployment.engine
                 seq: Sequence = await self.plane.blocking(self.build)  # or a BeamSearch
                 timing.mark("input")
-                seq.deadline = self.deadline
+                seq.deadline, seq.interval_s = self.deadline, self.interval_s
                 reader = OutboxReader(seq.outbox)
                 self._live = engine, seq
                 engine.submit(seq)

@@ -61,6 +61,7 @@ class BeamSearch(Shippable):
         self.beams: list[Beam] | None = None  # the result, best first, once finished
         self.tail: list[str] = []  # the best caption's words not yet delivered, at the end
         self.deadline: float | None = None  # time.monotonic() after which it is dropped
+        self.interval_s = 0.0  # coalesced streaming in an engine process (Sequence's)
         self.id = next_id()
         self.status = Status.WAITING
         self.submitted = time.monotonic()

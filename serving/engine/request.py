@@ -162,13 +162,16 @@ class Outbox:
         self.ready_since = 0.0  # time.monotonic() of the oldest put not yet taken
         self.on_ready: Callable[[], None] | None = None  # called outside the lock
 
-    def put(self, update: Callable[[Delta], None]) -> None:
+    def put(self, update: Callable[[Delta], None], since: float | None = None) -> None:
+        """Apply `update` to what accumulated; `since`: when it was produced (an engine
+        process's time.monotonic(), the same clock), else now."""
         with self._cond:
             if self._done:
                 return
             update(self._delta)
             if not self._ready:
-                self._ready, self.ready_since = True, time.monotonic()
+                self._ready = True
+                self.ready_since = time.monotonic() if since is None else since
             self._done = self._delta.finished
             self._cond.notify_all()
             wake = self._armed or (self._armed_end and self._done)
@@ -226,6 +229,9 @@ class Sequence(Shippable):
     output: Output
     state: dict[str, np.ndarray] | None = None  # batch of 1; None: the model's zero state
     deadline: float | None = None  # time.monotonic() after which the stream is dropped
+    # Coalesced streaming, for an engine process (serving.remote.host): how long its
+    # deltas may wait there to share a message; its reader here holds them the same.
+    interval_s: float = 0.0
     id: int = field(default_factory=next_id)
     status: Status = Status.WAITING
     prompt_tokens: int = 0

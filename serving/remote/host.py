@@ -96,15 +96,22 @@ def _occupancy(hosted: dict[str, Hosted]) -> dict:
 class Outbound:
     """One frontend's connection, as the event loop its jobs' outboxes wake (see
     `serving.engine.request.Waker`): within an engine iteration the jobs that produced
-    something are gathered and sent in one message when it ends."""
+    something are gathered and sent in one message when it ends. A coalescing job's
+    parts wait here instead, until its interval has passed (a thread of this
+    connection's sends them then) or its end comes: one message per interval crosses
+    the process boundary, not one per token."""
 
     def __init__(self, conn: Connection, hosted: dict[str, Hosted]):
         self.conn, self.hosted = conn, hosted
         self._lock = threading.Lock()
+        self._due = threading.Condition(self._lock)  # a held job to send, or closed
         self._buffer: list = []
+        self._held: dict[int, tuple[float, Taker]] = {}  # job id -> (send at, its taker)
         self._ended = False  # a job ended since the last report
         self._reported = 0.0
+        self.closed = False
         self.jobs: dict[int, tuple[str, object]] = {}  # frontend's job id -> (key, the job)
+        threading.Thread(target=self._send_held, name="held", daemon=True).start()
 
     def call_soon_threadsafe(self, callback, takers) -> None:
         """Take what the woken jobs produced (`callback(takers)`) and send it at once."""
@@ -117,6 +124,27 @@ class Outbound:
             self._buffer.append(wire(job_id, delta))
             self._ended |= delta.finished
             self._flush()
+
+    def hold(self, taker: Taker, until: float) -> None:
+        """Send what `taker`'s job produced at `until` (time.monotonic()); under the lock."""
+        self._held[taker.job_id] = until, taker
+        self._due.notify()
+
+    def _send_held(self) -> None:
+        with self._lock:
+            while not self.closed:
+                now = time.monotonic()
+                due = [t for until, t in self._held.values() if until <= now]
+                for taker in due:
+                    taker.take()
+                self._flush()
+                soonest = min((until for until, _ in self._held.values()), default=None)
+                self._due.wait(None if soonest is None else soonest - now)
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed = True
+            self._due.notify()
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -145,31 +173,49 @@ class Outbound:
 
 class Taker:
     """Takes a job's output for its frontend when its outbox wakes it (the `event` of a
-    `Waker` whose loop is an `Outbound`)."""
+    `Waker` whose loop is an `Outbound`), under the `Outbound`'s lock. With the job's
+    `interval_s`, parts after its first wait until that long after the oldest of them,
+    or its end: the coalescing its reader in the frontend would do, done here."""
 
-    __slots__ = ("job_id", "outbox", "out")
+    __slots__ = ("job_id", "outbox", "out", "interval_s", "started")
 
-    def __init__(self, job_id: int, outbox, out: Outbound):
-        self.job_id, self.outbox, self.out = job_id, outbox, out
-        outbox.on_ready = Waker(out, self, batch=True)
-        outbox.take_or_arm()  # armed: its first put wakes this taker
+    def __init__(self, job_id: int, job, out: Outbound):
+        self.job_id, self.outbox, self.out = job_id, job.outbox, out
+        self.interval_s = getattr(job, "interval_s", 0.0)
+        self.started = False  # a part went out: the next may wait
+        self.outbox.on_ready = Waker(out, self, batch=True)
+        self.outbox.take_or_arm()  # armed: its first put wakes this taker
 
     def set(self) -> None:
-        while (delta := self.outbox.take_or_arm()) is not None:  # re-armed once empty
-            self.out._buffer.append(wire(self.job_id, delta))
+        """The outbox turned ready (or, held, its end came)."""
+        if self.interval_s > 0 and self.started and not self.outbox.ready_or_arm(end_only=True):
+            self.out.hold(self, self.outbox.ready_since + self.interval_s)  # its end wakes it
+            return
+        self.take()
+
+    def take(self) -> None:
+        self.out._held.pop(self.job_id, None)
+        while True:  # re-armed once empty
+            since = self.outbox.ready_since
+            delta = self.outbox.take_or_arm()
+            if delta is None:
+                return
+            self.started |= bool(delta.tokens or delta.pieces)
+            self.out._buffer.append(wire(self.job_id, delta, since))
             if delta.finished:
                 self.out._ended = True
                 self.out.jobs.pop(self.job_id, None)
                 return
 
 
-def wire(job_id: int, delta: Delta) -> tuple:
-    """A delta as sent: (job_id, pieces, tokens, logprobs) while its stream runs (plain
-    lists pickle ~9x faster than the dataclass), (job_id, delta) for its end or a
-    result."""
+def wire(job_id: int, delta: Delta, since: float = 0.0) -> tuple:
+    """A delta as sent: (job_id, pieces, tokens, logprobs, since) while its stream runs
+    (plain lists pickle ~9x faster than the dataclass; `since`: when its oldest part was
+    produced, so the frontend's reader does not hold it again), (job_id, delta) for its
+    end or a result."""
     if delta.finished or delta.logits is not None or delta.beams is not None:
         return job_id, delta
-    return job_id, delta.pieces, delta.tokens, delta.logprobs
+    return job_id, delta.pieces, delta.tokens, delta.logprobs, since
 
 
 def _wire_error(exc: BaseException) -> ServingError:
@@ -218,6 +264,7 @@ class EngineHost:
         except (EOFError, OSError):
             pass
         finally:
+            out.close()
             for key, job in list(out.jobs.values()):  # its streams end with the connection
                 hosted = self.hosted.get(key)
                 if hosted is not None:
@@ -233,7 +280,7 @@ class EngineHost:
             _, key, job = message
             frontend_id = job.id
             out.jobs[frontend_id] = key, job
-            Taker(frontend_id, job.outbox, out)
+            Taker(frontend_id, job, out)
             hosted = self.hosted.get(key)
             try:
                 if hosted is None:

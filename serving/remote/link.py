@@ -230,10 +230,11 @@ class EngineLink:
                 engine.report(stats, observations)
         with batched_wakes():
             for item in deltas:  # serving.remote.host.wire
-                if len(item) == 4:  # parts of a running stream
+                if len(item) == 5:  # parts of a running stream, and when they began
                     entry = self._jobs.get(item[0])
                     if entry is not None:
-                        entry[1].outbox.put(lambda acc, i=item: acc.extend(i[1], i[2], i[3]))
+                        update = lambda acc, i=item: acc.extend(i[1], i[2], i[3])  # noqa: E731
+                        entry[1].outbox.put(update, since=item[4])
                     continue
                 job_id, delta = item
                 with self._lock:
