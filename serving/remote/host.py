@@ -110,6 +110,7 @@ class Outbound:
         self._held: dict[int, tuple[float, Taker]] = {}  # job id -> (send at, its taker)
         self._ended = False  # a job ended since the last report
         self._reported = 0.0
+        self._seen: tuple | None = None  # gauges and iterations at the last idle report
         self.closed = False
         self.jobs: dict[int, tuple[str, object]] = {}  # frontend's job id -> (key, the job)
         threading.Thread(target=self._send_held, name="held", daemon=True).start()
@@ -160,20 +161,31 @@ class Outbound:
             report, self._reported, self._ended = _report(self.hosted), now, False
         message = ("deltas", self._buffer, _occupancy(self.hosted), report)
         self._buffer = []
-        try:
-            self.conn.send(message)
-        except (OSError, ValueError):  # the frontend is gone; its reader thread stops
-            pass
+        self._send(message)
 
     def report(self) -> None:
-        """Counters and gauges alone (sent while nothing else is, so they stay fresh)."""
+        """Counters and gauges alone, while nothing else is sent, so they stay fresh;
+        none while nothing changed (an idle server stays quiet)."""
         with self._lock:
-            if time.monotonic() - self._reported >= REPORT_INTERVAL_S and not self._buffer:
-                self._reported = time.monotonic()
-                try:
-                    self.conn.send(("deltas", [], _occupancy(self.hosted), _report(self.hosted)))
-                except (OSError, ValueError):
-                    pass
+            if time.monotonic() - self._reported < REPORT_INTERVAL_S or self._buffer:
+                return
+            occupancy = _occupancy(self.hosted)
+            seen = occupancy, {k: h.engine.stats.iterations for k, h in self.hosted.items()}
+            if seen == self._seen:
+                return
+            self._seen, self._reported = seen, time.monotonic()
+            self._send(("deltas", [], occupancy, _report(self.hosted)))
+
+    def send_message(self, message: tuple) -> None:
+        """Any other message (a load's reply), whole, between the deltas."""
+        with self._lock:
+            self._send(message)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except (OSError, ValueError):  # the frontend is gone; its connection's thread ends
+            pass
 
 
 class Taker:
@@ -266,7 +278,7 @@ class EngineHost:
                 if not conn.poll(REPORT_INTERVAL_S):
                     out.report()
                     continue
-                self._handle(conn, out, conn.recv())
+                self._handle(out, conn.recv())
         except (EOFError, OSError):
             pass
         finally:
@@ -278,7 +290,7 @@ class EngineHost:
             if owner:
                 self.stopped.set()
 
-    def _handle(self, conn: Connection, out: Outbound, message: tuple) -> None:
+    def _handle(self, out: Outbound, message: tuple) -> None:
         op = message[0]
         if op == "stop":
             self.stopped.set()
@@ -302,30 +314,28 @@ class EngineHost:
             hosted = self.hosted.get(key)
             if hosted is not None:
                 hosted.engine.cancel(job)
-        elif op == "load":
-            _, key, directory, config = message
-            try:
-                self.load(key, directory, config)
-                conn.send(("loaded", key, None))
-            except Exception as exc:  # noqa: BLE001 - the frontend reports it
-                log.exception("engine process: loading %s failed", key)
-                conn.send(("loaded", key, f"{type(exc).__name__}: {exc}"))
+        elif op == "load":  # on a thread of its own: streams go on meanwhile
+            threading.Thread(target=self._load, args=(out, *message[1:]), daemon=True).start()
         elif op == "unload":
             with self._lock:
                 hosted = self.hosted.pop(message[1], None)
             if hosted is not None:
                 hosted.engine.close()
 
-    def load(self, key: str, directory: str, config) -> None:
-        with self._lock:
-            if key in self.hosted:
-                return
-        model = load_model(Path(directory), self.sessions)
-        with self._lock:
-            self.hosted.setdefault(key, Hosted(model, config))
-
-    def stop(self) -> None:
-        self.stopped.set()
+    def _load(self, out: Outbound, key: str, directory: str, config) -> None:
+        """Load model version `key` (a no-op when loaded) and say so: ("loaded", key,
+        None or why not)."""
+        try:
+            with self._lock:
+                loaded = key in self.hosted
+            if not loaded:
+                model = load_model(Path(directory), self.sessions)
+                with self._lock:
+                    self.hosted.setdefault(key, Hosted(model, config))
+            out.send_message(("loaded", key, None))
+        except Exception as exc:  # noqa: BLE001 - the frontend reports it
+            log.exception("engine process: loading %s failed", key)
+            out.send_message(("loaded", key, f"{type(exc).__name__}: {exc}"))
 
 
 def main(argv: list[str] | None = None) -> None:
