@@ -87,6 +87,15 @@ class Server:
             )
             self.link.start()
             engines = self.link.engine
+        try:
+            self._assemble(config, registry, engines, identify)
+        except BaseException:
+            if self.link is not None:  # no engine process outlives a server that never ran
+                self.link.close()
+            raise
+
+    def _assemble(self, config: ServerConfig, registry: ModelRegistry, engines, identify):
+        """Deployments, metrics, the data plane, the servicers, and the bound port."""
         self.deployments = Deployments(
             registry, self.statistics, config.batching, config.engine,
             observer=lambda name: self.metrics.engine_observer(name), engines=engines,

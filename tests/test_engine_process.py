@@ -182,10 +182,27 @@ def test_startup_fails_clearly_when_the_engine_process_cannot_load(tmp_path, rep
 
     registry = ModelRegistry.load(root, "cpu")  # loaded here, then broken on disk
     graph.write_bytes(b"not onnx")
-    started = time.monotonic()
+    started, before = time.monotonic(), _engine_processes()  # other tests' servers' own
     with pytest.raises(Exception, match="char_lstm/1 in the engine process"):
         create_server(config, registry)
     assert time.monotonic() - started < 60
+    assert _engine_processes() == before, "the engine process outlived the server that failed"
+
+
+def _engine_processes() -> list[int]:
+    """Live `python -m serving.remote` children of this process."""
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if int(stat[1]) == os.getpid() and b"serving.remote" in command and stat[0] != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def test_a_new_version_loads_into_the_engine_process_and_the_old_one_leaves(tmp_path, repository):

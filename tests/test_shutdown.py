@@ -69,9 +69,12 @@ def test_sigterm_drains_live_streams_and_exits_0(repository, engine_process):
     children = _children(proc.pid)
     assert len(children) == (engine_process == "on")
     try:
-        with grpc.insecure_channel(target) as channel, grpc.insecure_channel(
-            target, options=[("grpc.use_local_subchannel_pool", 1)]
-        ) as second:  # its own connection: 8 streams is a connection's cap
+        with (
+            grpc.insecure_channel(target) as channel,
+            grpc.insecure_channel(
+                target, options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as second,
+        ):  # its own connection: 8 streams is a connection's cap
             stub = pb_grpc.InferenceStub(channel)
             streams = [Stream(stub, seed) for seed in range(8)]
             streams += [Stream(pb_grpc.InferenceStub(second), seed) for seed in range(8, 16)]
