@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-from serving.api.logs import FORMATS, configure
 from serving.api.security import SecurityConfig, read_token
 from serving.app import create_server
 from serving.batching.dynamic import BatchingConfig
@@ -21,6 +20,7 @@ from serving.core.preprocess import ImageLimits
 from serving.core.runtime import DEVICES
 from serving.engine import EngineConfig
 from serving.errors import DeviceError
+from serving.logformat import FORMATS, configure
 
 log = logging.getLogger("serving")
 

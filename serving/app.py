@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc  # health.aio: the servicer
 from grpc_reflection.v1alpha import reflection
 
+from serving import logformat
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving.api import kserve
 from serving.api.calls import Calls
@@ -81,6 +82,7 @@ class Server:
                     "device": config.device,
                     "intra_op_threads": config.intra_op_threads,
                     "spinning": config.intra_op_spinning,
+                    "log_format": logformat.current(),  # its lines as this process's
                 },
                 self.loop,
                 on_change=lambda up: self._follow_health(),

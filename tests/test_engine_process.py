@@ -249,3 +249,23 @@ def test_coalescing_happens_in_the_engine_process_and_is_not_done_twice(remote):
     assert len(gaps) >= 3, f"the stream lasted too few intervals: {arrivals}"
     assert 0.075 <= statistics.median(gaps) <= 0.15, gaps
     assert remote[0].engines["char_lstm"].occupancy() == (0, 0)
+
+
+def test_the_engine_process_writes_its_log_lines_in_the_servers_format(repository):
+    """Under --log-format json every line on the server's stderr is one JSON object, the
+    engine process's included."""
+    import json
+
+    from test_cli import start_server
+
+    proc, target = start_server(repository, "--log-format", "json", "--engine-process", "on")
+    try:
+        assert _text(_responses(target, REQUESTS[1]))[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    entries = [json.loads(line) for line in proc.stdout.read().splitlines() if line.strip()]
+    engine = [e for e in entries if e["logger"].startswith("serving.remote.host")]
+    assert any("listening" in e["message"] for e in engine), entries[:5]
+    assert any("stopping" in e["message"] for e in engine)

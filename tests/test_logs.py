@@ -22,8 +22,9 @@ from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
-from serving.api.logs import JsonFormatter, TextFormatter, request_id
+from serving.api.logs import request_id
 from serving.app import create_server
+from serving.logformat import JsonFormatter, TextFormatter
 
 HEX32 = r"^[0-9a-f]{32}$"
 

@@ -24,12 +24,9 @@ balancer would bury the traffic.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
 import uuid
-from datetime import datetime, timezone
 
 from serving.api.calls import RpcWatch
 
@@ -37,72 +34,10 @@ REQUEST_ID = "x-request-id"
 MAX_REQUEST_ID_CHARS = 128
 MAX_MODEL_CHARS = 128  # a client names the model: bounded before it is logged
 QUIET_METHODS = ("/grpc.health.v1.Health/",)
-FORMATS = ("text", "json")
 # From the last response of a stream, when it has them (set on the last message only).
 RESULT_FIELDS = ("finish_reason", "prompt_tokens", "completion_tokens", "queue_time_us")
 
 log = logging.getLogger("serving.requests")
-
-
-def configure(fmt: str = "text", level: int = logging.INFO) -> None:
-    """Every log line to stderr, as text (`time logger: message key=value ...`) or as
-    one JSON object per line."""
-    if fmt not in FORMATS:
-        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-
-
-def _fields(record: logging.LogRecord) -> dict:
-    return getattr(record, "fields", None) or {}
-
-
-class TextFormatter(logging.Formatter):
-    """`2024-05-01 12:00:00,123 logger: message key=value ...`; a value with spaces,
-    quotes, `=` or anything but visible ASCII is written as a JSON string."""
-
-    def __init__(self):
-        super().__init__("%(asctime)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in _fields(record).items())
-        return f"{line} {pairs}" if pairs else line
-
-
-def _text_value(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    text = str(value)
-    plain = text and all("!" <= c <= "~" and c not in '"=\\' for c in text)
-    return text if plain else json.dumps(text)
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, the
-    record's fields, and the traceback as `exception` when there is one."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in _fields(record).items():
-            entry.setdefault(key, value)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        elif record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, default=str)
 
 
 def request_id(metadata) -> str:

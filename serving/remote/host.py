@@ -36,6 +36,7 @@ from serving.core.runtime import SessionFactory
 from serving.engine import Delta, EngineObserver, StepEngine
 from serving.engine.request import Waker
 from serving.errors import ServingError, Unavailable
+from serving.logformat import configure
 
 log = logging.getLogger(__name__)
 
@@ -341,22 +342,22 @@ class EngineHost:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="stepwise's engine process (started by the server)")
     p.add_argument("--address", required=True, help="the Unix socket to listen on")
-    p.add_argument("--runtime", default="{}", help="JSON: device, intra_op_threads, spinning")
+    p.add_argument(
+        "--runtime", default="{}", help="JSON: device, intra_op_threads, spinning, log_format"
+    )
     args = p.parse_args(argv)
     # Its life follows its server's: a Ctrl-C or SIGTERM to the process group is the
     # server's to act on (it drains, then says stop), not this process's.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s"
-    )
-    authkey = bytes.fromhex(os.environ.pop("STEPWISE_ENGINE_KEY", ""))
     runtime = json.loads(args.runtime)
+    configure(runtime.get("log_format", "text"))  # as its server writes them
+    authkey = bytes.fromhex(os.environ.pop("STEPWISE_ENGINE_KEY", ""))
     sessions = SessionFactory(
         runtime.get("device", "cpu"), runtime.get("intra_op_threads"), runtime.get("spinning", True)
     )
     host = EngineHost(args.address, authkey, sessions)
-    log.info("engine process listening on %s", args.address)
+    log.info("engine process %d listening on %s", os.getpid(), args.address)
     host.serve()
     log.info("engine process stopping: its server asked, or went away")
     sys.exit(0)
