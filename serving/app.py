@@ -87,9 +87,10 @@ class Server:
                 self.loop,
                 on_change=lambda up: self._follow_health(),
             )
-            self.link.start()
             engines = self.link.engine
         try:
+            if self.link is not None:
+                self.link.start()
             self._assemble(config, registry, engines, identify)
         except BaseException:
             if self.link is not None:  # no engine process outlives a server that never ran
@@ -267,9 +268,14 @@ class Server:
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self._stopped.set()
 
+        def finish_off_the_loop(done):
+            # Stopping waits for things the loop delivers (a model load's reply from the
+            # engine process, that process's exit): not on the loop's own thread.
+            threading.Thread(target=finish, args=(done,), name="stop", daemon=True).start()
+
         if self._stopped.is_set():
             return self._stopped
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).add_done_callback(finish)
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).add_done_callback(finish_off_the_loop)
         return self._stopped
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:

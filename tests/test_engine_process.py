@@ -183,7 +183,7 @@ def test_startup_fails_clearly_when_the_engine_process_cannot_load(tmp_path, rep
     registry = ModelRegistry.load(root, "cpu")  # loaded here, then broken on disk
     graph.write_bytes(b"not onnx")
     started, before = time.monotonic(), _engine_processes()  # other tests' servers' own
-    with pytest.raises(Exception, match="char_lstm/1 in the engine process"):
+    with pytest.raises(Exception, match="char_lstm version 1 in the engine process"):
         create_server(config, registry)
     assert time.monotonic() - started < 60
     assert _engine_processes() == before, "the engine process outlived the server that failed"
@@ -218,14 +218,14 @@ def test_a_new_version_loads_into_the_engine_process_and_the_old_one_leaves(tmp_
     target = f"127.0.0.1:{port}"
     try:
         want = _text(_responses(target, REQUESTS[0]))
-        assert set(server.link._engines) == {"char_lstm/1"}
+        assert _versions(server) == ["char_lstm/1"]
         staging = root / "char_lstm" / ".staging-2"
         shutil.copytree(root / "char_lstm" / "1", staging)
         staging.rename(root / "char_lstm" / "2")  # published whole, as export does
         eventually(lambda: server.registry.models["char_lstm"].version == "2", timeout=30)
-        assert server.engines["char_lstm"].key == "char_lstm/2"
+        assert server.engines["char_lstm"].model.version == "2"
         assert _text(_responses(target, REQUESTS[0])) == want  # the same export, now v2
-        eventually(lambda: set(server.link._engines) == {"char_lstm/2"}, timeout=10)
+        eventually(lambda: _versions(server) == ["char_lstm/2"], timeout=10)
     finally:
         server.stop(grace=None).wait(30)
 
@@ -269,3 +269,57 @@ def test_the_engine_process_writes_its_log_lines_in_the_servers_format(repositor
     engine = [e for e in entries if e["logger"].startswith("serving.remote.host")]
     assert any("listening" in e["message"] for e in engine), entries[:5]
     assert any("stopping" in e["message"] for e in engine)
+
+
+def _versions(server) -> list[str]:
+    """The step model versions loaded in the server's engine process."""
+    return sorted(f"{e.model.name}/{e.model.version}" for e in server.link._engines.values())
+
+
+def test_a_same_version_reload_gets_an_engine_of_its_own(tmp_path, repository):
+    """An edited config.pbtxt reloads version 1: the new deployment's engine is loaded
+    anew in the engine process, and retiring the old one does not close it."""
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(repository, root)
+    config = loopback_config(
+        root, engine_process=True, model_control_mode="poll", repository_poll_secs=0.1
+    )
+    server, port = create_server(config)
+    server.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        want = _text(_responses(target, REQUESTS[0]))
+        old = server.engines["char_lstm"]
+        pbtxt = root / "char_lstm" / "config.pbtxt"
+        pbtxt.write_text(pbtxt.read_text().replace("max_batch_size: 64", "max_batch_size: 32"))
+        eventually(lambda: server.engines["char_lstm"] is not old, timeout=30)
+        assert server.engines["char_lstm"].config.max_batch_size == 32
+        eventually(lambda: old.closed and len(server.link._engines) == 1, timeout=10)
+        assert _text(_responses(target, REQUESTS[0])) == want  # the new engine serves
+        assert server.plane.ready
+    finally:
+        server.stop(grace=None).wait(30)
+
+
+def test_a_restart_that_cannot_load_retries_until_it_can(tmp_path, repository):
+    import shutil
+
+    root = tmp_path / "repo"
+    shutil.copytree(repository, root)
+    server, port = create_server(loopback_config(root, engine_process=True))
+    server.start()
+    try:
+        want = _text(_responses(f"127.0.0.1:{port}", REQUESTS[0]))
+        version, aside = root / "char_lstm" / "1", tmp_path / "aside"
+        version.rename(aside)  # a restarted process cannot load it now
+        os.kill(server.link.process.pid, signal.SIGKILL)
+        time.sleep(2.0)  # restarts fail meanwhile
+        assert not server.plane.ready and server.link.restarts == 0
+        aside.rename(version)
+        eventually(lambda: server.plane.ready and server.link.restarts == 1, timeout=30)
+        assert _text(_responses(f"127.0.0.1:{port}", REQUESTS[0])) == want
+    finally:
+        server.stop(grace=None).wait(30)
+    assert server.link.process.poll() == 0  # the restarted process stopped with its server

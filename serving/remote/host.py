@@ -146,7 +146,7 @@ class Outbound:
                             taker.take()
                     self._flush()
                 soonest = min((until for until, _ in self._held.values()), default=None)
-                self._due.wait(None if soonest is None else soonest - now)
+                self._due.wait(None if soonest is None else soonest - time.monotonic())
 
     def close(self) -> None:
         with self._lock:
@@ -171,7 +171,7 @@ class Outbound:
             if time.monotonic() - self._reported < REPORT_INTERVAL_S or self._buffer:
                 return
             occupancy = _occupancy(self.hosted)
-            seen = occupancy, {k: h.engine.stats.iterations for k, h in self.hosted.items()}
+            seen = occupancy, {k: h.engine.stats.iterations for k, h in list(self.hosted.items())}
             if seen == self._seen:
                 return
             self._seen, self._reported = seen, time.monotonic()
@@ -265,8 +265,9 @@ class EngineHost:
         while not self.stopped.is_set():
             try:
                 conn = self.listener.accept()
-            except (OSError, EOFError):
-                continue  # a connection that failed authentication
+            except Exception:  # noqa: BLE001 - a failed handshake ends that connection only
+                log.warning("engine process: a connection failed", exc_info=True)
+                continue
             threading.Thread(
                 target=self._serve, args=(conn, first), name="frontend", daemon=True
             ).start()
@@ -282,6 +283,8 @@ class EngineHost:
                 self._handle(out, conn.recv())
         except (EOFError, OSError):
             pass
+        except Exception:  # noqa: BLE001 - said, not silent: the server sees it as a crash
+            log.exception("engine process: serving a frontend failed")
         finally:
             out.close()
             for key, job in list(out.jobs.values()):  # its streams end with the connection

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -85,10 +86,13 @@ class _Frames(asyncio.Protocol):
             end = start + header + size
             if len(buffer) < end:
                 break
-            with memoryview(buffer) as view:
-                message = pickle.loads(view[start + header : end])
+            try:
+                with memoryview(buffer) as view:
+                    message = pickle.loads(view[start + header : end])
+                self.link._message(message)
+            except Exception:  # noqa: BLE001 - one bad message must not end every stream
+                log.exception("engine link: a message from the engine process failed")
             start = end
-            self.link._message(message)
         del buffer[:start]
 
     def connection_lost(self, exc) -> None:
@@ -127,7 +131,9 @@ class EngineLink:
         self._frames: _Frames | None = None  # the live connection
         self.up = False
         self.restarts = 0
+        self._restarting = False  # one restart at a time
         self._closing = False
+        self._serial = itertools.count(1)  # engine keys: one per deployment, never reused
 
     # -- the process -------------------------------------------------------------------
 
@@ -146,6 +152,16 @@ class EngineLink:
         command = [sys.executable, "-m", "serving.remote", "--address", self.address]
         command += ["--runtime", json.dumps(self.runtime)]
         process = subprocess.Popen(command, env=env)
+        try:
+            frames = self._connect(process)
+        except BaseException:  # no half-started process is left behind
+            process.kill()
+            process.wait()
+            raise
+        with self._lock:
+            self.process, self._frames = process, frames
+
+    def _connect(self, process: subprocess.Popen) -> _Frames:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if process.poll() is not None:
@@ -155,7 +171,6 @@ class EngineLink:
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
-                    process.kill()
                     raise RuntimeError("the engine process did not listen in time") from None
                 time.sleep(0.02)
         sock = socket.socket(fileno=os.dup(conn.fileno()))  # authenticated: now the loop's
@@ -165,9 +180,7 @@ class EngineLink:
             _, frames = await self.loop.create_unix_connection(lambda: _Frames(self), sock=sock)
             return frames
 
-        frames = asyncio.run_coroutine_threadsafe(attach(), self.loop).result(START_TIMEOUT_S)
-        with self._lock:
-            self.process, self._frames = process, frames
+        return asyncio.run_coroutine_threadsafe(attach(), self.loop).result(START_TIMEOUT_S)
 
     def close(self) -> None:
         """Stop the process (asked to, it closes its engines and exits) and wait for it.
@@ -262,28 +275,49 @@ class EngineLink:
             for _, job in jobs:
                 _fail(job, error)
         self.on_change(False)
-        threading.Thread(target=self._restart, name="engine-restart", daemon=True).start()
+        with self._lock:
+            restarting, self._restarting = self._restarting, True
+        if not restarting:  # else the restart in progress sees its load fail, and retries
+            threading.Thread(target=self._restart, name="engine-restart", daemon=True).start()
 
     def _restart(self) -> None:
-        for attempt in range(1_000_000):
-            if self._closing:
+        try:
+            for attempt in range(1_000_000):
+                if self._closing:
+                    return
+                time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
+                self._discard()  # the dead process, or the last attempt's
+                try:
+                    self._spawn()
+                    for engine in list(self._engines.values()):
+                        self._load(engine)
+                except Exception:  # noqa: BLE001 - try again, slower
+                    log.exception("engine process: restart %d failed", attempt + 1)
+                    continue
+                with self._lock:
+                    self.up = not self._closing
+                if self._closing:  # the server stopped meanwhile: so does this process
+                    self._discard()
+                    return
+                self.restarts += 1
+                log.info("engine process restarted (pid %d)", self.process.pid)
+                self.on_change(True)
                 return
-            time.sleep(RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)])
-            try:
-                if self.process is not None:
-                    self.process.wait()  # reaped: no zombie left behind
-                self._spawn()
-                for engine in list(self._engines.values()):
-                    self._load(engine)
-            except Exception:  # noqa: BLE001 - try again, slower
-                log.exception("engine process: restart %d failed", attempt + 1)
-                continue
+        finally:
             with self._lock:
-                self.up = not self._closing
-            self.restarts += 1
-            log.info("engine process restarted (pid %d)", self.process.pid)
-            self.on_change(True)
-            return
+                self._restarting = False
+
+    def _discard(self) -> None:
+        """Forget the current process: disconnected (its end is not a crash), killed and
+        reaped."""
+        with self._lock:
+            frames, process, self._frames = self._frames, self.process, None
+        if frames is not None and frames.transport is not None:
+            self.loop.call_soon_threadsafe(frames.transport.close)
+        if process is not None and process.poll() is None:
+            process.kill()
+        if process is not None:
+            process.wait()
 
     # -- what engines ask --------------------------------------------------------------
 
@@ -291,7 +325,8 @@ class EngineLink:
         """A `RemoteEngine` for `model` (the signature of `StepEngine`'s constructor, for
         `serving.dataplane.deployments.Deployments`); its version is loaded there first.
         Not on the loop's thread: the reply comes through the loop."""
-        engine = RemoteEngine(self, model, config or EngineConfig(), observer, stats)
+        key = f"{model.name}/{model.version}#{next(self._serial)}"
+        engine = RemoteEngine(self, key, model, config or EngineConfig(), observer, stats)
         self._load(engine)
         self._engines[engine.key] = engine
         return engine
@@ -301,9 +336,14 @@ class EngineLink:
         with self._lock:
             self._replies[engine.key] = reply
         self._write(("load", engine.key, str(engine.model.directory), engine.config))
-        error = reply.result(LOAD_TIMEOUT_S)
+        try:
+            error = reply.result(LOAD_TIMEOUT_S)
+        finally:
+            with self._lock:
+                self._replies.pop(engine.key, None)
         if error is not None:
-            raise ModelLoadError(f"{engine.key} in the engine process: {error}")
+            name, version = engine.model.name, engine.model.version
+            raise ModelLoadError(f"{name} version {version} in the engine process: {error}")
 
     def unload(self, engine: RemoteEngine) -> None:
         if self._engines.get(engine.key) is engine:
@@ -344,9 +384,8 @@ class RemoteEngine:
     `StepEngine`: submit, cancel, lease, close, counters and occupancy (as of the
     process's latest report)."""
 
-    def __init__(self, link: EngineLink, model, config, observer=None, stats=None):
-        self.link, self.model, self.config = link, model, config
-        self.key = f"{model.name}/{model.version}"
+    def __init__(self, link: EngineLink, key: str, model, config, observer=None, stats=None):
+        self.link, self.key, self.model, self.config = link, key, model, config
         self.observer = observer or EngineObserver()
         self.stats = stats if stats is not None else EngineStats()
         self.occupied = (0, 0)  # (running, waiting) as of the process's latest message
