@@ -14,6 +14,8 @@ the benchmarks, deploy/topology.py. serving/ never imports it.
 - `until(what, check, timeout)`: poll until `check()` is truthy, else TimeoutError.
 - `memory(pid)`, `rss_bytes(pid)`, `peak_rss_bytes(pid)`, `reset_peak(pid)`: VmRSS and
   VmHWM from /proc/PID/status (Linux).
+- `children(pid, command)`, `alive(pid)`: a process's live child processes (a server's
+  engine process), and whether a process still runs (not a zombie), from /proc.
 
 grpc is imported where it is used: the memory readers also run in child processes that
 measure their own RSS and should load nothing more than they need.
@@ -229,6 +231,43 @@ def start(
                 raise
             raise NotReady(f"{exc}; its output ends:\n{piped}") from None
     return server
+
+
+# ---- processes, from /proc/PID/stat ----------------------------------------------------
+
+
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first, then the parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def children(pid: int, command: str | None = None) -> list[int]:
+    """The live child processes of `pid`, those whose command line holds `command` when
+    given."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _stat(entry.name)
+        if stat is None or int(stat[1]) != pid or stat[0] == "Z":
+            continue
+        if command is not None:
+            try:
+                if command.encode() not in (entry / "cmdline").read_bytes():
+                    continue
+            except OSError:
+                continue
+        found.append(int(entry.name))
+    return found
 
 
 # ---- memory, from /proc/PID/status -----------------------------------------------------

@@ -6,7 +6,9 @@ live streams UNAVAILABLE, turns health NOT_SERVING, and is followed by a restart
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -18,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from polling import eventually
 from test_kserve import _greedy_by_sequence
 
+from bench import harness
 from bench.harness import loopback_config
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving.app import create_server
@@ -33,12 +36,32 @@ REQUESTS = [  # Generate's options: sampled, greedy, stop strings, logprobs, pen
 ]  # fmt: skip
 
 
+POLL = dict(model_control_mode="poll", repository_poll_secs=0.1)  # reloads within a test
+
+
+@contextlib.contextmanager
+def _served(root, **options):
+    """A started in-process server over `root` with its engines in an engine process:
+    (server, target); stopped after."""
+    server, port = create_server(loopback_config(root, engine_process=True, **options))
+    server.start()
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None).wait(30)
+
+
+def _copy(tmp_path, repository):
+    """A repository of this test's own, to change on disk."""
+    root = tmp_path / "repo"
+    shutil.copytree(repository, root)
+    return root
+
+
 @pytest.fixture(scope="module")
 def remote(repository):
-    server, port = create_server(loopback_config(repository, engine_process=True))
-    server.start()
-    yield server, f"127.0.0.1:{port}"
-    server.stop(grace=None).wait(30)
+    with _served(repository) as (server, target):
+        yield server, target
     assert server.link.process.poll() == 0  # it exited on its own, asked to stop
 
 
@@ -133,10 +156,7 @@ def _health(channel) -> int:
 
 
 def test_a_crashed_engine_process_ends_streams_unavailable_and_is_restarted(repository):
-    server, port = create_server(loopback_config(repository, engine_process=True))
-    server.start()
-    target = f"127.0.0.1:{port}"
-    try:
+    with _served(repository) as (server, target):
         want = _text(_responses(target, REQUESTS[0]))
         pid = server.link.process.pid
         with grpc.insecure_channel(target) as channel, StepwiseClient(target, timeout=30) as c:
@@ -165,16 +185,11 @@ def test_a_crashed_engine_process_ends_streams_unavailable_and_is_restarted(repo
                 lambda: _health(channel) == health_pb2.HealthCheckResponse.SERVING, timeout=10
             )
             assert _text(_responses(target, REQUESTS[0])) == want
-    finally:
-        server.stop(grace=None).wait(30)
     assert server.link.process.poll() == 0
 
 
 def test_startup_fails_clearly_when_the_engine_process_cannot_load(tmp_path, repository):
-    import shutil
-
-    root = tmp_path / "repo"
-    shutil.copytree(repository, root)
+    root = _copy(tmp_path, repository)
     step = root / "char_lstm" / "1"
     graph = next(p for p in step.iterdir() if p.name.endswith(".onnx") and "prefill" not in p.name)
     config = loopback_config(root, engine_process=True)
@@ -191,32 +206,12 @@ def test_startup_fails_clearly_when_the_engine_process_cannot_load(tmp_path, rep
 
 def _engine_processes() -> list[int]:
     """Live `python -m serving.remote` children of this process."""
-    from pathlib import Path
-
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if int(stat[1]) == os.getpid() and b"serving.remote" in command and stat[0] != "Z":
-            found.append(int(entry.name))
-    return found
+    return harness.children(os.getpid(), "serving.remote")
 
 
 def test_a_new_version_loads_into_the_engine_process_and_the_old_one_leaves(tmp_path, repository):
-    import shutil
-
-    root = tmp_path / "repo"
-    shutil.copytree(repository, root)
-    config = loopback_config(
-        root, engine_process=True, model_control_mode="poll", repository_poll_secs=0.1
-    )
-    server, port = create_server(config)
-    server.start()
-    target = f"127.0.0.1:{port}"
-    try:
+    root = _copy(tmp_path, repository)
+    with _served(root, **POLL) as (server, target):
         want = _text(_responses(target, REQUESTS[0]))
         assert _versions(server) == ["char_lstm/1"]
         staging = root / "char_lstm" / ".staging-2"
@@ -226,8 +221,6 @@ def test_a_new_version_loads_into_the_engine_process_and_the_old_one_leaves(tmp_
         assert server.engines["char_lstm"].model.version == "2"
         assert _text(_responses(target, REQUESTS[0])) == want  # the same export, now v2
         eventually(lambda: _versions(server) == ["char_lstm/2"], timeout=10)
-    finally:
-        server.stop(grace=None).wait(30)
 
 
 def test_coalescing_happens_in_the_engine_process_and_is_not_done_twice(remote):
@@ -279,17 +272,8 @@ def _versions(server) -> list[str]:
 def test_a_same_version_reload_gets_an_engine_of_its_own(tmp_path, repository):
     """An edited config.pbtxt reloads version 1: the new deployment's engine is loaded
     anew in the engine process, and retiring the old one does not close it."""
-    import shutil
-
-    root = tmp_path / "repo"
-    shutil.copytree(repository, root)
-    config = loopback_config(
-        root, engine_process=True, model_control_mode="poll", repository_poll_secs=0.1
-    )
-    server, port = create_server(config)
-    server.start()
-    target = f"127.0.0.1:{port}"
-    try:
+    root = _copy(tmp_path, repository)
+    with _served(root, **POLL) as (server, target):
         want = _text(_responses(target, REQUESTS[0]))
         old = server.engines["char_lstm"]
         pbtxt = root / "char_lstm" / "config.pbtxt"
@@ -299,19 +283,12 @@ def test_a_same_version_reload_gets_an_engine_of_its_own(tmp_path, repository):
         eventually(lambda: old.closed and len(server.link._engines) == 1, timeout=10)
         assert _text(_responses(target, REQUESTS[0])) == want  # the new engine serves
         assert server.plane.ready
-    finally:
-        server.stop(grace=None).wait(30)
 
 
 def test_a_restart_that_cannot_load_retries_until_it_can(tmp_path, repository):
-    import shutil
-
-    root = tmp_path / "repo"
-    shutil.copytree(repository, root)
-    server, port = create_server(loopback_config(root, engine_process=True))
-    server.start()
-    try:
-        want = _text(_responses(f"127.0.0.1:{port}", REQUESTS[0]))
+    root = _copy(tmp_path, repository)
+    with _served(root) as (server, target):
+        want = _text(_responses(target, REQUESTS[0]))
         version, aside = root / "char_lstm" / "1", tmp_path / "aside"
         version.rename(aside)  # a restarted process cannot load it now
         os.kill(server.link.process.pid, signal.SIGKILL)
@@ -319,7 +296,5 @@ def test_a_restart_that_cannot_load_retries_until_it_can(tmp_path, repository):
         assert not server.plane.ready and server.link.restarts == 0
         aside.rename(version)
         eventually(lambda: server.plane.ready and server.link.restarts == 1, timeout=30)
-        assert _text(_responses(f"127.0.0.1:{port}", REQUESTS[0])) == want
-    finally:
-        server.stop(grace=None).wait(30)
+        assert _text(_responses(target, REQUESTS[0])) == want
     assert server.link.process.poll() == 0  # the restarted process stopped with its server

@@ -8,13 +8,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_cli import start_server
 
+from bench import harness
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 
@@ -66,7 +66,7 @@ def test_sigterm_drains_live_streams_and_exits_0(repository, engine_process):
         repository, "--drain-delay", str(DRAIN_S), "--grace-period", str(GRACE_S),
         "--stream-batch-size", "1", "--engine-process", engine_process,
     )  # fmt: skip
-    children = _children(proc.pid)
+    children = harness.children(proc.pid)
     assert len(children) == (engine_process == "on")
     try:
         with (
@@ -119,29 +119,8 @@ def test_sigterm_drains_live_streams_and_exits_0(repository, engine_process):
     assert f"ended {len(ended)} call(s) still live after {GRACE_S:g} s" in log
     assert log.count("code=UNAVAILABLE") >= len(ended)  # the request log saw the status
     assert "stopped after" in log and "Traceback" not in log
-    for child in children:  # the engine process stopped with its server
-        assert not Path(f"/proc/{child}").exists() or "Z" in _state(child)
-
-
-def _children(pid: int) -> list[int]:
-    """The live child processes of `pid` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
+    # the engine process stopped with its server
+    assert not any(harness.alive(child) for child in children)
 
 
 def test_a_second_sigterm_exits_at_once_with_streams_live(repository):
