@@ -1,19 +1,21 @@
-"""The engine process measured: one server with `--engine-process off` against one with
-`--engine-process on`, in alternating rounds.
+"""The process layouts measured: one server with `--engine-process off` against one
+with `--engine-process on` (and, asked for, `--frontends 2`), in alternating rounds.
 
     python -m bench.engine_process                      # 2 rounds, Generate 1/16/64, Classify 1/4
     python -m bench.engine_process --rounds 1 --duration 4
+    python -m bench.engine_process --layouts off,frontends2 --generate 16,64 --classify 1,4,8
 
 Each round starts `python -m serving` (loopback, the default repository) once per
 layout, in turn, and runs `python -m loadtest` against it: Generate (char_lstm, 256
 tokens, the server's default stream interval) at 1, 16 and 64 streams, and Classify
-(lenet5) at 1 and 4 clients. The server's CPU counts its engine process too (loadtest's
---server-pid adds the CPU of the server's child processes). Printed: each figure's
-median over the rounds for each layout, and the ratio on / off (one run: the ratios are
-the figures to read); then Generate against the limit, the same step graph run in this
-process at the same batch (`bench.inprocess`, measured in every round): served tokens/s
-over in-process tokens/s, and the server's CPU per token over one batch-1 step's time
-(issue 20's targets: >= 0.4 at 16 and 64 streams, <= 3x at 1 stream).
+(lenet5) at 1 and 4 clients. The server's CPU counts its child processes too (the engine
+process, the frontends: loadtest's --server-pid adds them). Printed: each figure's
+median over the rounds for each layout, and each layout's ratio to the first (one run:
+the ratios are the figures to read); then Generate against the limit, the same step
+graph run in this process at the same batch (`bench.inprocess`, measured in every
+round): served tokens/s over in-process tokens/s, and the server's CPU per token over
+one batch-1 step's time (issue 20's targets: >= 0.4 at 16 and 64 streams, <= 3x at 1
+stream).
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from pathlib import Path
 from bench import harness, inprocess
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = ("off", "on")
+LAYOUTS = {  # name -> the server's flags
+    "off": ["--engine-process", "off"],
+    "on": ["--engine-process", "on"],
+    "frontends2": ["--frontends", "2"],
+}
 
 LOADS = {  # name -> (loadtest arguments, figures read: (heading, figure of a level))
     "generate": (
@@ -56,7 +62,7 @@ def one_run(layout: str, loads: dict, duration: float, repository: Path, out: Pa
     """{load: [a loadtest level's figures, one per level]} for one server."""
     figures = {}
     with harness.start(
-        ["--model-repository", str(repository), "--no-request-log", "--engine-process", layout],
+        ["--model-repository", str(repository), "--no-request-log", *LAYOUTS[layout]],
         name=f"server ({layout})", metrics_port=None, stop_timeout=60,
     ) as server:  # fmt: skip
         for load, levels in loads.items():
@@ -73,15 +79,19 @@ def one_run(layout: str, loads: dict, duration: float, repository: Path, out: Pa
 
 
 def table(runs: dict[str, list[dict]], loads: dict) -> str:
-    rows = ["| load | level | figure | off | on | on / off |", "|" + " --- |" * 6]
+    layouts = list(runs)
+    ratios = [f"{layout} / {layouts[0]}" for layout in layouts[1:]]
+    rows = [" | ".join(["| load | level | figure", *layouts, *ratios]) + " |"]
+    rows.append("|" + " --- |" * (3 + len(layouts) + len(ratios)))
     for load, levels in loads.items():
         for i, level in enumerate(levels):
             for heading, value in LOADS[load][1]:
-                off, on = (
-                    statistics.median(value(r[load][i]) for r in runs[layout]) for layout in LAYOUTS
-                )
-                ratio = f"{on / off:.2f}x" if off else "-"
-                rows.append(f"| {load} | {level} | {heading} | {off:.4g} | {on:.4g} | {ratio} |")
+                medians = [
+                    statistics.median(value(r[load][i]) for r in runs[lay]) for lay in layouts
+                ]
+                cells = [f"{m:.4g}" for m in medians]
+                cells += [f"{m / medians[0]:.2f}x" if medians[0] else "-" for m in medians[1:]]
+                rows.append(f"| {load} | {level} | {heading} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -90,7 +100,7 @@ def limits(runs: dict[str, list[dict]], limit: list[list[dict]], levels: list[in
     rows = ["| layout | streams | tokens/s / in process, same batch | CPU/token / batch-1 step |"]
     rows.append("|" + " --- |" * 4)
     step_us = statistics.median(r[0]["us_per_call"] for r in limit)
-    for layout in LAYOUTS:
+    for layout in runs:
         for i, level in enumerate(levels):
             served = statistics.median(r["generate"][i]["tokens_per_s"] for r in runs[layout])
             cpu = statistics.median(
@@ -110,20 +120,27 @@ def main() -> int:
     p.add_argument("--classify", default="1,4", help="concurrent clients ('' to skip)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per level")
     p.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    p.add_argument(
+        "--layouts", default="off,on", help=f"of {', '.join(LAYOUTS)}; ratios to the first"
+    )
     args = p.parse_args()
+    layouts = args.layouts.split(",")
+    unknown = set(layouts) - set(LAYOUTS)
+    if unknown or len(layouts) < 2:
+        p.error(f"--layouts: two or more of {', '.join(LAYOUTS)}, not {args.layouts}")
     loads = {
         load: [int(x) for x in levels.split(",")]
         for load, levels in (("generate", args.generate), ("classify", args.classify))
         if levels
     }
-    runs: dict[str, list[dict]] = {layout: [] for layout in LAYOUTS}
+    runs: dict[str, list[dict]] = {layout: [] for layout in layouts}
     limit: list[list[dict]] = []  # the step graph in process, once per round
     step = args.model_repository / "char_lstm" / "1"
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             if "generate" in loads:
                 limit.append(inprocess.step_graph(step, loads["generate"], 2.0))
-            for layout in LAYOUTS:
+            for layout in layouts:
                 runs[layout].append(
                     one_run(layout, loads, args.duration, args.model_repository, Path(tmp))
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -21,6 +22,8 @@ from serving.core.runtime import DEVICES
 from serving.engine import EngineConfig
 from serving.errors import DeviceError
 from serving.logformat import FORMATS, configure
+from serving.remote import frontends
+from serving.remote.frontends import KEY_ENV, SUPERVISOR_ENV
 
 log = logging.getLogger("serving")
 
@@ -218,10 +221,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--engine-process",
         choices=("on", "off"),
-        default="on" if d.engine_process else "off",
+        default=None,
         help="on: the step models' continuous-batching engines run in a process of their "
-        "own (restarted if it dies), the gRPC frontend in this one; off: one process",
+        "own (restarted if it dies), the gRPC frontend in this one; off: one process "
+        f"(default: {'on' if d.engine_process else 'off'}; on with --frontends above 1)",
     )
+    p.add_argument(
+        "--frontends",
+        type=_positive,
+        default=1,
+        help="gRPC server processes sharing the port (SO_REUSEPORT), each with its own "
+        "event loop, over one shared engine process; above 1 this process supervises "
+        "them (serving/remote/frontends.py). 1: the server runs in this process",
+    )
+    # A frontend of a supervisor (set by it, not by hand): the engine process's address,
+    # and the pipe it says it serves on.
+    p.add_argument("--frontend-of", help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument(
         "--request-log",
         action=argparse.BooleanOptionalAction,
@@ -261,10 +277,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _die_with_supervisor() -> None:
+    """A frontend gets SIGTERM (and drains) when its supervisor dies, however it died."""
+    import ctypes
+
+    supervisor = int(os.environ.pop(SUPERVISOR_ENV, "0"))
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != supervisor:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     configure(args.log_format)
+    if args.frontend_of:
+        _die_with_supervisor()
+    if args.frontends > 1 and args.engine_process == "off":
+        p.error("--frontends above 1 share one engine process: --engine-process off is for 1")
     if args.mmap_threshold and not fix_mmap_threshold(args.mmap_threshold):
         log.warning("--mmap-threshold %d was not applied", args.mmap_threshold)
     if args.auth_all and args.auth_token_file is None:
@@ -294,7 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             intra_op_threads=args.intra_op_threads,
             intra_op_spinning=args.intra_op_spinning,
-            engine_process=args.engine_process == "on",
+            engine_process=(
+                ServerConfig.engine_process
+                if args.engine_process is None
+                else args.engine_process == "on"
+            ),
+            frontend_of=args.frontend_of,
+            engine_key=bytes.fromhex(os.environ.pop(KEY_ENV, "")) if args.frontend_of else None,
             max_workers=args.max_workers,
             max_streams=args.max_streams,
             max_streams_per_client=args.max_streams_per_client,
@@ -322,12 +359,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a combination the parser cannot see
         log.error("%s", exc)
         return 1
+    if args.frontends > 1:
+        return frontends.serve(config, argv, args.frontends)
     try:
         server, port = create_server(config)
     except (DeviceError, FileNotFoundError, OSError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     server.start()
+    if args.ready_fd is not None:  # a supervisor's frontend: it waits for this line
+        ready = {"port": port, "metrics_port": server.metrics_endpoint.port}
+        os.write(args.ready_fd, json.dumps(ready).encode() + b"\n")
+        os.close(args.ready_fd)
     log.info(
         "serving %d model(s) on %s:%d: %s",
         len(server.registry.models),

@@ -52,6 +52,17 @@ def _stream_slots(config: ServerConfig) -> StreamSlots:
     )
 
 
+def engine_runtime(config: ServerConfig) -> dict:
+    """What an engine process is started with: its sessions' device and threading, and
+    the log format (its lines as this process's)."""
+    return {
+        "device": config.device,
+        "intra_op_threads": config.intra_op_threads,
+        "spinning": config.intra_op_spinning,
+        "log_format": logformat.current(),
+    }
+
+
 class Server:
     """The running server: a `grpc.aio` server on an event loop of its own thread, and
     the parts it serves (the composition root owns them, for operators and tests).
@@ -76,16 +87,13 @@ class Server:
         self.statistics = Statistics()
         self.link = None  # the engine process, when step models run in one
         engines = StepEngine
-        if config.engine_process:
+        if config.engine_process or config.frontend_of:
             self.link = EngineLink(
-                {
-                    "device": config.device,
-                    "intra_op_threads": config.intra_op_threads,
-                    "spinning": config.intra_op_spinning,
-                    "log_format": logformat.current(),  # its lines as this process's
-                },
+                engine_runtime(config),
                 self.loop,
                 on_change=lambda up: self._follow_health(),
+                address=config.frontend_of,  # None: start one of its own
+                authkey=config.engine_key,
             )
             engines = self.link.engine
         try:
@@ -111,7 +119,9 @@ class Server:
             self.deployments.attach(name, model)
         self.deployments.on_change.append(self._follow_health)
         self.metrics_endpoint = None
-        if config.metrics_port is not None:
+        if config.frontend_of:  # for the supervisor, which serves the sum of its frontends'
+            self.metrics_endpoint = MetricsEndpoint(self.metrics, "127.0.0.1", 0)
+        elif config.metrics_port is not None:
             token = config.security.auth_token if config.security.auth_all else None
             self.metrics_endpoint = MetricsEndpoint(
                 self.metrics, config.host, config.metrics_port, token,
@@ -168,7 +178,8 @@ class Server:
             options=[
                 ("grpc.max_receive_message_length", c.max_message_bytes),
                 ("grpc.max_send_message_length", c.max_message_bytes),
-                ("grpc.so_reuseport", 0),  # a second server on a busy port fails, not shares
+                # a second server on a busy port fails, not shares; --frontends N share it
+                ("grpc.so_reuseport", 1 if c.frontend_of else 0),
                 ("grpc.keepalive_time_ms", c.keepalive_time_ms),
                 ("grpc.keepalive_timeout_ms", c.keepalive_timeout_ms),
                 ("grpc.keepalive_permit_without_calls", 1),

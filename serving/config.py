@@ -39,6 +39,13 @@ class ServerConfig:
     # Step models' engines in a process of their own (serving/remote/), apart from the
     # gRPC frontend: False runs everything in this one process.
     engine_process: bool = False
+    # One of several frontends (`--frontends N`, serving/remote/frontends.py): the address
+    # of the engine process its supervisor runs, which it attaches to and shares (its own
+    # `engine_process` is implied); its gRPC port is shared with the other frontends
+    # (SO_REUSEPORT), and its /metrics is served on loopback for the supervisor to sum.
+    # None: a server of its own.
+    frontend_of: str | None = None
+    engine_key: bytes | None = field(default=None, repr=False)  # that process's authkey
     # Threads for blocking work (decoding images, running graphs); streams hold none.
     max_workers: int = 16
     # Concurrent Generate/Caption/ModelStreamInfer streams, all models together; past it

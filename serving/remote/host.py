@@ -13,14 +13,22 @@ produced in it: ("deltas", [`wire(job_id, Delta)`, ...], occupancy, report or No
 engine's jobs running and waiting, and a report (at most every REPORT_INTERVAL_S, and
 whenever a job ended) of its counters and the observations its metrics are built from.
 
+Frontends share engines: a frontend names a model version by a key of its own, and
+every key whose version has the same files and engine configuration (`fingerprint`)
+steps in the same engine, so the jobs of several frontends (`--frontends N`) batch
+together. An engine closes when no connection holds a key to it. Its counters and
+observations go to one connection only, the first that loaded it (its `reporter`), and
+its occupancy too: summed over the frontends, every figure counts once.
+
 The process exits when the frontend that started it goes away (its first connection
-closes): an engine process never outlives its server.
+closes): an engine process never outlives its server (or its supervisor).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -73,18 +81,49 @@ class Recorder(EngineObserver):
         return out
 
 
-class Hosted:
-    """One model version's engine in this process, and its recorder."""
+def fingerprint(directory: str, config) -> str:
+    """What makes two loads one engine: the version's files (names, sizes, modification
+    times), its model's config.pbtxt, and the engine configuration."""
+    version = Path(directory)
+    digest = hashlib.sha256(repr(config).encode())
+    for path in sorted([*version.rglob("*"), version.parent / "config.pbtxt"]):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if path.is_file():
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:20]
 
-    def __init__(self, model, config):
+
+class Hosted:
+    """One model version's engine in this process, its recorder, and the connections
+    holding keys to it (in the order they loaded it: the first reports)."""
+
+    def __init__(self, model, config, fingerprint: str):
         self.recorder = Recorder()
         self.engine = StepEngine(model, config, self.recorder)
+        self.fingerprint = fingerprint
+        self.users: dict[Outbound, set[str]] = {}
+
+    @property
+    def reporter(self) -> Outbound | None:
+        return next(iter(self.users), None)
+
+
+def _reported(out: Outbound) -> dict[str, Hosted]:
+    """key -> engine, for the engines `out` reports: each once, under its latest key."""
+    keys: dict[str, Hosted] = {}
+    for key, h in reversed(list(out.keys.items())):
+        if h.reporter is out and h not in keys.values():
+            keys[key] = h
+    return keys
 
 
 def _report(hosted: dict[str, Hosted]) -> dict:
     """key -> (EngineStats copy, (runs, first tokens, token gaps))."""
     report = {}
-    for key, h in list(hosted.items()):
+    for key, h in hosted.items():
         stats = copy.deepcopy(h.engine.stats)  # written by its engine thread meanwhile
         report[key] = (stats, h.recorder.drain())
     return report
@@ -92,7 +131,7 @@ def _report(hosted: dict[str, Hosted]) -> dict:
 
 def _occupancy(hosted: dict[str, Hosted]) -> dict:
     """key -> (jobs in the batch, jobs waiting): sent with every message (gauges)."""
-    return {key: h.engine.occupancy() for key, h in list(hosted.items())}
+    return {key: h.engine.occupancy() for key, h in hosted.items()}
 
 
 class Outbound:
@@ -103,8 +142,9 @@ class Outbound:
     connection's sends them then) or its end comes: one message per interval crosses
     the process boundary, not one per token."""
 
-    def __init__(self, conn: Connection, hosted: dict[str, Hosted]):
-        self.conn, self.hosted = conn, hosted
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.keys: dict[str, Hosted] = {}  # this frontend's keys, in load order
         self._lock = threading.Lock()
         self._due = threading.Condition(self._lock)  # a held job to send, or closed
         self._buffer: list = []
@@ -158,9 +198,10 @@ class Outbound:
             return
         now = time.monotonic()
         report = None
+        reported = _reported(self)
         if self._ended or now - self._reported >= REPORT_INTERVAL_S:
-            report, self._reported, self._ended = _report(self.hosted), now, False
-        message = ("deltas", self._buffer, _occupancy(self.hosted), report)
+            report, self._reported, self._ended = _report(reported), now, False
+        message = ("deltas", self._buffer, _occupancy(reported), report)
         self._buffer = []
         self._send(message)
 
@@ -170,12 +211,13 @@ class Outbound:
         with self._lock:
             if time.monotonic() - self._reported < REPORT_INTERVAL_S or self._buffer:
                 return
-            occupancy = _occupancy(self.hosted)
-            seen = occupancy, {k: h.engine.stats.iterations for k, h in list(self.hosted.items())}
+            reported = _reported(self)
+            occupancy = _occupancy(reported)
+            seen = occupancy, {k: h.engine.stats.iterations for k, h in reported.items()}
             if seen == self._seen:
                 return
             self._seen, self._reported = seen, time.monotonic()
-            self._send(("deltas", [], occupancy, _report(self.hosted)))
+            self._send(("deltas", [], occupancy, _report(reported)))
 
     def send_message(self, message: tuple) -> None:
         """Any other message (a load's reply), whole, between the deltas."""
@@ -247,8 +289,9 @@ def _wire_error(exc: BaseException) -> ServingError:
 class EngineHost:
     def __init__(self, address: str, authkey: bytes, sessions: SessionFactory):
         self.sessions = sessions
-        self.hosted: dict[str, Hosted] = {}  # "name/version" -> its engine
-        self._lock = threading.Lock()
+        self.shared: dict[str, Hosted] = {}  # fingerprint -> its engine
+        self._lock = threading.Lock()  # shared, and every connection's keys
+        self._loading = threading.Lock()  # one load at a time: a version loads once
         self.listener = Listener(address, family="AF_UNIX", authkey=authkey)
         self.stopped = threading.Event()
 
@@ -257,7 +300,7 @@ class EngineHost:
         started this process, goes away or says stop; then close the engines."""
         threading.Thread(target=self._accept, name="accept", daemon=True).start()
         self.stopped.wait()
-        for hosted in list(self.hosted.values()):
+        for hosted in list(self.shared.values()):
             hosted.engine.close()
 
     def _accept(self) -> None:
@@ -274,7 +317,7 @@ class EngineHost:
             first = False
 
     def _serve(self, conn: Connection, owner: bool) -> None:
-        out = Outbound(conn, self.hosted)
+        out = Outbound(conn)
         try:
             while True:
                 if not conn.poll(REPORT_INTERVAL_S):
@@ -288,11 +331,14 @@ class EngineHost:
         finally:
             out.close()
             for key, job in list(out.jobs.values()):  # its streams end with the connection
-                hosted = self.hosted.get(key)
+                hosted = out.keys.get(key)
                 if hosted is not None:
                     hosted.engine.cancel(job)
             if owner:
                 self.stopped.set()
+            else:  # a frontend of several went away: the others keep what they hold
+                for key in list(out.keys):
+                    self._unload(out, key)
 
     def _handle(self, out: Outbound, message: tuple) -> None:
         op = message[0]
@@ -303,7 +349,7 @@ class EngineHost:
             frontend_id = job.id
             out.jobs[frontend_id] = key, job
             Taker(frontend_id, job, out)
-            hosted = self.hosted.get(key)
+            hosted = out.keys.get(key)
             try:
                 if hosted is None:
                     raise Unavailable(f"{key} is not loaded in the engine process; retry")
@@ -315,31 +361,48 @@ class EngineHost:
                 out.send(frontend_id, Delta(finished=True, finish_reason="error", error=error))
         elif op == "cancel":
             key, job = out.jobs.get(message[1], (None, None))
-            hosted = self.hosted.get(key)
+            hosted = out.keys.get(key)
             if hosted is not None:
                 hosted.engine.cancel(job)
         elif op == "load":  # on a thread of its own: streams go on meanwhile
             threading.Thread(target=self._load, args=(out, *message[1:]), daemon=True).start()
         elif op == "unload":
-            with self._lock:
-                hosted = self.hosted.pop(message[1], None)
-            if hosted is not None:
-                hosted.engine.close()
+            self._unload(out, message[1])
 
     def _load(self, out: Outbound, key: str, directory: str, config) -> None:
-        """Load model version `key` (a no-op when loaded) and say so: ("loaded", key,
-        None or why not)."""
+        """Give `out` model version `key`, loading it unless an engine with the same
+        fingerprint serves already, and say so: ("loaded", key, None or why not)."""
         try:
-            with self._lock:
-                loaded = key in self.hosted
-            if not loaded:
-                model = load_model(Path(directory), self.sessions)
-                with self._lock:
-                    self.hosted.setdefault(key, Hosted(model, config))
+            with self._loading:
+                fp = fingerprint(directory, config)
+                hosted = self.shared.get(fp)
+                if hosted is None:
+                    model = load_model(Path(directory), self.sessions)
+                    hosted = Hosted(model, config, fp)
+                with self._lock, out._lock:
+                    self.shared[fp] = hosted
+                    hosted.users.setdefault(out, set()).add(key)
+                    out.keys[key] = hosted
             out.send_message(("loaded", key, None))
         except Exception as exc:  # noqa: BLE001 - the frontend reports it
             log.exception("engine process: loading %s failed", key)
             out.send_message(("loaded", key, f"{type(exc).__name__}: {exc}"))
+
+    def _unload(self, out: Outbound, key: str) -> None:
+        """`out` lets go of `key`; the engine closes once no connection holds it."""
+        with self._lock, out._lock:
+            hosted = out.keys.pop(key, None)
+            if hosted is None:
+                return
+            keys = hosted.users.get(out, set())
+            keys.discard(key)
+            if not keys:
+                hosted.users.pop(out, None)
+            last = not hosted.users
+            if last:
+                self.shared.pop(hosted.fingerprint, None)
+        if last:
+            hosted.engine.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,13 +116,25 @@ class EngineLink:
     `on_change(up)` is called when the process died (False, on the loop) and when it
     serves again (True, from the thread that restarted it)."""
 
-    def __init__(self, runtime: dict, loop, on_change=lambda up: None):
+    def __init__(
+        self,
+        runtime: dict,
+        loop,
+        on_change=lambda up: None,
+        address: str | None = None,
+        authkey: bytes | None = None,
+    ):
+        """With `address` (and its `authkey`), attach to an engine process someone else
+        runs (`--frontends N`: the supervisor's, shared by its frontends): connect, and
+        when it goes away, end the jobs and connect again once it is back; else start
+        and own one."""
         self.runtime = runtime  # device, intra_op_threads, spinning: the process's sessions
         self.loop = loop  # the server's event loop, running on a thread of its own
         self.on_change = on_change
-        self._dir = tempfile.mkdtemp(prefix="stepwise-engine-")
-        self.address = os.path.join(self._dir, "engine.sock")
-        self._authkey = secrets.token_bytes(16)
+        self.owned = address is None
+        self._dir = tempfile.mkdtemp(prefix="stepwise-engine-") if self.owned else None
+        self.address = address or os.path.join(self._dir, "engine.sock")
+        self._authkey = authkey or secrets.token_bytes(16)
         self._lock = threading.Lock()  # up, the connection, jobs, replies
         self._jobs: dict[int, tuple[RemoteEngine, object]] = {}  # job id -> (engine, job)
         self._engines: dict[str, RemoteEngine] = {}  # key -> engine, what a new process loads
@@ -144,6 +156,11 @@ class EngineLink:
         self.up = True
 
     def _spawn(self) -> None:
+        if not self.owned:  # someone else's: connect to it
+            frames = self._connect(None)
+            with self._lock:
+                self._frames = frames
+            return
         try:
             os.unlink(self.address)  # a dead process's socket
         except FileNotFoundError:
@@ -161,10 +178,12 @@ class EngineLink:
         with self._lock:
             self.process, self._frames = process, frames
 
-    def _connect(self, process: subprocess.Popen) -> _Frames:
+    def _connect(self, process: subprocess.Popen | None) -> _Frames:
+        """Connect to the process listening at the address (`process`: the one this link
+        started, None: someone else's) within START_TIMEOUT_S."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
-            if process.poll() is not None:
+            if process is not None and process.poll() is not None:
                 raise RuntimeError(f"the engine process exited ({process.returncode}) at start")
             try:
                 conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
@@ -189,10 +208,11 @@ class EngineLink:
         with self._lock:
             self.up = False
             frames, process = self._frames, self.process
-        try:
-            self._write(("stop",))
-        except OSError:
-            pass
+        if self.owned:  # someone else's process goes on serving its other frontends
+            try:
+                self._write(("stop",))
+            except OSError:
+                pass
         if process is not None:
             try:
                 process.wait(STOP_TIMEOUT_S)
@@ -205,7 +225,8 @@ class EngineLink:
                 self.loop.call_soon_threadsafe(frames.transport.close)
             except RuntimeError:  # the loop is closed already
                 pass
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- messages ----------------------------------------------------------------------
 
@@ -269,7 +290,10 @@ class EngineLink:
         if self._closing:
             return
         code = self.process.poll() if self.process is not None else None
-        log.error("the engine process exited (%s); %d stream(s) end; restarting", code, len(jobs))
+        log.error(
+            "the engine process exited (%s); %d stream(s) end; %s", code, len(jobs),
+            "restarting" if self.owned else "connecting again once it is back",
+        )  # fmt: skip
         error = Unavailable("the engine process exited while serving this stream; retry")
         with batched_wakes():
             for _, job in jobs:
@@ -300,7 +324,10 @@ class EngineLink:
                     self._discard()
                     return
                 self.restarts += 1
-                log.info("engine process restarted (pid %d)", self.process.pid)
+                if self.owned:
+                    log.info("engine process restarted (pid %d)", self.process.pid)
+                else:
+                    log.info("engine process back: connected again")
                 self.on_change(True)
                 return
         finally:

@@ -1,0 +1,269 @@
+"""`python -m serving --frontends N` (issue 20 item 5), as a user runs it: N gRPC
+servers sharing one port over one shared engine process. Streams through either
+frontend equal the one-process server's; both frontends take connections; /metrics sums
+them and counts each engine once; a killed frontend or engine process is started again
+and serving resumes; SIGTERM stops every process; what cannot work is refused. Also the
+pieces directly: the page merge, and the engine process sharing one engine between
+connections."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from multiprocessing import Pipe
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from polling import eventually
+
+from bench import harness
+from serving._proto.stepwise.v1 import inference_pb2 as pb
+from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+from serving.core.runtime import SessionFactory
+from serving.engine import EngineConfig
+from serving.metrics.merge import merge
+from serving.remote.host import EngineHost, Outbound, _reported
+
+REQUEST = dict(model="char_lstm", prompt="KING.\n", max_tokens=80, temperature=0.8, seed=7)
+CONNECTIONS = 16  # one channel each: the chance all land on one of 2 frontends is 2^-15
+FAST_STOP = ["--drain-delay", "0", "--grace-period", "5"]
+
+
+def _frontends(args=(), metrics_port=None, **popen):
+    """`python -m serving --frontends 2` on the test repository; ready once health
+    answers (and, with a metrics port, once both frontends serve)."""
+    server = harness.start(
+        ["--frontends", "2", "--no-request-log", *FAST_STOP, *args],
+        metrics_port=metrics_port or 0,  # 0: none
+        stop_timeout=30, **popen,
+    )  # fmt: skip
+    if metrics_port:
+        ready = eventually(lambda: _metric(metrics_port, "stepwise_frontends") == [2.0], 60)
+        assert ready, "both frontends serve"
+    return server
+
+
+@pytest.fixture(scope="module")
+def supervised(repository):
+    port = harness.free_port()
+    server = _frontends(["--model-repository", str(repository), "--device", "cpu"], port)
+    yield server, port
+    server.stop()
+
+
+def _page(metrics_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def _metric(metrics_port: int, name: str, labels: str = "") -> list[float]:
+    """The values of `name`'s samples whose labels contain `labels`."""
+    pattern = re.compile(rf"^{name}(\{{[^}}]*\}})? (\S+)$", re.M)
+    return [float(v) for k, v in pattern.findall(_page(metrics_port)) if labels in (k or "")]
+
+
+def _generate(target: str, **request) -> tuple[str, str]:
+    """A Generate over a connection of its own: (text, finish reason)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]  # never shares another's connection
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        parts = list(stub.Generate(pb.GenerateRequest(**request), timeout=60))
+    return "".join(p.text for p in parts), parts[-1].finish_reason
+
+
+def _in_process(server) -> tuple[str, str]:
+    return _generate(f"127.0.0.1:{server[1]}", **REQUEST)
+
+
+def test_streams_through_every_frontend_equal_one_process_and_metrics_add_up(supervised, server):
+    proc, metrics_port = supervised
+    want = _in_process(server)
+    before = sum(_metric(metrics_port, "stepwise_tokens_generated_total", 'model="char_lstm"'))
+    results: list = [None] * CONNECTIONS
+
+    def one(i):
+        results[i] = _generate(proc.target, **REQUEST)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(CONNECTIONS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == [want] * CONNECTIONS  # seeded: batched across frontends, same text
+    # The kernel spread the connections over both frontends...
+    spread = _metric(metrics_port, "stepwise_frontend_requests_total")
+    assert len(spread) == 2 and all(n > 0 for n in spread), spread
+    # ...and the page sums them: every Generate once, every engine token once (the
+    # shared engine reports to one frontend; doubled, this would be 2x).
+    ok = _metric(metrics_port, "stepwise_requests_total", 'rpc="stepwise.v1.Inference/Generate"')
+    assert sum(ok) == CONNECTIONS
+
+    def tokens():  # reported by the engine process within its report interval
+        return sum(_metric(metrics_port, "stepwise_tokens_generated_total", 'model="char_lstm"'))
+
+    assert eventually(lambda: tokens() - before == CONNECTIONS * REQUEST["max_tokens"], 5)
+    time.sleep(0.3)  # and it stays there: no frontend counts them a second time
+    assert tokens() - before == CONNECTIONS * REQUEST["max_tokens"]
+    assert len(_metric(metrics_port, "nv_cpu_memory_total_bytes")) == 1
+
+
+def _health(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+def test_a_killed_engine_process_is_started_again_and_every_frontend_serves_again(
+    supervised, server
+):
+    proc, metrics_port = supervised
+    (engine,) = harness.children(proc.pid, "serving.remote")
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(proc.target, options=options) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        call = stub.Generate(
+            pb.GenerateRequest(model="char_lstm", prompt="KING.\n", max_tokens=4096,
+                               min_tokens=4096, stream_interval_ms=0), timeout=60,
+        )  # fmt: skip
+        assert next(call).text
+        os.kill(engine, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "engine process exited" in info.value.details()
+    assert eventually(lambda: len(harness.children(proc.pid, "serving.remote")) == 1, 30)
+    assert harness.children(proc.pid, "serving.remote") != [engine]
+    # Both frontends connect again and load their versions: every connection serves
+    # (12 in a row, each on a connection of its own, spread over both frontends).
+    want, before = _in_process(server), _metric(metrics_port, "stepwise_frontend_requests_total")
+    assert eventually(lambda: all(_served(proc.target) == want for _ in range(12)), 60)
+    after = _metric(metrics_port, "stepwise_frontend_requests_total")
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def _served(target: str):
+    """A Generate's (text, finish reason), None when refused UNAVAILABLE."""
+    try:
+        return _generate(target, **REQUEST)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return None
+
+
+def test_a_killed_frontend_is_started_again(supervised, server):
+    proc, metrics_port = supervised
+    frontends = harness.children(proc.pid, "--frontend-of")
+    assert len(frontends) == 2
+    os.kill(frontends[0], signal.SIGKILL)
+    assert eventually(
+        lambda: len(set(harness.children(proc.pid, "--frontend-of")) - {frontends[0]}) == 2,
+        timeout=60,
+    )
+    assert eventually(lambda: _metric(metrics_port, "stepwise_frontends") == [2.0], 60)
+    want = _in_process(server)
+    assert [_generate(proc.target, **REQUEST) for _ in range(4)] == [want] * 4
+
+
+def test_sigterm_stops_every_process_and_exits_0(repository):
+    with _frontends(["--model-repository", str(repository), "--device", "cpu"]) as srv:
+        pids = harness.children(srv.pid)
+        assert len(pids) == 3  # the engine process and two frontends
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0
+    assert eventually(lambda: not any(harness.alive(pid) for pid in pids), timeout=10)
+
+
+def _refused(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serving", "--host", "127.0.0.1", "--metrics-port", "0", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_what_several_frontends_cannot_do_is_refused(repository):
+    explicit = _refused(
+        "--model-repository", str(repository), "--port", str(harness.free_port()),
+        "--frontends", "2", "--model-control-mode", "explicit",
+    )  # fmt: skip
+    assert explicit.returncode == 1 and "--model-control-mode none or poll" in explicit.stderr
+    one_process = _refused("--frontends", "2", "--engine-process", "off")
+    assert one_process.returncode == 2 and "--engine-process off" in one_process.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = _refused(
+            "--model-repository", str(repository), "--port", str(port), "--frontends", "2"
+        )
+    assert busy.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+    assert "engine process" not in busy.stderr  # refused before anything started
+
+
+# ---- the pieces ------------------------------------------------------------------------
+
+
+def test_merge_sums_samples_keeps_families_whole_and_the_machine_once():
+    a = (
+        "# HELP nv_cpu_utilization CPU\n# TYPE nv_cpu_utilization gauge\nnv_cpu_utilization 0.5\n"
+        '# HELP req RPCs\n# TYPE req counter\nreq{rpc="A"} 3\n'
+        "# HELP lat seconds\n# TYPE lat histogram\n"
+        'lat_bucket{le="0.1"} 1.0\nlat_bucket{le="+Inf"} 2.0\nlat_sum 0.25\nlat_count 2.0\n'
+    )
+    b = (
+        "# HELP nv_cpu_utilization CPU\n# TYPE nv_cpu_utilization gauge\nnv_cpu_utilization 0.7\n"
+        '# HELP req RPCs\n# TYPE req counter\nreq{rpc="A"} 4\nreq{rpc="B"} 1\n'
+        "# HELP lat seconds\n# TYPE lat histogram\n"
+        'lat_bucket{le="0.1"} 0.0\nlat_bucket{le="+Inf"} 1.0\nlat_sum 0.5\nlat_count 1.0\n'
+    )
+    assert merge([a, b]).splitlines() == [
+        "# HELP nv_cpu_utilization CPU", "# TYPE nv_cpu_utilization gauge",
+        "nv_cpu_utilization 0.5",  # the machine's: the first page's, not 1.2
+        "# HELP req RPCs", "# TYPE req counter",
+        'req{rpc="A"} 7', 'req{rpc="B"} 1',  # B's sample stays in its family's group
+        "# HELP lat seconds", "# TYPE lat histogram",
+        'lat_bucket{le="0.1"} 1.0', 'lat_bucket{le="+Inf"} 3.0', "lat_sum 0.75", "lat_count 3.0",
+    ]  # fmt: skip
+    assert merge([a]) == a
+
+
+def test_the_engine_process_shares_one_engine_between_connections(repository, tmp_path):
+    """Two connections loading the same version under keys of their own get one engine;
+    it reports to the first only, and closes when the last lets go. Changed files are
+    another engine."""
+    host = EngineHost(str(tmp_path / "engine.sock"), b"k", SessionFactory("cpu"))
+    ends = [Pipe() for _ in range(3)]
+    first, second, third = (Outbound(a) for a, _ in ends)
+    directory, config = str(repository / "char_lstm" / "1"), EngineConfig()
+    try:
+        host._load(first, "char_lstm/1#1", directory, config)
+        host._load(second, "char_lstm/1#4", directory, config)
+        assert [b.recv() for _, b in ends[:2]] == [
+            ("loaded", "char_lstm/1#1", None), ("loaded", "char_lstm/1#4", None)
+        ]  # fmt: skip
+        engine = first.keys["char_lstm/1#1"]
+        assert second.keys["char_lstm/1#4"] is engine and len(host.shared) == 1
+        assert list(_reported(first)) == ["char_lstm/1#1"] and _reported(second) == {}
+        host._unload(first, "char_lstm/1#1")
+        assert not engine.engine.closed and list(_reported(second)) == ["char_lstm/1#4"]
+        # the same version with another engine configuration: an engine of its own
+        host._load(third, "char_lstm/1#1", directory, EngineConfig(max_batch_size=2))
+        assert ends[2][1].recv()[2] is None
+        assert third.keys["char_lstm/1#1"] is not engine and len(host.shared) == 2
+        host._unload(second, "char_lstm/1#4")
+        assert engine.engine.closed and len(host.shared) == 1
+    finally:
+        for out in (first, second, third):
+            out.close()
+        for h in list(host.shared.values()):
+            h.engine.close()
+        host.listener.close()
