@@ -23,7 +23,7 @@ from serving.engine import EngineConfig
 from serving.errors import DeviceError
 from serving.logformat import FORMATS, configure
 from serving.remote import frontends
-from serving.remote.frontends import KEY_ENV, SUPERVISOR_ENV
+from serving.remote.frontends import EXIT_NOW, KEY_ENV, SUPERVISOR_ENV
 
 log = logging.getLogger("serving")
 
@@ -369,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     if args.ready_fd is not None:  # a supervisor's frontend: it waits for this line
         ready = {"port": port, "metrics_port": server.metrics_endpoint.port}
-        os.write(args.ready_fd, json.dumps(ready).encode() + b"\n")
+        try:
+            os.write(args.ready_fd, json.dumps(ready).encode() + b"\n")
+        except BrokenPipeError:  # it gave up on this process, which it kills
+            pass
         os.close(args.ready_fd)
     log.info(
         "serving %d model(s) on %s:%d: %s",
@@ -381,14 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        if stop.is_set():  # the second signal: no more waiting
+        if signum == EXIT_NOW or (stop.is_set() and not args.frontend_of):
+            # the second signal (a frontend: its supervisor's): no more waiting
             log.warning("second %s: exiting at once", signal.Signals(signum).name)
             logging.shutdown()
             os._exit(128 + signum)
+        if stop.is_set():  # a frontend drains once, however many say so
+            return
         log.info("%s received", signal.Signals(signum).name)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, *([EXIT_NOW] if args.frontend_of else [])):
         signal.signal(sig, on_signal)
     # The kernel hands a process's signal to any of its threads, under load often a busy
     # gRPC one; Python then runs the handler in the main thread only when that thread next

@@ -83,10 +83,31 @@ def _in_process(server) -> tuple[str, str]:
     return _generate(f"127.0.0.1:{server[1]}", **REQUEST)
 
 
+def _spread(metrics_port: int, rpc: str = "Generate") -> dict[str, float]:
+    """Frontend index -> the `rpc` calls it answered (the supervisor's page)."""
+    pattern = re.compile(
+        rf'^stepwise_frontend_requests_total\{{frontend="(\d+)",rpc="[^"]*/{rpc}"\}} (\S+)$', re.M
+    )
+    return {index: float(n) for index, n in pattern.findall(_page(metrics_port))}
+
+
+def _grew(before: dict, after: dict) -> bool:
+    return len(after) == 2 and all(after[i] > before.get(i, 0) for i in after)
+
+
 def test_streams_through_every_frontend_equal_one_process_and_metrics_add_up(supervised, server):
     proc, metrics_port = supervised
     want = _in_process(server)
-    before = sum(_metric(metrics_port, "stepwise_tokens_generated_total", 'model="char_lstm"'))
+    generate = 'rpc="stepwise.v1.Inference/Generate"'
+
+    def tokens():  # reported by the engine process within its report interval
+        return sum(_metric(metrics_port, "stepwise_tokens_generated_total", 'model="char_lstm"'))
+
+    spread, ok, before = (
+        _spread(metrics_port),
+        _metric(metrics_port, "stepwise_requests_total", generate),
+        tokens(),
+    )
     results: list = [None] * CONNECTIONS
 
     def one(i):
@@ -99,16 +120,10 @@ def test_streams_through_every_frontend_equal_one_process_and_metrics_add_up(sup
         t.join(120)
     assert results == [want] * CONNECTIONS  # seeded: batched across frontends, same text
     # The kernel spread the connections over both frontends...
-    spread = _metric(metrics_port, "stepwise_frontend_requests_total")
-    assert len(spread) == 2 and all(n > 0 for n in spread), spread
+    assert _grew(spread, _spread(metrics_port)), (spread, _spread(metrics_port))
     # ...and the page sums them: every Generate once, every engine token once (the
     # shared engine reports to one frontend; doubled, this would be 2x).
-    ok = _metric(metrics_port, "stepwise_requests_total", 'rpc="stepwise.v1.Inference/Generate"')
-    assert sum(ok) == CONNECTIONS
-
-    def tokens():  # reported by the engine process within its report interval
-        return sum(_metric(metrics_port, "stepwise_tokens_generated_total", 'model="char_lstm"'))
-
+    assert sum(_metric(metrics_port, "stepwise_requests_total", generate)) - sum(ok) == CONNECTIONS
     assert eventually(lambda: tokens() - before == CONNECTIONS * REQUEST["max_tokens"], 5)
     time.sleep(0.3)  # and it stays there: no frontend counts them a second time
     assert tokens() - before == CONNECTIONS * REQUEST["max_tokens"]
@@ -144,10 +159,9 @@ def test_a_killed_engine_process_is_started_again_and_every_frontend_serves_agai
     assert harness.children(proc.pid, "serving.remote") != [engine]
     # Both frontends connect again and load their versions: every connection serves
     # (12 in a row, each on a connection of its own, spread over both frontends).
-    want, before = _in_process(server), _metric(metrics_port, "stepwise_frontend_requests_total")
+    want, before = _in_process(server), _spread(metrics_port)
     assert eventually(lambda: all(_served(proc.target) == want for _ in range(12)), 60)
-    after = _metric(metrics_port, "stepwise_frontend_requests_total")
-    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    assert _grew(before, _spread(metrics_port)), (before, _spread(metrics_port))
 
 
 def _served(target: str):
@@ -160,18 +174,26 @@ def _served(target: str):
         return None
 
 
-def test_a_killed_frontend_is_started_again(supervised, server):
+def test_killed_frontends_are_started_again_and_the_engine_process_stays(supervised, server):
+    """Both at once: were either the engine process's owner (say after the restart
+    above, which both reconnected to), the engine process would stop with it. Counters
+    on the summed page never go down: a dead frontend's last totals stay in the sum."""
     proc, metrics_port = supervised
     frontends = harness.children(proc.pid, "--frontend-of")
+    (engine,) = harness.children(proc.pid, "serving.remote")
     assert len(frontends) == 2
-    os.kill(frontends[0], signal.SIGKILL)
+    spread, ok = _spread(metrics_port), _metric(metrics_port, "stepwise_requests_total", "OK")
+    for pid in frontends:
+        os.kill(pid, signal.SIGKILL)
     assert eventually(
-        lambda: len(set(harness.children(proc.pid, "--frontend-of")) - {frontends[0]}) == 2,
-        timeout=60,
+        lambda: len(set(harness.children(proc.pid, "--frontend-of")) - set(frontends)) == 2, 60
     )
     assert eventually(lambda: _metric(metrics_port, "stepwise_frontends") == [2.0], 60)
+    assert harness.children(proc.pid, "serving.remote") == [engine]
+    assert sum(_metric(metrics_port, "stepwise_requests_total", "OK")) >= sum(ok)
     want = _in_process(server)
-    assert [_generate(proc.target, **REQUEST) for _ in range(4)] == [want] * 4
+    assert eventually(lambda: all(_served(proc.target) == want for _ in range(12)), 60)
+    assert _grew(spread, _spread(metrics_port)), (spread, _spread(metrics_port))
 
 
 def test_sigterm_stops_every_process_and_exits_0(repository):
@@ -234,6 +256,11 @@ def test_merge_sums_samples_keeps_families_whole_and_the_machine_once():
         'lat_bucket{le="0.1"} 1.0', 'lat_bucket{le="+Inf"} 3.0', "lat_sum 0.75", "lat_count 3.0",
     ]  # fmt: skip
     assert merge([a]) == a
+    # a gone process's last page: its counters and histograms stay, its gauges do not
+    summed = merge([a], carried=[b]).splitlines()
+    assert "nv_cpu_utilization 0.5" in summed and 'req{rpc="B"} 1' in summed
+    assert 'req{rpc="A"} 7' in summed and "lat_count 3.0" in summed
+    assert merge([], carried=[b]).splitlines()[2:3] == ["# HELP req RPCs"]  # no gauge sample
 
 
 def test_the_engine_process_shares_one_engine_between_connections(repository, tmp_path):
@@ -261,6 +288,10 @@ def test_the_engine_process_shares_one_engine_between_connections(repository, tm
         assert third.keys["char_lstm/1#1"] is not engine and len(host.shared) == 2
         host._unload(second, "char_lstm/1#4")
         assert engine.engine.closed and len(host.shared) == 1
+        # a connection that went away while its load waited: nothing of it stays
+        second.close()
+        host._load(second, "char_lstm/1#5", directory, config)
+        assert second.keys == {} and len(host.shared) == 1 and not ends[1][1].poll(0.1)
     finally:
         for out in (first, second, third):
             out.close()

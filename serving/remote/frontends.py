@@ -12,20 +12,22 @@ The supervisor (this module, in the process `python -m serving` started) runs:
 - the Prometheus port: each scrape sums the frontends' pages (`serving.metrics.merge`),
   plus `stepwise_frontends`, how many answered.
 
-What stays per frontend: KServe server-held sequences live in the frontend whose
-connection started them (a client's channel is one connection, so its sequence's
-requests reach the same frontend; a sequence whose connection closes and reopens on
-another frontend is unknown there), ModelStatistics counts one frontend's requests,
-and dynamic batching batches one frontend's requests. Explicit model control would
-reach one frontend, so `--frontends` above 1 takes `none` or `poll` (each frontend polls
-the repository; the engine process loads each version once, as their keys share a
+What stays per frontend (README, "Several frontends on one port"): KServe server-held
+sequences live in the frontend whose connection started them (a client that reconnects
+may land on another, which does not know them), stream and sequence limits hold per
+frontend, ModelStatistics answers for the frontend that takes the call, and dynamic
+batching batches one frontend's requests. Explicit model control would reach one
+frontend, so `--frontends` above 1 takes `none` or `poll` (each frontend polls the
+repository; the engine process loads each version once, as their keys share a
 fingerprint).
 
-Signals: SIGINT or SIGTERM to the supervisor is passed to every frontend (they are in
-sessions of their own, so a terminal's Ctrl-C reaches the supervisor alone); they drain
-as one server would, and the engine process stops after the last. A second signal makes
-them exit at once. A frontend dies with its supervisor (PR_SET_PDEATHSIG), the engine
-process too (its owner's connection closes).
+Signals: SIGINT or SIGTERM to the supervisor is passed to every frontend as SIGTERM
+(they are in sessions of their own, so a terminal's Ctrl-C reaches the supervisor
+alone); they drain as one server would, and the engine process stops after the last. A
+frontend drains once whoever signals it (a service manager may signal every process);
+the supervisor's second signal makes them exit at once (SIGUSR2). A frontend drains
+when its supervisor dies (PR_SET_PDEATHSIG), and the engine process stops (its owner's
+connection closes).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -53,9 +56,14 @@ from serving.remote.link import EngineLink
 log = logging.getLogger("serving")
 
 READY_TIMEOUT_S = 600.0  # a frontend loads its models and serves within this
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # waits before starting an exited frontend again
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 15.0)  # before starting an exited frontend again
+STEADY_S = 30.0  # a frontend that served this long before exiting starts the backoff anew
 SCRAPE_TIMEOUT_S = 5.0
 KEY_ENV = "STEPWISE_ENGINE_KEY"
+# What a frontend hears from its supervisor: drain (as a server does on SIGTERM; a second
+# SIGTERM, from the supervisor or from a service manager that signals every process of
+# the group, changes nothing), or exit at once (the supervisor's second signal).
+DRAIN, EXIT_NOW = signal.SIGTERM, signal.SIGUSR2
 SUPERVISOR_ENV = "STEPWISE_SUPERVISOR_PID"
 
 
@@ -92,6 +100,8 @@ class Frontend:
                 if stop.is_set():
                     raise InterruptedError("stopping")
                 if time.monotonic() > deadline:
+                    self.proc.kill()  # a late one would serve unwatched
+                    self.proc.wait()
                     raise RuntimeError(f"frontend {self.index} did not serve in time")
                 if select.select([self._ready], [], [], 0.25)[0]:
                     chunk = os.read(self._ready, 4096)
@@ -114,51 +124,85 @@ class Frontend:
 
 
 class FrontendMetrics:
-    """The frontends' pages summed, read at scrape time (`render()`, as `Metrics`)."""
+    """The frontends' pages summed, read at scrape time (`render()`, as `Metrics`). The
+    counters of a frontend's processes that exited, and of one that did not answer this
+    time, stay in the sum (their last page, carried), so no summed counter goes down."""
 
     def __init__(self, frontends: list[Frontend]):
         self.frontends = frontends
+        self._lock = threading.Lock()  # scrapes may overlap
+        self._last: dict[int, tuple[int, str]] = {}  # index -> (pid, its latest page)
+        self._carried: dict[int, str] = {}  # index -> the counters of its exited processes
 
     def render(self) -> bytes:
-        pages, answered = [], []
-        for frontend in list(self.frontends):
-            if frontend.metrics_port is None:
-                continue
-            url = f"http://127.0.0.1:{frontend.metrics_port}/metrics"
-            try:
-                with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
-                    pages.append(response.read().decode())
-                answered.append(frontend.index)
-            except OSError as exc:  # exited or restarting: the others are still summed
-                log.warning("metrics: frontend %d did not answer: %s", frontend.index, exc)
-        # How the kernel spreads the load: each frontend's RPCs, from its own page.
-        spread = "".join(
-            f'stepwise_frontend_requests_total{{frontend="{index}"}} {_requests(page)}\n'
-            for index, page in zip(answered, pages, strict=True)
+        with self._lock:
+            pages, carried, spread = [], [], []
+            for frontend in list(self.frontends):
+                pid = frontend.proc.pid if frontend.proc is not None else None
+                last = self._last.get(frontend.index)
+                if last is not None and last[0] != pid:  # that process is gone
+                    gone = [self._carried.get(frontend.index, ""), last[1]]
+                    self._carried[frontend.index] = merge([], gone)
+                    del self._last[frontend.index]
+                    last = None
+                own = [self._carried[frontend.index]] if frontend.index in self._carried else []
+                page = _scrape(frontend)
+                if page is not None:
+                    self._last[frontend.index] = pid, page
+                    pages.append(page)
+                elif last is not None:  # did not answer: its last counters, not its gauges
+                    own.append(last[1])
+                carried += own
+                spread.append((frontend.index, _requests(merge([page or ""], own))))
+        rows = "".join(
+            f'stepwise_frontend_requests_total{{frontend="{index}",rpc="{rpc}"}} {n}\n'
+            for index, counts in spread
+            for rpc, n in sorted(counts.items())
         )
         head = (
             "# HELP stepwise_frontends gRPC frontend processes whose metrics this page sums\n"
             f"# TYPE stepwise_frontends gauge\nstepwise_frontends {len(pages)}\n"
-            "# HELP stepwise_frontend_requests_total RPCs answered, by frontend process\n"
-            f"# TYPE stepwise_frontend_requests_total counter\n{spread}"
+            "# HELP stepwise_frontend_requests_total RPCs answered, by frontend and RPC\n"
+            f"# TYPE stepwise_frontend_requests_total counter\n{rows}"
         )
-        return (head + merge(pages)).encode()
+        return (head + merge(pages, carried)).encode()
 
 
-def _requests(page: str) -> int:
-    """The RPCs one frontend's page counts (stepwise_requests_total, every label)."""
-    return sum(
-        int(float(line.rpartition(" ")[2]))
-        for line in page.splitlines()
-        if line.startswith("stepwise_requests_total{")
-    )
+def _scrape(frontend: Frontend) -> str | None:
+    if frontend.metrics_port is None:  # starting
+        return None
+    url = f"http://127.0.0.1:{frontend.metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+            return response.read().decode()
+    except OSError as exc:  # exited or restarting: the others are still summed
+        log.warning("metrics: frontend %d did not answer: %s", frontend.index, exc)
+        return None
+
+
+_RPC = re.compile(r'^stepwise_requests_total\{[^}]*rpc="([^"]*)"[^}]*\} (\S+)$', re.M)
+
+
+def _requests(page: str) -> dict[str, int]:
+    """RPC -> the calls one frontend's page counts (stepwise_requests_total, any code)."""
+    counts: dict[str, int] = {}
+    for rpc, value in _RPC.findall(page):
+        counts[rpc] = counts.get(rpc, 0) + int(float(value))
+    return counts
 
 
 def _check_port_free(host: str, port: int) -> None:
     """The frontends share their port with SO_REUSEPORT, which would also share it with
-    another server that set it: a port in use is refused here first."""
+    another server that set it: a port in use (on any address `host` names) is refused
+    here first."""
     try:
-        socket.create_server((host, port)).close()
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+        for family, _, _, _, address in addresses:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is free
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
     except OSError as exc:
         raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
@@ -220,36 +264,40 @@ class Supervisor:
     def supervise(self) -> None:
         """Until a stop is asked for: start again any frontend that exited. On this
         (the main) thread: a frontend dies with the thread that started it."""
-        backoff: dict[int, int] = {}
+        backoff: dict[int, int] = {}  # index -> restarts in a row that did not last
+        started = {f.index: time.monotonic() for f in self.frontends}
         while not self.stop_requested.wait(0.25):
             for frontend in self.frontends:
                 code = frontend.proc.poll()
                 if code is None or self.stop_requested.is_set():
                     continue
+                if time.monotonic() - started[frontend.index] > STEADY_S:
+                    backoff.pop(frontend.index, None)  # it had served a while: not a loop
                 attempt = backoff.get(frontend.index, 0)
+                backoff[frontend.index] = attempt + 1
                 log.error(
                     "frontend %d (pid %d) exited (%s); starting it again",
                     frontend.index, frontend.proc.pid, code,
                 )  # fmt: skip
-                if self.stop_requested.wait(RESTART_BACKOFF_S[min(attempt, 3)]):
+                wait = RESTART_BACKOFF_S[min(attempt, len(RESTART_BACKOFF_S) - 1)]
+                if self.stop_requested.wait(wait):
                     return
                 frontend.start()
+                started[frontend.index] = time.monotonic()
                 try:
                     frontend.wait_ready(self.stop_requested)
                     frontend.restarts += 1
-                    backoff.pop(frontend.index, None)
                     log.info("frontend %d serves again (pid %d)", frontend.index, frontend.proc.pid)
                 except InterruptedError:
                     return
                 except RuntimeError as exc:
                     log.error("%s", exc)
-                    backoff[frontend.index] = attempt + 1
 
     def stop(self, timeout: float) -> None:
         """Pass SIGTERM to every frontend, wait for them (up to `timeout`, then kill),
         then stop the engine process."""
         for frontend in self.frontends:
-            frontend.signal(signal.SIGTERM)
+            frontend.signal(DRAIN)
         deadline = time.monotonic() + timeout
         for frontend in self.frontends:
             try:
@@ -288,10 +336,10 @@ def serve(config: ServerConfig, argv: list[str], count: int) -> int:
     def on_signal(signum, _frame):
         nonlocal signals
         signals += 1
-        if signals > 1:  # the second: the frontends exit at once (their own second signal)
+        if signals > 1:  # the second: the frontends exit at once
             log.warning("second %s: the frontends exit at once", signal.Signals(signum).name)
             for frontend in supervisor.frontends:
-                frontend.signal(signal.SIGTERM)
+                frontend.signal(EXIT_NOW)
             return
         log.info("%s received: passing it to %d frontends", signal.Signals(signum).name, count)
         supervisor.stop_requested.set()
@@ -310,7 +358,9 @@ def serve(config: ServerConfig, argv: list[str], count: int) -> int:
         config.host, port, count, ", ".join(str(f.proc.pid) for f in supervisor.frontends),
         supervisor.link.process.pid,
     )  # fmt: skip
-    supervisor.supervise()
-    supervisor.stop(config.drain_delay_s + config.grace_period_s + 30)
+    try:
+        supervisor.supervise()
+    finally:  # whatever broke: the frontends drain before the engine process stops
+        supervisor.stop(config.drain_delay_s + config.grace_period_s + 30)
     log.info("stopped")
     return 0

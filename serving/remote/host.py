@@ -7,11 +7,13 @@ Each frontend connection has a thread reading its requests:
     ("unload", key)
     ("submit", key, job)                      a pickled `Sequence` or `BeamSearch`
     ("cancel", job_id)
+    ("own",)                                  the first message of the process's owner
     ("stop",)                                 the owner's: close the engines and exit
 and, after each engine iteration, gets one message with what every one of its jobs
 produced in it: ("deltas", [`wire(job_id, Delta)`, ...], occupancy, report or None): each
 engine's jobs running and waiting, and a report (at most every REPORT_INTERVAL_S, and
-whenever a job ended) of its counters and the observations its metrics are built from.
+whenever one of its jobs ended) of its counters and the observations its metrics are
+built from.
 
 Frontends share engines: a frontend names a model version by a key of its own, and
 every key whose version has the same files and engine configuration (`fingerprint`)
@@ -20,8 +22,10 @@ together. An engine closes when no connection holds a key to it. Its counters an
 observations go to one connection only, the first that loaded it (its `reporter`), and
 its occupancy too: summed over the frontends, every figure counts once.
 
-The process exits when the frontend that started it goes away (its first connection
-closes): an engine process never outlives its server (or its supervisor).
+The process exits when its owner, the server or supervisor that started it (the
+connection that said "own"), goes away or says stop: an engine process never outlives
+it. Other connections come and go (a frontend restarting, or connecting again after
+this process was restarted) without ending it.
 """
 
 from __future__ import annotations
@@ -104,11 +108,8 @@ class Hosted:
         self.recorder = Recorder()
         self.engine = StepEngine(model, config, self.recorder)
         self.fingerprint = fingerprint
-        self.users: dict[Outbound, set[str]] = {}
-
-    @property
-    def reporter(self) -> Outbound | None:
-        return next(iter(self.users), None)
+        self.users: dict[Outbound, set[str]] = {}  # changed under the host's lock and the user's
+        self.reporter: Outbound | None = None  # the first user still holding a key
 
 
 def _reported(out: Outbound) -> dict[str, Hosted]:
@@ -153,6 +154,7 @@ class Outbound:
         self._reported = 0.0
         self._seen: tuple | None = None  # gauges and iterations at the last idle report
         self.closed = False
+        self.owner = False  # said "own": the process ends with this connection
         self.jobs: dict[int, tuple[str, object]] = {}  # frontend's job id -> (key, the job)
         threading.Thread(target=self._send_held, name="held", daemon=True).start()
 
@@ -296,27 +298,24 @@ class EngineHost:
         self.stopped = threading.Event()
 
     def serve(self) -> None:
-        """Accept frontends (on a thread of its own) until the first one, the server that
-        started this process, goes away or says stop; then close the engines."""
+        """Accept frontends (on a thread of its own) until the owner, the server or
+        supervisor that started this process, goes away or says stop; then close the
+        engines."""
         threading.Thread(target=self._accept, name="accept", daemon=True).start()
         self.stopped.wait()
         for hosted in list(self.shared.values()):
             hosted.engine.close()
 
     def _accept(self) -> None:
-        first = True
         while not self.stopped.is_set():
             try:
                 conn = self.listener.accept()
             except Exception:  # noqa: BLE001 - a failed handshake ends that connection only
                 log.warning("engine process: a connection failed", exc_info=True)
                 continue
-            threading.Thread(
-                target=self._serve, args=(conn, first), name="frontend", daemon=True
-            ).start()
-            first = False
+            threading.Thread(target=self._serve, args=(conn,), name="frontend", daemon=True).start()
 
-    def _serve(self, conn: Connection, owner: bool) -> None:
+    def _serve(self, conn: Connection) -> None:
         out = Outbound(conn)
         try:
             while True:
@@ -334,7 +333,7 @@ class EngineHost:
                 hosted = out.keys.get(key)
                 if hosted is not None:
                     hosted.engine.cancel(job)
-            if owner:
+            if out.owner:
                 self.stopped.set()
             else:  # a frontend of several went away: the others keep what they hold
                 for key in list(out.keys):
@@ -344,6 +343,8 @@ class EngineHost:
         op = message[0]
         if op == "stop":
             self.stopped.set()
+        elif op == "own":
+            out.owner = True
         elif op == "submit":
             _, key, job = message
             frontend_id = job.id
@@ -380,9 +381,16 @@ class EngineHost:
                     model = load_model(Path(directory), self.sessions)
                     hosted = Hosted(model, config, fp)
                 with self._lock, out._lock:
-                    self.shared[fp] = hosted
-                    hosted.users.setdefault(out, set()).add(key)
-                    out.keys[key] = hosted
+                    gone = out.closed  # went away meanwhile: nothing of it may stay
+                    if not gone:
+                        self.shared[fp] = hosted
+                        hosted.users.setdefault(out, set()).add(key)
+                        hosted.reporter = hosted.reporter or out
+                        out.keys[key] = hosted
+                if gone:
+                    if not hosted.users:  # loaded for it alone
+                        hosted.engine.close()
+                    return
             out.send_message(("loaded", key, None))
         except Exception as exc:  # noqa: BLE001 - the frontend reports it
             log.exception("engine process: loading %s failed", key)
@@ -398,6 +406,8 @@ class EngineHost:
             keys.discard(key)
             if not keys:
                 hosted.users.pop(out, None)
+                if hosted.reporter is out:  # the next user reports from now on
+                    hosted.reporter = next(iter(hosted.users), None)
             last = not hosted.users
             if last:
                 self.shared.pop(hosted.fingerprint, None)

@@ -177,6 +177,7 @@ class EngineLink:
             raise
         with self._lock:
             self.process, self._frames = process, frames
+        self._write(("own",))  # the process ends with this connection, no other
 
     def _connect(self, process: subprocess.Popen | None) -> _Frames:
         """Connect to the process listening at the address (`process`: the one this link
