@@ -26,9 +26,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
-from bench import harness, inprocess
+from bench import harness, inprocess, perf
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = {  # name -> the server's flags
@@ -47,6 +48,14 @@ LOADS = {  # name -> (loadtest arguments, figures read: (heading, figure of a le
             ("CPU s/1k tok", lambda v: v["server_cpu_s_per_1k_tokens"]),
         ),
     ),
+    # KServe ModelInfer under NVIDIA's perf_analyzer (bench.perf), zeros as input
+    **{
+        f"modelinfer-{model}": (
+            model,
+            (("infer/s", lambda v: v["infer_per_s"]), ("p99 us", lambda v: v["p99_us"])),
+        )
+        for model in ("lenet5", "resnet18")
+    },
     "classify": (
         ["--rpc", "classify", "--model", "lenet5"],
         (
@@ -61,11 +70,23 @@ LOADS = {  # name -> (loadtest arguments, figures read: (heading, figure of a le
 def one_run(layout: str, loads: dict, duration: float, repository: Path, out: Path) -> dict:
     """{load: [a loadtest level's figures, one per level]} for one server."""
     figures = {}
+    metrics_port = harness.free_port()
     with harness.start(
         ["--model-repository", str(repository), "--no-request-log", *LAYOUTS[layout]],
-        name=f"server ({layout})", metrics_port=None, stop_timeout=60,
+        name=f"server ({layout})", metrics_port=metrics_port, stop_timeout=60,
     ) as server:  # fmt: skip
+        flags = LAYOUTS[layout]
+        if "--frontends" in flags:  # health answers once the first serves
+            count = flags[flags.index("--frontends") + 1]
+            harness.until("every frontend serving", lambda: _frontends(metrics_port, count), 120)
         for load, levels in loads.items():
+            if load.startswith("modelinfer-"):
+                model = LOADS[load][0]  # each client its own connection, as loadtest's
+                run = perf.measure(server.target, model, levels, 3000, False, own_connections=True)
+                if "error" in run:
+                    raise RuntimeError(f"perf_analyzer: {run['error']}")
+                figures[load] = run["levels"]
+                continue
             where = out / f"{layout}-{load}"
             subprocess.run(
                 [sys.executable, "-m", "loadtest", "--target", server.target, *LOADS[load][0],
@@ -76,6 +97,14 @@ def one_run(layout: str, loads: dict, duration: float, repository: Path, out: Pa
             )  # fmt: skip
             figures[load] = json.loads((where / "results.json").read_text())["levels"]
     return figures
+
+
+def _frontends(metrics_port: int, count: str) -> bool:
+    """Whether the supervisor's page says `count` frontends answered."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        page = response.read().decode()
+    return f"\nstepwise_frontends {count}\n" in f"\n{page}"
 
 
 def table(runs: dict[str, list[dict]], loads: dict) -> str:
@@ -118,6 +147,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--generate", default="1,16,64", help="concurrent streams ('' to skip)")
     p.add_argument("--classify", default="1,4", help="concurrent clients ('' to skip)")
+    p.add_argument(
+        "--modelinfer",
+        default="",
+        help="concurrencies of perf_analyzer's ModelInfer on lenet5 and resnet18, two at "
+        "most (e.g. 1,8; default '': none)",
+    )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per level")
     p.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     p.add_argument(
@@ -128,11 +163,9 @@ def main() -> int:
     unknown = set(layouts) - set(LAYOUTS)
     if unknown or len(layouts) < 2:
         p.error(f"--layouts: two or more of {', '.join(LAYOUTS)}, not {args.layouts}")
-    loads = {
-        load: [int(x) for x in levels.split(",")]
-        for load, levels in (("generate", args.generate), ("classify", args.classify))
-        if levels
-    }
+    given = [("generate", args.generate), ("classify", args.classify)]
+    given += [(f"modelinfer-{m}", args.modelinfer) for m in ("lenet5", "resnet18")]
+    loads = {load: [int(x) for x in levels.split(",")] for load, levels in given if levels}
     runs: dict[str, list[dict]] = {layout: [] for layout in layouts}
     limit: list[list[dict]] = []  # the step graph in process, once per round
     step = args.model_repository / "char_lstm" / "1"

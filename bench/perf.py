@@ -11,6 +11,7 @@ reports the server's own breakdown read from ModelStatistics.
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -67,9 +68,24 @@ def command(model: str, levels: list[int], window_ms: int, sequence: bool) -> li
     return flags
 
 
-def measure(target: str, model: str, levels: list[int], window_ms: int, sequence: bool) -> dict:
-    """One perf_analyzer run: {"command", "levels": [per concurrency]} or {"error"}."""
+# Triton's C++ client shares one gRPC channel (one connection) among up to this many of
+# perf_analyzer's concurrent contexts unless told otherwise; 1: each has its own, as
+# separate clients would (what `--frontends N` spreads: connections, not calls).
+SHARE_COUNT = "TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT"
+
+
+def measure(
+    target: str,
+    model: str,
+    levels: list[int],
+    window_ms: int,
+    sequence: bool,
+    own_connections: bool = False,
+) -> dict:
+    """One perf_analyzer run: {"command", "levels": [per concurrency]} or {"error"}.
+    `own_connections`: each concurrent context on a connection of its own."""
     flags = command(model, levels, window_ms, sequence)
+    env = dict(os.environ, **({SHARE_COUNT: "1"} if own_connections else {}))
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.csv"
         done = subprocess.run(
@@ -77,8 +93,10 @@ def measure(target: str, model: str, levels: list[int], window_ms: int, sequence
             capture_output=True,
             text=True,
             timeout=600,
+            env=env,
         )
-        shown = "perf_analyzer " + " ".join(flags)
+        shown = ("SHARE_COUNT=1 " if own_connections else "") + "perf_analyzer " + " ".join(flags)
+        shown = shown.replace("SHARE_COUNT", SHARE_COUNT)
         if done.returncode != 0 or not report.is_file():
             tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
             return {"command": shown, "error": " / ".join(tail)[:400]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,9 +14,10 @@ from polling import eventually
 
 from serving.batching.dynamic import BatchingConfig
 from serving.core.models import Classifier, LanguageModel, load_model
-from serving.core.preprocess import ImageDecoder
+from serving.core.preprocess import ImageDecoder, png_pixels
 from serving.core.repository import ModelRegistry
 from serving.dataplane.deployments import Deployments
+from serving.dataplane.inline import INLINE_ROWS, INLINE_RUN_US, RECENT, RunTimes
 from serving.dataplane.plane import DataPlane
 from serving.engine import run_alone, text_request
 from serving.engine.sampler import SamplingParams
@@ -231,3 +233,109 @@ def test_a_coalescing_reader_holds_for_the_interval_and_never_past_the_end():
         assert got.tokens == [7] and not got.finished
 
     asyncio.run(run())
+
+
+# -- small requests on quick graphs, on the event loop (serving.dataplane.inline) ---------
+
+
+def _recording(threads: list):
+    def record(run):
+        def wrapped(*args, **kwargs):
+            threads.append(threading.current_thread())
+            return run(*args, **kwargs)
+
+        return wrapped
+
+    return record
+
+
+class _Session:
+    """An ORT session whose runs say which thread made them."""
+
+    def __init__(self, session, threads: list):
+        self.session, self.run = session, _recording(threads)(session.run)
+
+
+def test_run_times_call_a_graph_quick_on_its_recent_median():
+    runs = RunTimes()
+    for _ in range(RECENT - 1):
+        runs.add(50_000)
+    assert not runs.quick  # not measured enough yet
+    runs.add(50_000)
+    assert runs.quick
+    for _ in range(RECENT // 2 + 1):  # it slowed down: back to the workers
+        runs.add((INLINE_RUN_US + 1) * 1000)
+    assert not runs.quick
+
+
+def test_png_pixels_come_from_the_header_alone():
+    assert png_pixels(_png(1)) == 28 * 28
+    big = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(big, "PNG")
+    assert png_pixels(big.getvalue()[:24]) == 300 * 200  # the header is enough
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, "JPEG")
+    assert png_pixels(jpeg.getvalue()) is None and png_pixels(b"\x89PNG") is None
+
+
+def test_small_classify_on_a_quick_graph_runs_on_the_loop_the_rest_on_workers(planes, monkeypatch):
+    plane = planes(batch=1)  # no dynamic batching: the worker path
+    lenet = plane.model_version("lenet5")
+    threads: list = []
+    monkeypatch.setattr(lenet, "probabilities", _recording(threads)(lenet.probabilities))
+
+    def classify(image: bytes, times: int) -> tuple[threading.Thread, list]:
+        async def run():
+            out = [(await plane.classify(lenet, image=image)).classes for _ in range(times)]
+            return threading.current_thread(), out
+
+        threads.clear()
+        return asyncio.run(run())
+
+    loop, first = classify(_png(1), RECENT)  # measured on workers first
+    assert loop not in threads
+    loop, later = classify(_png(1), 4)  # shown quick: here, and the same answer
+    assert threads == [loop] * 4 and later == first[:4]
+    big = io.BytesIO()
+    Image.fromarray(np.zeros((200, 200), np.uint8), "L").save(big, "PNG")
+    loop, _ = classify(big.getvalue(), 1)  # more pixels than the loop takes
+    assert threads and loop not in threads
+    slots = plane.images._slots  # every decoder busy: a worker waits for one, not the loop
+    for _ in range(plane.images.limits.max_concurrent_decodes):
+        slots.acquire()
+    freed = threading.Timer(0.3, lambda: [slots.release() for _ in range(2)])
+    freed.start()
+    loop, (busy,) = classify(_png(1), 1)
+    freed.join()
+    assert threads and loop not in threads and busy == first[0]
+
+
+def test_small_infer_on_a_quick_graph_runs_on_the_loop(planes, monkeypatch):
+    plane = planes(batch=1)
+    lenet = plane.model_version("lenet5")
+    threads: list = []
+    monkeypatch.setattr(lenet, "session", _Session(lenet.session, threads))
+    rng = np.random.default_rng(5)
+
+    def infer(rows: int, times: int):
+        async def run():
+            out = []
+            for _ in range(times):
+                x = rng.normal(size=(rows, *lenet.input.shape[1:])).astype(np.float32)
+                with plane.timed(lenet) as timing:
+                    got = await plane.infer(lenet, {lenet.input.name: x}, ["logits"], timing)
+                out.append((x, got["logits"]))
+            return threading.current_thread(), out
+
+        threads.clear()
+        return asyncio.run(run())
+
+    loop, _ = infer(2, RECENT)
+    assert loop not in threads
+    loop, out = infer(2, 3)
+    assert threads == [loop] * 3
+    for x, logits in out:  # the same graph, the same answer
+        (expected,) = lenet.session.session.run(["logits"], {lenet.input.name: x})
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    loop, _ = infer(INLINE_ROWS + 1, 1)  # a bigger batch: a worker
+    assert threads and loop not in threads

@@ -21,6 +21,7 @@ image a model was trained on by scaling, never by clipping.
 from __future__ import annotations
 
 import io
+import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -258,10 +259,15 @@ class ImageDecoder:
         self.limits = limits
         self._slots = threading.BoundedSemaphore(limits.max_concurrent_decodes)
 
-    def tensor(self, data: bytes, spec: Preprocess | Mapping, field: str = "image") -> np.ndarray:
-        """Encoded bytes -> [C, H, W] float32 as `spec` (a model card's preprocess) says."""
+    def tensor(
+        self, data: bytes, spec: Preprocess | Mapping, field: str = "image", wait: bool = True
+    ) -> np.ndarray | None:
+        """Encoded bytes -> [C, H, W] float32 as `spec` (a model card's preprocess) says.
+        `wait=False`: None at once when every decoder is busy (the event loop asks so)."""
         check_encoded(data, field, self.limits)  # refuse before queueing for a decoder
-        if not self._slots.acquire(timeout=self.limits.decode_wait_s):
+        if not self._slots.acquire(timeout=self.limits.decode_wait_s if wait else 0):
+            if not wait:
+                return None
             raise ResourceExhausted(
                 f"{field}: all {self.limits.max_concurrent_decodes} image decoders stayed busy "
                 f"for {self.limits.decode_wait_s:g} s; retry later"
@@ -272,3 +278,15 @@ class ImageDecoder:
             return image_to_tensor(image, spec, field, box)
         finally:
             self._slots.release()
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_pixels(data: bytes) -> int | None:
+    """Width x height from a PNG's header (its first chunk, IHDR), without decoding;
+    None when `data` does not start as a PNG does."""
+    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return width * height

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from serving.batching.dynamic import BatchingConfig, DynamicBatcher
 from serving.core.models import Classifier, Model, StepDecoder
 from serving.core.repository import ModelRegistry
+from serving.dataplane.inline import RunTimes
 from serving.engine import EngineConfig, EngineObserver, StepEngine
 from serving.errors import Unavailable
 from serving.metrics.statistics import Statistics
@@ -64,6 +65,7 @@ class Deployment:
         self, model: Model, engine: StepEngine | None = None, batcher: DynamicBatcher | None = None
     ):
         self.model, self.engine, self.batcher = model, engine, batcher
+        self.runs = RunTimes()  # its graph runs outside a batch: quick ones run inline
         self._lock = threading.Lock()
         self.retired = False
 

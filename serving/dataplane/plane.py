@@ -8,7 +8,8 @@ request was validated against. The servicers in `serving.api` only translate pro
 to these calls and map errors to statuses; tests drive it without gRPC.
 
 Blocking work (decoding an image, a graph run outside a batch) goes to the worker
-pool; a stream holds no thread, only its row in the engine.
+pool, but for small requests on graphs shown to be quick, which run on the event loop
+(`serving.dataplane.inline`); a stream holds no thread, only its row in the engine.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from serving.core.models import Captioner, Classifier, LanguageModel, Model
 from serving.core.preprocess import ImageDecoder
 from serving.core.repository import ModelRegistry
+from serving.dataplane import inline
 from serving.dataplane.deployments import Deployment, Deployments
 from serving.dataplane.sequences import MAX_SEQUENCES, SequenceStore, idle_us
 from serving.dataplane.stream import OutboxReader, Stream
@@ -145,13 +147,19 @@ class DataPlane:
         with self.timed(model, timing) as timing:
             deployment = self._batching(model)
 
-            def prepare():
+            def prepare(wait: bool = True):
                 timing.mark("queue")  # waited for a worker
-                x = self._input(model, image, tensor), _top_k(model, top_k)
+                x = self._input(model, image, tensor, wait)
+                if x is None:  # every decoder busy, and this may not wait (the loop)
+                    return None
                 timing.mark("input")
-                return x
+                return x, _top_k(model, top_k)
 
-            if deployment is None:  # decode and run on a worker
+            if deployment is None:  # decode and run here when small and quick, else on a worker
+                if self._quick(model) and _small(image, tensor):
+                    result = self._classify_here(model, prepare, timing, tensor, wait=False)
+                    if result is not None:
+                        return result
                 return await self.blocking(self._classify_here, model, prepare, timing, tensor)
             # Decode on a worker, then wait for the batch on the loop (no worker held).
             with deployment.lease():
@@ -164,20 +172,38 @@ class DataPlane:
             timing.mark("output")
             return result
 
-    def _input(self, model: Classifier, image, tensor) -> np.ndarray:
+    def _input(self, model: Classifier, image, tensor, wait: bool = True) -> np.ndarray | None:
         if (image is None) == (tensor is None):
             raise InvalidArgument("input", "set one of image (encoded PNG/JPEG) or tensor")
         if image is not None:
-            return self.images.tensor(image, model.preprocess)
+            return self.images.tensor(image, model.preprocess, wait=wait)
         return model.check_tensor(tensor() if callable(tensor) else tensor)
 
-    def _classify_here(self, model: Classifier, prepare, timing: RequestTiming, tensor):
-        x, top_k = prepare()
+    def _quick(self, model: Model) -> bool:
+        """Whether `model`'s recent runs were quick enough to run on the loop."""
+        deployment = self.deployments.get(model.name)
+        return deployment is not None and deployment.model is model and deployment.runs.quick
+
+    def _ran(self, model: Model, ns: int) -> None:
+        deployment = self.deployments.get(model.name)
+        if deployment is not None and deployment.model is model:
+            deployment.runs.add(ns)
+
+    def _classify_here(
+        self, model: Classifier, prepare, timing: RequestTiming, tensor, wait: bool = True
+    ) -> Classification | None:
+        """Decode and run on this thread (None: every decoder busy and not `wait`)."""
+        prepared = prepare(wait)
+        if prepared is None:
+            return None
+        x, top_k = prepared
+        start = timing.ns["infer"]
         try:
             probs = model.probabilities(x[None])[0]
         except NonFiniteOutput as exc:
             raise _overflow(model, tensor, x, exc) from None
         timing.mark("infer")
+        self._ran(model, timing.ns["infer"] - start)
         self.statistics[model.name].execution(1, timing.ns["infer"])
         result = _classification(model, probs, top_k)
         timing.mark("output")
@@ -207,15 +233,22 @@ class DataPlane:
         session = model.graphs["step"] if hasattr(model, "graphs") else model.session
         stats = self.statistics[model.name]
 
+        rows = len(next(iter(feeds.values()))) if feeds else 0
+
         def run():
             timing.mark("queue")  # waited for a worker
             values = session.run(wanted, feeds)
             timing.mark("infer")
+            if rows <= inline.INLINE_ROWS:
+                self._ran(model, timing.ns["infer"])
             stats.execution(timing.count, timing.ns["infer"])
             return values
 
         try:
-            values = await self.blocking(run)
+            if self._quick(model) and inline.small_tensors(feeds.values(), rows):
+                values = run()  # small and quick: here, on the loop
+            else:
+                values = await self.blocking(run)
         except Exception as exc:  # noqa: BLE001 - ORT rejects what its graph cannot take
             raise InvalidArgument("inputs", f"the graph refused them: {exc}"[:400]) from None
         if any(v.dtype.kind == "f" and not np.all(np.isfinite(v)) for v in values):
@@ -340,6 +373,13 @@ class DataPlane:
 
     async def unload(self, name: str, rpc: str = "RepositoryModelUnload") -> None:
         await self.blocking(self.check_control(rpc).unload, name)  # it may wait for a load
+
+
+def _small(image: bytes | None, tensor) -> bool:
+    """A Classify input small enough for the loop (a tensor still to be decoded is not)."""
+    if image is not None:
+        return inline.small_image(image)
+    return not callable(tensor) and inline.small_tensors([tensor], 1)
 
 
 def _top_k(model: Classifier, top_k: int) -> int:
