@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 from concurrent import futures
 
@@ -36,6 +37,7 @@ from serving.metrics.endpoint import MetricsEndpoint
 from serving.metrics.prometheus import Metrics
 from serving.metrics.statistics import Statistics
 from serving.remote.link import EngineLink
+from serving.remote.peers import Peers
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,12 @@ class Server:
             self.deployments.attach(name, model)
         self.deployments.on_change.append(self._follow_health)
         self.metrics_endpoint = None
-        if config.frontend_of:  # for the supervisor, which serves the sum of its frontends'
-            self.metrics_endpoint = MetricsEndpoint(self.metrics, "127.0.0.1", 0)
+        if config.frontend_of:  # for the supervisor, which serves the sum of its frontends',
+            # and for the other frontends: our own ModelStatistics counts
+            self.metrics_endpoint = MetricsEndpoint(
+                self.metrics, "127.0.0.1", 0,
+                routes={"/statistics": lambda: self.kserve.local_statistics()},
+            )  # fmt: skip
         elif config.metrics_port is not None:
             token = config.security.auth_token if config.security.auth_all else None
             self.metrics_endpoint = MetricsEndpoint(
@@ -142,7 +148,11 @@ class Server:
             self.plane, self.streams, identify, config.stream_interval_ms
         )
         # The KServe V2 protocol; its server-held sequences join the same engines.
-        self.kserve = kserve.KServeServicer(self.plane, self.kserve_streams, identify)
+        peers = None
+        if config.frontend_of:  # the other frontends' statistics count in ours
+            own = self.metrics_endpoint.port
+            peers = Peers(os.path.dirname(config.frontend_of), lambda: own).statistics
+        self.kserve = kserve.KServeServicer(self.plane, self.kserve_streams, identify, peers)
         self.health = health.aio.HealthServicer()
         watchers = [RpcMetrics(self.metrics)]
         if config.request_log:

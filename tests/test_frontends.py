@@ -20,11 +20,18 @@ import urllib.request
 from multiprocessing import Pipe
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from polling import eventually
+from test_kserve import _infer
+from test_perf_analyzer import MEASURE as PERF_MEASURE
+from test_perf_analyzer import TOOL as PERF_TOOL
+from test_perf_analyzer import perf_analyzer  # noqa: F401 - the fixture
 
 from bench import harness
+from serving._proto.inference import grpc_service_pb2 as kpb
+from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
 from serving._proto.stepwise.v1 import inference_pb2 as pb
 from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
 from serving.core.runtime import SessionFactory
@@ -35,6 +42,7 @@ from serving.remote.host import EngineHost, Outbound, _reported
 REQUEST = dict(model="char_lstm", prompt="KING.\n", max_tokens=80, temperature=0.8, seed=7)
 CONNECTIONS = 16  # one channel each: the chance all land on one of 2 frontends is 2^-15
 FAST_STOP = ["--drain-delay", "0", "--grace-period", "5"]
+_OWN = [("grpc.use_local_subchannel_pool", 1)]  # a channel that shares no connection
 
 
 def _frontends(args=(), metrics_port=None, **popen):
@@ -128,6 +136,49 @@ def test_streams_through_every_frontend_equal_one_process_and_metrics_add_up(sup
     time.sleep(0.3)  # and it stays there: no frontend counts them a second time
     assert tokens() - before == CONNECTIONS * REQUEST["max_tokens"]
     assert len(_metric(metrics_port, "nv_cpu_memory_total_bytes")) == 1
+
+
+def _statistics(target: str, model: str = "lenet5"):
+    """ModelStatistics over a connection of its own (so from either frontend)."""
+    with grpc.insecure_channel(target, options=_OWN) as channel:
+        stub = kpb_grpc.GRPCInferenceServiceStub(channel)
+        (stats,) = stub.ModelStatistics(kpb.ModelStatisticsRequest(name=model)).model_stats
+    return stats
+
+
+def test_model_statistics_from_any_frontend_count_every_frontend(supervised):
+    """perf_analyzer compares the counts of two ModelStatistics calls, which may land on
+    different frontends: each answers for all of them."""
+    proc, metrics_port = supervised
+    before, spread = _statistics(proc.target).inference_count, _spread(metrics_port, "ModelInfer")
+    x = np.zeros((2, 1, 32, 32), np.float32)
+    for _ in range(CONNECTIONS):  # 2 rows each, each on a connection of its own
+        with grpc.insecure_channel(proc.target, options=_OWN) as channel:
+            _infer(kpb_grpc.GRPCInferenceServiceStub(channel), "lenet5", {"input": x})
+    assert _grew(spread, _spread(metrics_port, "ModelInfer"))  # both frontends took some
+    answers = [_statistics(proc.target) for _ in range(8)]
+    assert {a.inference_count - before for a in answers} == {2 * CONNECTIONS}
+    assert {a.inference_stats.success.count for a in answers} == {
+        answers[0].inference_stats.success.count
+    }
+
+
+@pytest.mark.usefixtures("perf_analyzer")  # skips, saying why, where it cannot be had
+def test_perf_analyzer_measures_several_frontends(supervised):
+    """NVIDIA's perf_analyzer, each context on a connection of its own (so spread over
+    both frontends), with its server-side statistics on: it fails ("failed to find the
+    requested model version") when two of its ModelStatistics calls disagree."""
+    proc, metrics_port = supervised
+    spread = _spread(metrics_port, "ModelInfer")
+    done = subprocess.run(
+        ["bash", str(PERF_TOOL), "-u", proc.target, "-i", "grpc", "-m", "lenet5",
+         "--input-data", "zero", "--concurrency-range", "4", *PERF_MEASURE],
+        capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT="1"),
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-2000:]
+    assert re.search(r"Successful request count: [1-9]", done.stdout), done.stdout[-2000:]
+    assert _grew(spread, _spread(metrics_port, "ModelInfer"))
 
 
 def _health(target: str) -> int:

@@ -65,8 +65,10 @@ SEQUENCE_OUTPUTS = ("logits", "greedy_text")
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, streams: StreamSlots, identify=None):
-        self.plane = plane
+    def __init__(self, plane: DataPlane, streams: StreamSlots, identify=None, peers=None):
+        """`peers()`: the other frontends' serialized ModelStatisticsResponses, when this
+        is one of several (`serving.remote.peers`); their counts are added to ours."""
+        self.plane, self.peers = plane, peers
         # ModelStreamInfer streams hold slots of their own (an idle stream is normal for
         # a KServe client, and must not take Generate's), with the same stall watchdog
         self.streams = streams
@@ -242,7 +244,18 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             raise InvalidArgument("version", "needs a name; an empty name means every model")
         else:
             models = [m for _, m in sorted(self.plane.registry.models.items())]
-        return kpb.ModelStatisticsResponse(model_stats=[self._statistics(m) for m in models])
+        response = kpb.ModelStatisticsResponse(model_stats=[self._statistics(m) for m in models])
+        if self.peers is not None:  # one of several frontends: theirs count too
+            for data in await self.plane.blocking(self.peers):
+                add_statistics(response, kpb.ModelStatisticsResponse.FromString(data))
+        return response
+
+    def local_statistics(self) -> bytes:
+        """This process's own counts of every model, serialized (for the other frontends)."""
+        models = [m for _, m in sorted(self.plane.registry.models.items())]
+        return kpb.ModelStatisticsResponse(
+            model_stats=[self._statistics(m) for m in models]
+        ).SerializeToString()
 
     def _statistics(self, model) -> kpb.ModelStatistics:
         data = self.plane.statistics[model.name].snapshot()  # the engine's graph runs included
@@ -390,3 +403,30 @@ def _greedy_text(model, logits: np.ndarray) -> np.ndarray:
 
 def add(servicer: KServeServicer, server) -> None:
     add_to_server(servicer, server, kpb, "GRPCInferenceService")
+
+
+def add_statistics(total: kpb.ModelStatisticsResponse, other: kpb.ModelStatisticsResponse):
+    """Add `other`'s counts to `total`'s, model by model (name and version); models only
+    `other` has are left out (this process does not serve them)."""
+    theirs = {(m.name, m.version): m for m in other.model_stats}
+    for mine in total.model_stats:
+        m = theirs.get((mine.name, mine.version))
+        if m is None:
+            continue
+        mine.last_inference = max(mine.last_inference, m.last_inference)
+        mine.inference_count += m.inference_count
+        mine.execution_count += m.execution_count
+        for field in ("success", "fail", "queue", "compute_input", "compute_infer",
+                      "compute_output"):  # fmt: skip
+            _add(getattr(mine.inference_stats, field), getattr(m.inference_stats, field))
+        sizes = {b.batch_size: b for b in mine.batch_stats}
+        for batch in m.batch_stats:
+            if batch.batch_size not in sizes:
+                sizes[batch.batch_size] = mine.batch_stats.add(batch_size=batch.batch_size)
+            for field in ("compute_input", "compute_infer", "compute_output"):
+                _add(getattr(sizes[batch.batch_size], field), getattr(batch, field))
+
+
+def _add(total, other) -> None:
+    total.count += other.count
+    total.ns += other.ns

@@ -153,21 +153,30 @@ class MetricsEndpoint:
         *,
         max_connections: int = MAX_METRICS_CONNECTIONS,
         header_timeout_s: float = HEADER_TIMEOUT_S,
+        routes: dict | None = None,
     ):
+        """`routes`: other paths, each a function giving the body (bytes) it serves."""
         if max_connections < 1:
             raise ValueError(f"max_connections: must be at least 1, got {max_connections}")
         if not header_timeout_s > 0:
             raise ValueError(f"header_timeout_s: must be above 0, got {header_timeout_s}")
         expected = f"Bearer {token}".encode() if token else None
 
+        routes = routes or {}
+
         def app(environ, start_response):
-            if environ.get("PATH_INFO") != "/metrics":
+            path = environ.get("PATH_INFO")
+            if path != "/metrics" and path not in routes:
                 start_response("404 Not Found", [("Content-Type", "text/plain")])
                 return [b"metrics are at /metrics\n"]
             given = environ.get("HTTP_AUTHORIZATION", "").encode()
             if expected is not None and not hmac.compare_digest(given, expected):
                 start_response("401 Unauthorized", [("Content-Type", "text/plain")])
                 return [b"authorization: missing or wrong bearer token\n"]
+            if path in routes:
+                body = routes[path]()
+                start_response("200 OK", [("Content-Type", "application/octet-stream")])
+                return [body]
             body = metrics.render()
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
             return [body]

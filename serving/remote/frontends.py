@@ -15,8 +15,8 @@ The supervisor (this module, in the process `python -m serving` started) runs:
 What stays per frontend (README, "Several frontends on one port"): KServe server-held
 sequences live in the frontend whose connection started them (a client that reconnects
 may land on another, which does not know them), stream and sequence limits hold per
-frontend, ModelStatistics answers for the frontend that takes the call, and dynamic
-batching batches one frontend's requests. Explicit model control would reach one
+frontend, and dynamic batching batches one frontend's requests. ModelStatistics answers
+for all of them (`serving.remote.peers`). Explicit model control would reach one
 frontend, so `--frontends` above 1 takes `none` or `poll` (each frontend polls the
 repository; the engine process loads each version once, as their keys share a
 fingerprint).
@@ -51,6 +51,7 @@ from serving.app import engine_runtime
 from serving.config import ServerConfig
 from serving.metrics.endpoint import MetricsEndpoint
 from serving.metrics.merge import merge
+from serving.remote import peers
 from serving.remote.link import EngineLink
 
 log = logging.getLogger("serving")
@@ -249,6 +250,7 @@ class Supervisor:
             for frontend in self.frontends:
                 if frontend.metrics_port is None:
                     frontend.wait_ready(self.stop_requested)
+            self._tell_peers()
             if c.metrics_port is not None:
                 token = c.security.auth_token if c.security.auth_all else None
                 self.metrics_endpoint = MetricsEndpoint(
@@ -287,11 +289,17 @@ class Supervisor:
                 try:
                     frontend.wait_ready(self.stop_requested)
                     frontend.restarts += 1
+                    self._tell_peers()
                     log.info("frontend %d serves again (pid %d)", frontend.index, frontend.proc.pid)
                 except InterruptedError:
                     return
                 except RuntimeError as exc:
                     log.error("%s", exc)
+
+    def _tell_peers(self) -> None:
+        """Where each frontend's statistics are, for the others (`serving.remote.peers`)."""
+        ports = [f.metrics_port for f in self.frontends if f.metrics_port is not None]
+        peers.write(os.path.dirname(self.link.address), ports)
 
     def stop(self, timeout: float) -> None:
         """Pass SIGTERM to every frontend, wait for them (up to `timeout`, then kill),
