@@ -67,15 +67,18 @@ LOADS = {  # name -> (loadtest arguments, figures read: (heading, figure of a le
 }
 
 
-def one_run(layout: str, loads: dict, duration: float, repository: Path, out: Path) -> dict:
+def one_run(
+    layout: str, loads: dict, duration: float, repository: Path, out: Path, base: Path | None
+) -> dict:
     """{load: [a loadtest level's figures, one per level]} for one server."""
     figures = {}
     metrics_port = harness.free_port()
+    flags = LAYOUTS[layout] if layout != "base" else []
     with harness.start(
-        ["--model-repository", str(repository), "--no-request-log", *LAYOUTS[layout]],
+        ["--model-repository", str(repository), "--no-request-log", *flags],
         name=f"server ({layout})", metrics_port=metrics_port, stop_timeout=60,
+        cwd=base if layout == "base" else ROOT,
     ) as server:  # fmt: skip
-        flags = LAYOUTS[layout]
         if "--frontends" in flags:  # health answers once the first serves
             count = flags[flags.index("--frontends") + 1]
             harness.until("every frontend serving", lambda: _frontends(metrics_port, count), 120)
@@ -156,11 +159,19 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per level")
     p.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     p.add_argument(
-        "--layouts", default="off,on", help=f"of {', '.join(LAYOUTS)}; ratios to the first"
+        "--layouts",
+        default="off,on",
+        help=f"of {', '.join(LAYOUTS)}, and base with --base; ratios to the first",
+    )
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="a checkout (e.g. a git worktree of an older commit) to start as the layout "
+        "'base', with its own defaults",
     )
     args = p.parse_args()
     layouts = args.layouts.split(",")
-    unknown = set(layouts) - set(LAYOUTS)
+    unknown = set(layouts) - set(LAYOUTS) - ({"base"} if args.base else set())
     if unknown or len(layouts) < 2:
         p.error(f"--layouts: two or more of {', '.join(LAYOUTS)}, not {args.layouts}")
     given = [("generate", args.generate), ("classify", args.classify)]
@@ -175,7 +186,9 @@ def main() -> int:
                 limit.append(inprocess.step_graph(step, loads["generate"], 2.0))
             for layout in layouts:
                 runs[layout].append(
-                    one_run(layout, loads, args.duration, args.model_repository, Path(tmp))
+                    one_run(
+                        layout, loads, args.duration, args.model_repository, Path(tmp), args.base
+                    )
                 )
     print(table(runs, loads))
     if "generate" in loads:

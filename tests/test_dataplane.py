@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import struct
 import threading
+import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,10 +17,17 @@ from polling import eventually
 
 from serving.batching.dynamic import BatchingConfig
 from serving.core.models import Classifier, LanguageModel, load_model
-from serving.core.preprocess import ImageDecoder, png_pixels
+from serving.core.preprocess import ImageDecoder
 from serving.core.repository import ModelRegistry
 from serving.dataplane.deployments import Deployments
-from serving.dataplane.inline import INLINE_ROWS, INLINE_RUN_US, RECENT, RunTimes
+from serving.dataplane.inline import (
+    INLINE_ROWS,
+    INLINE_RUN_US,
+    RECENT,
+    LoopBudget,
+    RunTimes,
+    plain_png,
+)
 from serving.dataplane.plane import DataPlane
 from serving.engine import run_alone, text_request
 from serving.engine.sampler import SamplingParams
@@ -256,26 +266,47 @@ class _Session:
         self.session, self.run = session, _recording(threads)(session.run)
 
 
-def test_run_times_call_a_graph_quick_on_its_recent_median():
+def test_run_times_call_a_graph_quick_on_its_recent_median_per_row():
     runs = RunTimes()
     for _ in range(RECENT - 1):
         runs.add(50_000)
-    assert not runs.quick  # not measured enough yet
+    assert not runs.quick()  # not measured enough yet
     runs.add(50_000)
-    assert runs.quick
+    assert runs.quick() and not runs.quick(2)  # 2 rows: a shape it has not run yet
+    runs.add(100_000, rows=2)
+    assert runs.quick(2) and not runs.quick(INLINE_RUN_US // 50 + 1)  # too many rows' work
     for _ in range(RECENT // 2 + 1):  # it slowed down: back to the workers
         runs.add((INLINE_RUN_US + 1) * 1000)
-    assert not runs.quick
+    assert not runs.quick()
 
 
-def test_png_pixels_come_from_the_header_alone():
-    assert png_pixels(_png(1)) == 28 * 28
+def test_the_loop_budget_bounds_inline_work_per_window():
+    budget = LoopBudget(window_s=0.05, share=0.5)
+    assert budget.allows()
+    budget.spend(30_000_000)  # 30 ms of a 50 ms window: past its half
+    assert not budget.allows()
+    time.sleep(0.06)
+    assert budget.allows()  # a new window
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def test_plain_png_reads_the_size_and_the_chunks_without_decoding():
+    plain = _png(1)
+    assert plain_png(plain)
     big = io.BytesIO()
-    Image.new("RGB", (300, 200)).save(big, "PNG")
-    assert png_pixels(big.getvalue()[:24]) == 300 * 200  # the header is enough
+    Image.new("L", (200, 200)).save(big, "PNG")
+    assert not plain_png(big.getvalue())  # more pixels than the loop takes
+    # a compressed text chunk can inflate to megabytes: the pool decodes that one
+    iend = plain.rindex(b"IEND") - 4
+    ztxt = plain[:iend] + _chunk(b"zTXt", b"k\0\0" + zlib.compress(b"x" * 10_000)) + plain[iend:]
+    assert Image.open(io.BytesIO(ztxt)).size == (28, 28) and not plain_png(ztxt)
+    assert not plain_png(plain[:iend])  # cut short
     jpeg = io.BytesIO()
     Image.new("RGB", (8, 8)).save(jpeg, "JPEG")
-    assert png_pixels(jpeg.getvalue()) is None and png_pixels(b"\x89PNG") is None
+    assert not plain_png(jpeg.getvalue()) and not plain_png(b"\x89PNG")
 
 
 def test_small_classify_on_a_quick_graph_runs_on_the_loop_the_rest_on_workers(planes, monkeypatch):
@@ -294,8 +325,17 @@ def test_small_classify_on_a_quick_graph_runs_on_the_loop_the_rest_on_workers(pl
 
     loop, first = classify(_png(1), RECENT)  # measured on workers first
     assert loop not in threads
+    before = plane.statistics["lenet5"].snapshot()
     loop, later = classify(_png(1), 4)  # shown quick: here, and the same answer
     assert threads == [loop] * 4 and later == first[:4]
+    after = plane.statistics["lenet5"].snapshot()  # counted as on a worker
+    assert after.success.count - before.success.count == 4
+    assert after.execution_count - before.execution_count == 4
+    assert after.phases["infer"].ns > before.phases["infer"].ns
+    plain = _png(2)  # an undecodable image is refused on the loop as on a worker
+    broken = plain[: plain.index(b"IDAT") + 8] + b"\0" * 16 + plain[plain.index(b"IEND") - 4 :]
+    with pytest.raises(InvalidArgument, match="image"):
+        classify(broken, 1)
     big = io.BytesIO()
     Image.fromarray(np.zeros((200, 200), np.uint8), "L").save(big, "PNG")
     loop, _ = classify(big.getvalue(), 1)  # more pixels than the loop takes
@@ -308,6 +348,11 @@ def test_small_classify_on_a_quick_graph_runs_on_the_loop_the_rest_on_workers(pl
     loop, (busy,) = classify(_png(1), 1)
     freed.join()
     assert threads and loop not in threads and busy == first[0]
+    deployment = plane.deployments.get("lenet5")  # it slowed down: back to the workers
+    for _ in range(RECENT):
+        deployment.runs.add((INLINE_RUN_US + 50) * 1000)
+    loop, _ = classify(_png(1), 1)
+    assert threads and loop not in threads
 
 
 def test_small_infer_on_a_quick_graph_runs_on_the_loop(planes, monkeypatch):

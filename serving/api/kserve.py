@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import logging
 import threading
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from serving._proto.inference import grpc_service_pb2 as kpb
 from serving._proto.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -42,6 +44,8 @@ from serving.core.card import TensorSpec
 from serving.core.model_config import DEFAULT_MAX_BATCH_SIZE, PLATFORM, config_for_card
 from serving.dataplane.plane import DataPlane
 from serving.errors import Cancelled, InvalidArgument, Unimplemented
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "stepwise"
@@ -247,7 +251,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         response = kpb.ModelStatisticsResponse(model_stats=[self._statistics(m) for m in models])
         if self.peers is not None:  # one of several frontends: theirs count too
             for data in await self.plane.blocking(self.peers):
-                add_statistics(response, kpb.ModelStatisticsResponse.FromString(data))
+                try:
+                    theirs = kpb.ModelStatisticsResponse.FromString(data)
+                except DecodeError:
+                    log.warning("statistics: a frontend's answer did not parse; left out")
+                    continue
+                add_statistics(response, theirs)
         return response
 
     def local_statistics(self) -> bytes:

@@ -21,7 +21,6 @@ image a model was trained on by scaling, never by clipping.
 from __future__ import annotations
 
 import io
-import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -280,13 +279,4 @@ class ImageDecoder:
             self._slots.release()
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_pixels(data: bytes) -> int | None:
-    """Width x height from a PNG's header (its first chunk, IHDR), without decoding;
-    None when `data` does not start as a PNG does."""
-    if len(data) < 24 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return None
-    width, height = struct.unpack(">II", data[16:24])
-    return width * height
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG file's first 8 bytes

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class DataPlane:
         self.sequences: dict[str, SequenceStore] = {}  # model name -> server-held state
         self.control = None  # serving.dataplane.control.ModelControl: load and unload
         self.accepting = True  # false once shutdown begins: readiness says so at once
+        self.loop_budget = inline.LoopBudget()  # inline work's share of the loop
 
     # -- what serves -------------------------------------------------------------------
 
@@ -156,8 +158,12 @@ class DataPlane:
                 return x, _top_k(model, top_k)
 
             if deployment is None:  # decode and run here when small and quick, else on a worker
-                if self._quick(model) and _small(image, tensor):
-                    result = self._classify_here(model, prepare, timing, tensor, wait=False)
+                if _small(image, tensor) and self._inline(model, 1):
+                    start = time.perf_counter_ns()
+                    try:
+                        result = self._classify_here(model, prepare, timing, tensor, wait=False)
+                    finally:
+                        self.loop_budget.spend(time.perf_counter_ns() - start)
                     if result is not None:
                         return result
                 return await self.blocking(self._classify_here, model, prepare, timing, tensor)
@@ -179,15 +185,18 @@ class DataPlane:
             return self.images.tensor(image, model.preprocess, wait=wait)
         return model.check_tensor(tensor() if callable(tensor) else tensor)
 
-    def _quick(self, model: Model) -> bool:
-        """Whether `model`'s recent runs were quick enough to run on the loop."""
+    def _inline(self, model: Model, rows: int) -> bool:
+        """Whether `rows` of `model` may run on the loop now: its recent runs were quick
+        enough at that many rows, and the loop has time (`serving.dataplane.inline`)."""
         deployment = self.deployments.get(model.name)
-        return deployment is not None and deployment.model is model and deployment.runs.quick
+        if deployment is None or deployment.model is not model:
+            return False
+        return deployment.runs.quick(rows) and self.loop_budget.allows()
 
-    def _ran(self, model: Model, ns: int) -> None:
+    def _ran(self, model: Model, ns: int, rows: int = 1) -> None:
         deployment = self.deployments.get(model.name)
         if deployment is not None and deployment.model is model:
-            deployment.runs.add(ns)
+            deployment.runs.add(ns, rows)
 
     def _classify_here(
         self, model: Classifier, prepare, timing: RequestTiming, tensor, wait: bool = True
@@ -240,13 +249,17 @@ class DataPlane:
             values = session.run(wanted, feeds)
             timing.mark("infer")
             if rows <= inline.INLINE_ROWS:
-                self._ran(model, timing.ns["infer"])
+                self._ran(model, timing.ns["infer"], rows)
             stats.execution(timing.count, timing.ns["infer"])
             return values
 
         try:
-            if self._quick(model) and inline.small_tensors(feeds.values(), rows):
-                values = run()  # small and quick: here, on the loop
+            if inline.small_tensors(feeds.values(), rows) and self._inline(model, rows):
+                start = time.perf_counter_ns()  # small and quick: here, on the loop
+                try:
+                    values = run()
+                finally:
+                    self.loop_budget.spend(time.perf_counter_ns() - start)
             else:
                 values = await self.blocking(run)
         except Exception as exc:  # noqa: BLE001 - ORT rejects what its graph cannot take
@@ -378,8 +391,8 @@ class DataPlane:
 def _small(image: bytes | None, tensor) -> bool:
     """A Classify input small enough for the loop (a tensor still to be decoded is not)."""
     if image is not None:
-        return inline.small_image(image)
-    return not callable(tensor) and inline.small_tensors([tensor], 1)
+        return inline.plain_png(image)
+    return tensor is not None and not callable(tensor) and inline.small_tensors([tensor], 1)
 
 
 def _top_k(model: Classifier, top_k: int) -> int:

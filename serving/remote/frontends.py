@@ -174,13 +174,15 @@ def _scrape(frontend: Frontend) -> str | None:
         return None
     url = f"http://127.0.0.1:{frontend.metrics_port}/metrics"
     try:
-        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+        with _OPENER.open(url, timeout=SCRAPE_TIMEOUT_S) as response:
             return response.read().decode()
     except OSError as exc:  # exited or restarting: the others are still summed
         log.warning("metrics: frontend %d did not answer: %s", frontend.index, exc)
         return None
 
 
+# Loopback only: never through a proxy the environment names.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _RPC = re.compile(r'^stepwise_requests_total\{[^}]*rpc="([^"]*)"[^}]*\} (\S+)$', re.M)
 
 

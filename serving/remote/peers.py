@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,19 @@ def write(directory: str, ports: list[int]) -> None:
 
 class Peers:
     """The other frontends' statistics, read when asked: `own_port()` is this frontend's
-    metrics port (left out)."""
+    metrics port (left out).
+
+    This frontend's counts never go down from one answer to the next: a frontend that
+    does not answer counts with its last answer, and one that is gone (restarted: a new
+    port) keeps its last answer in the sum, as the supervisor's /metrics carries its
+    counters. A frontend started again knows nothing of the ones before it: its answers
+    start lower, as a restarted Triton's do."""
 
     def __init__(self, directory: str, own_port: Callable[[], int | None]):
         self.path, self.own_port = Path(directory) / FILE, own_port
+        self._last: dict[int, bytes] = {}  # port -> its latest answer
+        self._lock = threading.Lock()
+        self._fetchers = ThreadPoolExecutor(8, thread_name_prefix="peers")
 
     def ports(self) -> list[int]:
         try:
@@ -46,15 +57,25 @@ class Peers:
         return [port for port in ports if port != self.own_port()]
 
     def statistics(self) -> list[bytes]:
-        """Each other frontend's serialized ModelStatisticsResponse (one that does not
-        answer in TIMEOUT_S is left out, and logged)."""
-        out = []
-        for port in self.ports():
-            try:
-                url = f"http://127.0.0.1:{port}/statistics"
-                with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
-                    out.append(response.read())
-            except OSError as exc:
-                log.warning("statistics: the frontend on loopback port %d did not answer: %s",
-                            port, exc)  # fmt: skip
-        return out
+        """Each other frontend's serialized ModelStatisticsResponse, fetched together
+        within TIMEOUT_S (one that does not answer: its last, and a warning)."""
+        ports = self.ports()
+        fetches = {port: self._fetchers.submit(_fetch, port) for port in ports}
+        wait(fetches.values(), timeout=TIMEOUT_S)
+        with self._lock:
+            for port, fetch in fetches.items():
+                try:
+                    self._last[port] = fetch.result(timeout=0)
+                except Exception as exc:  # noqa: BLE001 - its last answer stands in
+                    log.warning("statistics: the frontend on loopback port %d did not "
+                                "answer: %s", port, exc)  # fmt: skip
+            return list(self._last.values())
+
+
+# Loopback only: never through a proxy the environment names.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _fetch(port: int) -> bytes:
+    with _OPENER.open(f"http://127.0.0.1:{port}/statistics", timeout=TIMEOUT_S) as response:
+        return response.read()
