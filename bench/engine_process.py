@@ -36,6 +36,8 @@ LAYOUTS = {  # name -> the server's flags
     "off": ["--engine-process", "off"],
     "on": ["--engine-process", "on"],
     "frontends2": ["--frontends", "2"],
+    "batch8": ["--max-batch-size", "8"],  # dynamic batching of classifiers
+    "frontends2-batch8": ["--frontends", "2", "--max-batch-size", "8"],
 }
 
 LOADS = {  # name -> (loadtest arguments, figures read: (heading, figure of a level))
