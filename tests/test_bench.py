@@ -169,3 +169,17 @@ def test_harness_reads_this_process_memory():
     assert harness.rss_bytes() > 0 and harness.peak_rss_bytes() >= here["VmRSS"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", harness.free_port()))  # free: nothing holds it
+
+
+def test_stream_layers_pass_every_message_through_the_real_wrappers():
+    """bench.stream_layers times the server's own wrappers (slots, the streaming
+    decorator, the call wrapper with its watchers): each must deliver every message."""
+    import asyncio
+
+    from bench import stream_layers
+
+    async def run():
+        return [await stream_layers._time(make, 50) for _, make in stream_layers._layers(50)]
+
+    times = asyncio.run(run())  # _time asserts that all 50 messages came through
+    assert len(times) == 5 and all(t > 0 for t in times)
