@@ -165,14 +165,14 @@ def test_model_statistics_from_any_frontend_count_every_frontend(supervised):
 
 @pytest.mark.usefixtures("perf_analyzer")  # skips, saying why, where it cannot be had
 def test_perf_analyzer_measures_several_frontends(supervised):
-    """NVIDIA's perf_analyzer, each context on a connection of its own (so spread over
-    both frontends), with its server-side statistics on: it fails ("failed to find the
+    """NVIDIA's perf_analyzer, each context on a connection of its own (16: all on one
+    frontend one time in 2^15), with its server-side statistics on: it fails ("failed to find the
     requested model version") when two of its ModelStatistics calls disagree."""
     proc, metrics_port = supervised
     spread = _spread(metrics_port, "ModelInfer")
     done = subprocess.run(
         ["bash", str(PERF_TOOL), "-u", proc.target, "-i", "grpc", "-m", "lenet5",
-         "--input-data", "zero", "--concurrency-range", "4", *PERF_MEASURE],
+         "--input-data", "zero", "--concurrency-range", "16", *PERF_MEASURE],
         capture_output=True, text=True, timeout=300,
         env=dict(os.environ, TRITON_CLIENT_GRPC_CHANNEL_MAX_SHARE_COUNT="1"),
     )  # fmt: skip
