@@ -151,7 +151,7 @@ class Server:
         peers = None
         if config.frontend_of:  # the other frontends' statistics count in ours
             own = self.metrics_endpoint.port
-            peers = Peers(os.path.dirname(config.frontend_of), lambda: own).statistics
+            peers = Peers(os.path.dirname(config.frontend_of), own).statistics
         self.kserve = kserve.KServeServicer(self.plane, self.kserve_streams, identify, peers)
         self.health = health.aio.HealthServicer()
         watchers = [RpcMetrics(self.metrics)]

@@ -275,6 +275,8 @@ def test_run_times_call_a_graph_quick_on_its_recent_median_per_row():
     assert runs.quick() and not runs.quick(2)  # 2 rows: a shape it has not run yet
     runs.add(100_000, rows=2)
     assert runs.quick(2) and not runs.quick(INLINE_RUN_US // 50 + 1)  # too many rows' work
+    runs.add(1, rows=INLINE_ROWS + 1)  # a batch too big for the loop is not kept
+    assert not runs.quick(INLINE_ROWS + 1)
     for _ in range(RECENT // 2 + 1):  # it slowed down: back to the workers
         runs.add((INLINE_RUN_US + 1) * 1000)
     assert not runs.quick()

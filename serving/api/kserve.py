@@ -247,8 +247,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         elif request.version:
             raise InvalidArgument("version", "needs a name; an empty name means every model")
         else:
-            models = [m for _, m in sorted(self.plane.registry.models.items())]
-        response = kpb.ModelStatisticsResponse(model_stats=[self._statistics(m) for m in models])
+            models = self.plane.models()
+        response = self._statistics_of(models)
         if self.peers is not None:  # one of several frontends: theirs count too
             for data in await self.plane.blocking(self.peers):
                 try:
@@ -261,10 +261,10 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     def local_statistics(self) -> bytes:
         """This process's own counts of every model, serialized (for the other frontends)."""
-        models = [m for _, m in sorted(self.plane.registry.models.items())]
-        return kpb.ModelStatisticsResponse(
-            model_stats=[self._statistics(m) for m in models]
-        ).SerializeToString()
+        return self._statistics_of(self.plane.models()).SerializeToString()
+
+    def _statistics_of(self, models) -> kpb.ModelStatisticsResponse:
+        return kpb.ModelStatisticsResponse(model_stats=[self._statistics(m) for m in models])
 
     def _statistics(self, model) -> kpb.ModelStatistics:
         data = self.plane.statistics[model.name].snapshot()  # the engine's graph runs included

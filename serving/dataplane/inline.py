@@ -22,6 +22,7 @@ the loop delays everything else it serves, so only bounded work runs there:
 from __future__ import annotations
 
 import collections
+import contextlib
 import statistics
 import struct
 import threading
@@ -56,6 +57,9 @@ class RunTimes:
         self._rows: set[int] = set()
 
     def add(self, ns: int, rows: int = 1) -> None:
+        """A run of `rows` rows took `ns` (larger batches never run inline: not kept)."""
+        if rows > INLINE_ROWS:
+            return
         with self._lock:
             self._ns_per_row.append(ns / max(rows, 1))
             self._rows.add(rows)
@@ -83,6 +87,15 @@ class LoopBudget:
 
     def spend(self, ns: int) -> None:
         self._used += ns
+
+    @contextlib.contextmanager
+    def spending(self):
+        """The time the block takes (whatever it raises) counts as inline work."""
+        start = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            self.spend(time.perf_counter_ns() - start)
 
 
 def plain_png(data: bytes) -> bool:

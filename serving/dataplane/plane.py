@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -117,18 +116,21 @@ class DataPlane:
 
     def deployment_of(self, model: Model) -> Deployment:
         """The deployment serving `model`; UNAVAILABLE when a reload replaced it."""
-        deployment = self.deployments.get(model.name)
-        if deployment is None or deployment.model is not model:
+        deployment = self._current(model)
+        if deployment is None:
             raise Unavailable(f"{model.name} was reloaded as this request began; retry")
         return deployment
+
+    def _current(self, model: Model) -> Deployment | None:
+        """The deployment serving `model`, None when a reload replaced it."""
+        deployment = self.deployments.get(model.name)
+        return deployment if deployment is not None and deployment.model is model else None
 
     def _batching(self, model: Model) -> Deployment | None:
         """The deployment serving `model` when it has a dynamic batcher; None: run on a
         worker (no batcher, or a reload replaced the model this request was given)."""
-        deployment = self.deployments.get(model.name)
-        if deployment is None or deployment.model is not model or deployment.batcher is None:
-            return None
-        return deployment
+        deployment = self._current(model)
+        return deployment if deployment is not None and deployment.batcher is not None else None
 
     async def blocking(self, fn, *args):
         """Run `fn(*args)` on the worker pool; the event loop goes on serving."""
@@ -159,11 +161,8 @@ class DataPlane:
 
             if deployment is None:  # decode and run here when small and quick, else on a worker
                 if _small(image, tensor) and self._inline(model, 1):
-                    start = time.perf_counter_ns()
-                    try:
+                    with self.loop_budget.spending():
                         result = self._classify_here(model, prepare, timing, tensor, wait=False)
-                    finally:
-                        self.loop_budget.spend(time.perf_counter_ns() - start)
                     if result is not None:
                         return result
                 return await self.blocking(self._classify_here, model, prepare, timing, tensor)
@@ -188,14 +187,12 @@ class DataPlane:
     def _inline(self, model: Model, rows: int) -> bool:
         """Whether `rows` of `model` may run on the loop now: its recent runs were quick
         enough at that many rows, and the loop has time (`serving.dataplane.inline`)."""
-        deployment = self.deployments.get(model.name)
-        if deployment is None or deployment.model is not model:
-            return False
-        return deployment.runs.quick(rows) and self.loop_budget.allows()
+        deployment = self._current(model)
+        return deployment is not None and deployment.runs.quick(rows) and self.loop_budget.allows()
 
     def _ran(self, model: Model, ns: int, rows: int = 1) -> None:
-        deployment = self.deployments.get(model.name)
-        if deployment is not None and deployment.model is model:
+        deployment = self._current(model)
+        if deployment is not None:
             deployment.runs.add(ns, rows)
 
     def _classify_here(
@@ -248,18 +245,14 @@ class DataPlane:
             timing.mark("queue")  # waited for a worker
             values = session.run(wanted, feeds)
             timing.mark("infer")
-            if rows <= inline.INLINE_ROWS:
-                self._ran(model, timing.ns["infer"], rows)
+            self._ran(model, timing.ns["infer"], rows)
             stats.execution(timing.count, timing.ns["infer"])
             return values
 
         try:
             if inline.small_tensors(feeds.values(), rows) and self._inline(model, rows):
-                start = time.perf_counter_ns()  # small and quick: here, on the loop
-                try:
+                with self.loop_budget.spending():  # small and quick: here, on the loop
                     values = run()
-                finally:
-                    self.loop_budget.spend(time.perf_counter_ns() - start)
             else:
                 values = await self.blocking(run)
         except Exception as exc:  # noqa: BLE001 - ORT rejects what its graph cannot take

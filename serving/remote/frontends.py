@@ -44,7 +44,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 from serving.api.security import metrics_ssl_context
 from serving.app import engine_runtime
@@ -76,7 +75,6 @@ class Frontend:
         self.index, self.command, self.env = index, command, env
         self.proc: subprocess.Popen | None = None
         self.metrics_port: int | None = None
-        self.restarts = 0
 
     def start(self) -> None:
         read, write = os.pipe()
@@ -172,17 +170,13 @@ class FrontendMetrics:
 def _scrape(frontend: Frontend) -> str | None:
     if frontend.metrics_port is None:  # starting
         return None
-    url = f"http://127.0.0.1:{frontend.metrics_port}/metrics"
     try:
-        with _OPENER.open(url, timeout=SCRAPE_TIMEOUT_S) as response:
-            return response.read().decode()
+        return peers.fetch(frontend.metrics_port, "/metrics", SCRAPE_TIMEOUT_S).decode()
     except OSError as exc:  # exited or restarting: the others are still summed
         log.warning("metrics: frontend %d did not answer: %s", frontend.index, exc)
         return None
 
 
-# Loopback only: never through a proxy the environment names.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _RPC = re.compile(r'^stepwise_requests_total\{[^}]*rpc="([^"]*)"[^}]*\} (\S+)$', re.M)
 
 
@@ -239,7 +233,7 @@ class Supervisor:
             if c.port:
                 _check_port_free(c.host, c.port)
             self.link.start()
-            env = dict(os.environ, **{KEY_ENV: self.link._authkey.hex()})
+            env = dict(os.environ, **{KEY_ENV: self.link.authkey.hex()})
             env[SUPERVISOR_ENV] = str(os.getpid())
             first = Frontend(0, self._command(c.port), env)
             self.frontends.append(first)
@@ -290,7 +284,6 @@ class Supervisor:
                 started[frontend.index] = time.monotonic()
                 try:
                     frontend.wait_ready(self.stop_requested)
-                    frontend.restarts += 1
                     self._tell_peers()
                     log.info("frontend %d serves again (pid %d)", frontend.index, frontend.proc.pid)
                 except InterruptedError:

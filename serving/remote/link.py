@@ -134,7 +134,7 @@ class EngineLink:
         self.owned = address is None
         self._dir = tempfile.mkdtemp(prefix="stepwise-engine-") if self.owned else None
         self.address = address or os.path.join(self._dir, "engine.sock")
-        self._authkey = authkey or secrets.token_bytes(16)
+        self.authkey = authkey or secrets.token_bytes(16)
         self._lock = threading.Lock()  # up, the connection, jobs, replies
         self._jobs: dict[int, tuple[RemoteEngine, object]] = {}  # job id -> (engine, job)
         self._engines: dict[str, RemoteEngine] = {}  # key -> engine, what a new process loads
@@ -165,7 +165,7 @@ class EngineLink:
             os.unlink(self.address)  # a dead process's socket
         except FileNotFoundError:
             pass
-        env = dict(os.environ, STEPWISE_ENGINE_KEY=self._authkey.hex())
+        env = dict(os.environ, STEPWISE_ENGINE_KEY=self.authkey.hex())
         command = [sys.executable, "-m", "serving.remote", "--address", self.address]
         command += ["--runtime", json.dumps(self.runtime)]
         process = subprocess.Popen(command, env=env)
@@ -187,7 +187,7 @@ class EngineLink:
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"the engine process exited ({process.returncode}) at start")
             try:
-                conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+                conn = Client(self.address, family="AF_UNIX", authkey=self.authkey)
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:

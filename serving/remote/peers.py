@@ -14,7 +14,6 @@ import logging
 import os
 import threading
 import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def write(directory: str, ports: list[int]) -> None:
 
 
 class Peers:
-    """The other frontends' statistics, read when asked: `own_port()` is this frontend's
+    """The other frontends' statistics, read when asked: `own_port` is this frontend's
     metrics port (left out).
 
     This frontend's counts never go down from one answer to the next: a frontend that
@@ -43,7 +42,7 @@ class Peers:
     counters. A frontend started again knows nothing of the ones before it: its answers
     start lower, as a restarted Triton's do."""
 
-    def __init__(self, directory: str, own_port: Callable[[], int | None]):
+    def __init__(self, directory: str, own_port: int):
         self.path, self.own_port = Path(directory) / FILE, own_port
         self._last: dict[int, bytes] = {}  # port -> its latest answer
         self._lock = threading.Lock()
@@ -54,18 +53,20 @@ class Peers:
             ports = json.loads(self.path.read_text())["metrics_ports"]
         except (OSError, ValueError, KeyError):
             return []
-        return [port for port in ports if port != self.own_port()]
+        return [port for port in ports if port != self.own_port]
 
     def statistics(self) -> list[bytes]:
         """Each other frontend's serialized ModelStatisticsResponse, fetched together
         within TIMEOUT_S (one that does not answer: its last, and a warning)."""
         ports = self.ports()
-        fetches = {port: self._fetchers.submit(_fetch, port) for port in ports}
+        fetches = {
+            port: self._fetchers.submit(fetch, port, "/statistics", TIMEOUT_S) for port in ports
+        }
         wait(fetches.values(), timeout=TIMEOUT_S)
         with self._lock:
-            for port, fetch in fetches.items():
+            for port, answer in fetches.items():
                 try:
-                    self._last[port] = fetch.result(timeout=0)
+                    self._last[port] = answer.result(timeout=0)
                 except Exception as exc:  # noqa: BLE001 - its last answer stands in
                     log.warning("statistics: the frontend on loopback port %d did not "
                                 "answer: %s", port, exc)  # fmt: skip
@@ -76,6 +77,8 @@ class Peers:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _fetch(port: int) -> bytes:
-    with _OPENER.open(f"http://127.0.0.1:{port}/statistics", timeout=TIMEOUT_S) as response:
+def fetch(port: int, path: str, timeout_s: float) -> bytes:
+    """GET http://127.0.0.1:PORT/PATH: a frontend's loopback endpoint (OSError if it does
+    not answer in `timeout_s`)."""
+    with _OPENER.open(f"http://127.0.0.1:{port}{path}", timeout=timeout_s) as response:
         return response.read()
