@@ -180,13 +180,13 @@ class Runner:
     ) -> None:
         """Each job's rows of the batched `state` (jobs in row order, `counts` rows each)
         become its `job.state`."""
+        # Per tensor, the index up to its batch axis, built once for the whole batch.
+        lead = [(name, value, (slice(None),) * self._axis[name]) for name, value in state.items()]
         start = 0
         for job, n in zip(jobs, counts, strict=True):
             if not (skip_finished and job.status is Status.FINISHED):
-                job.state = {
-                    name: _rows(value, self._axis[name], start, start + n)
-                    for name, value in state.items()
-                }
+                rows = slice(start, start + n)
+                job.state = {name: value[pre + (rows,)] for name, value, pre in lead}
             start += n
 
     def _gather(self, jobs: list[Job]) -> dict[str, np.ndarray]:
@@ -205,13 +205,6 @@ def _on_cuda(model) -> bool:
 
 def _same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-def _rows(value: np.ndarray, axis: int, start: int, stop: int) -> np.ndarray:
-    """value[..., start:stop, ...] along `axis`: a view."""
-    index = [slice(None)] * value.ndim
-    index[axis] = slice(start, stop)
-    return value[tuple(index)]
 
 
 def as_serving_error(exc: Exception) -> ServingError:

@@ -49,6 +49,9 @@ class Sampler:
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self.seen = np.zeros(vocab_size, bool) if params.repetition_penalty != 1 else None
         self.produced = 0
+        p = params
+        self.knobs = (p.temperature, p.top_k, p.top_p, p.repetition_penalty)
+        self.greedy = p.temperature == 0
 
     def see(self, tokens) -> None:
         if self.seen is not None:
@@ -73,31 +76,43 @@ def distributions(
 ) -> np.ndarray:
     """logits: [R, V] -> the distributions sampled from, [R, V] float64, one row per
     sampler. `banned` [R, V] bool marks tokens a row may not take now."""
+    return _distributions(logits, rows, _knobs(rows), banned)
+
+
+def _knobs(rows: list[Sampler]) -> np.ndarray:
+    """[4, R]: each row's temperature, top-k, top-p and repetition penalty (one array
+    built in one call: numpy's per-call cost is what a small batch pays)."""
+    return np.array([r.knobs for r in rows]).T
+
+
+def _distributions(
+    logits: np.ndarray, rows: list[Sampler], knobs: np.ndarray, banned: np.ndarray | None
+) -> np.ndarray:
+    temperature, top_k, top_p, penalty = knobs
     z = logits.astype(np.float64)
     if banned is not None:
         z = np.where(banned, -np.inf, z)
-    penalty = np.array([r.params.repetition_penalty for r in rows])
-    if np.any(penalty != 1):
+    if (penalty != 1).any():
         for i, r in enumerate(rows):
             if r.seen is not None and penalty[i] != 1:
                 hit = r.seen & np.isfinite(z[i])
                 z[i, hit] = np.where(z[i, hit] > 0, z[i, hit] / penalty[i], z[i, hit] * penalty[i])
-    temperature = np.array([r.params.temperature for r in rows])
     greedy = temperature == 0
-    z = z - z.max(axis=1, keepdims=True)  # shift first: a tiny temperature gives -inf, not NaN
-    z = z / np.where(greedy, 1.0, temperature)[:, None]
-    top_k = np.array([r.params.top_k for r in rows])
-    top_p = np.array([r.params.top_p for r in rows])
-    if np.any(top_k > 0) or np.any(top_p < 1):
+    z -= z.max(axis=1, keepdims=True)  # shift first: a tiny temperature gives -inf, not NaN
+    # Each row's maximum is now exactly 0, and stays 0 through the division and top-k
+    # (which keeps rank 0): the exponent needs no second shift.
+    z /= np.where(greedy, 1.0, temperature)[:, None]
+    sparse_k, nucleus = (top_k > 0).any(), (top_p < 1).any()
+    if sparse_k or nucleus:
         # Ranks by a stable sort: exactly k candidates, ties at the k-th go to the lower id.
         order = np.argsort(-z, axis=1, kind="stable")
-    if np.any(top_k > 0):
+    if sparse_k:
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(z.shape[1])[None], axis=1)
         z = np.where((top_k[:, None] > 0) & (rank >= top_k[:, None]), -np.inf, z)
-    probs = np.exp(z - z.max(axis=1, keepdims=True))
+    probs = np.exp(z)
     probs /= _row_totals(probs)
-    if np.any(top_p < 1):
+    if nucleus:
         sorted_probs = np.take_along_axis(probs, order, axis=1)
         cumulative = np.cumsum(sorted_probs, axis=1)
         keep_n = (cumulative < top_p[:, None]).sum(axis=1) + 1  # the smallest nucleus
@@ -106,7 +121,7 @@ def distributions(
         np.put_along_axis(keep, order, keep_sorted, axis=1)
         probs = np.where(keep, probs, 0.0)
         probs /= _row_totals(probs)
-    if np.any(greedy):
+    if greedy.any():
         one_hot = np.zeros_like(probs)
         one_hot[np.arange(len(rows)), np.argmax(z, axis=1)] = 1.0  # the first maximum
         probs = np.where(greedy[:, None], one_hot, probs)
@@ -133,14 +148,17 @@ def sample_rows(
         banned = np.zeros(logits.shape, bool)
         for i, r in enumerate(rows):
             banned[i, eos] = r.produced < r.params.min_tokens
-    probs = distributions(logits, rows, banned)
+    knobs = _knobs(rows)
+    probs = _distributions(logits, rows, knobs, banned)
     cdf = np.cumsum(probs, axis=1)
-    greedy = np.array([r.params.temperature == 0 for r in rows])
-    u = np.array([0.0 if g else r._rng.random() for r, g in zip(rows, greedy, strict=True)])
+    greedy = knobs[0] == 0
+    u = np.array([0.0 if r.greedy else r._rng.random() for r in rows])
     # The first index whose running sum exceeds u * total (searchsorted, side="right").
-    drawn = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), cdf.shape[1] - 1)
-    tokens = np.where(greedy, np.argmax(probs, axis=1), drawn).astype(np.int64)
-    for r, token in zip(rows, tokens, strict=True):
+    tokens = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), cdf.shape[1] - 1)
+    if greedy.any():
+        tokens = np.where(greedy, np.argmax(probs, axis=1), tokens)
+    tokens = tokens.astype(np.int64)
+    for r, token in zip(rows, tokens.tolist(), strict=True):
         r.produced += 1
         if r.seen is not None:
             r.seen[token] = True
@@ -171,6 +189,8 @@ class StopMatcher:
         self.pending = ""
 
     def push(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
         self.pending += text
         hits = [self.pending.find(s) for s in self.stops if s in self.pending]
         if hits:

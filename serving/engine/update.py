@@ -66,28 +66,32 @@ class Update:
 
     def _sample(self, ready: list[tuple[Sequence, np.ndarray]]) -> None:
         logits = np.concatenate([row for _, row in ready])  # [R, V]
-        finite = np.all(np.isfinite(logits), axis=1)
+        finite = np.isfinite(logits).all(axis=1).tolist()
         graph = logits  # what the graph gave: a step request's answer
         if self.model.never_sampled:  # never sampled: masked for the samplers alone
             logits = logits.copy()
             logits[:, self.model.never_sampled] = -np.inf
-        seqs = [s for (s, _), ok in zip(ready, finite, strict=True) if ok]
-        for (seq, _), ok in zip(ready, finite, strict=True):
+        now = self.clock()
+        seqs, picked, answers = [], [], []
+        for i, ((seq, _), ok) in enumerate(zip(ready, finite, strict=True)):
             if not ok:
                 self.leave(
                     seq, "error", NonFiniteOutput(f"{self.model.name} produced non-finite logits")
                 )
-        now = self.clock()
-        rows = {id(s): i for i, (s, _) in enumerate(ready)}
-        for seq in [s for s in seqs if s.sampler is None]:  # step requests: logits back
-            self._answer(seq, graph[rows[id(seq)]], now)
-        seqs = [s for s in seqs if s.sampler is not None]
+            elif seq.sampler is None:  # a step request: logits back
+                answers.append((seq, i))
+            else:
+                seqs.append(seq)
+                picked.append(i)
+        for seq, i in answers:
+            self._answer(seq, graph[i], now)
         if not seqs:
             return
-        picked = [rows[id(s)] for s in seqs]
-        tokens, logprobs = sample_rows(logits[picked], [s.sampler for s in seqs], self.model.eos)
-        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
-            self._deliver(seq, int(token), lp, now)
+        if len(picked) < len(logits):
+            logits = logits[picked]
+        tokens, logprobs = sample_rows(logits, [s.sampler for s in seqs], self.model.eos)
+        for seq, token, lp in zip(seqs, tokens.tolist(), logprobs, strict=True):
+            self._deliver(seq, token, lp, now)
 
     def _answer(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
         """logits: [V], as the graph gave them."""
