@@ -5,6 +5,7 @@ exits 0 within the grace period. A second SIGTERM exits at once."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -12,6 +13,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from polling import eventually
 from test_cli import start_server
 
 from bench import harness
@@ -59,28 +61,35 @@ def _list_models_code(channel: grpc.Channel) -> grpc.StatusCode:
 
 @pytest.mark.parametrize("engine_process", ["off", "on"])
 def test_sigterm_drains_live_streams_and_exits_0(repository, engine_process):
-    # One batch row: the streams take turns (0.4 to 2 s each here, as loaded as the
-    # machine is), 16 of them, so some are still generating or queued when the grace
-    # period ends however fast they run (8 once all finished on a quiet machine).
+    # Two batch rows: the streams take turns (0.4 to 2 s each here, as loaded as the
+    # machine is), 32 of them, so some are still generating or queued when the grace
+    # period ends however fast they run (8 once all finished on a quiet machine). With
+    # one row, the stream that had just taken it as the grace period ended could be cut
+    # before its first token, leaving no cut stream with text (seen once in CI); with two,
+    # both rows would have to be in that first moment at once.
     proc, target = start_server(
         repository, "--drain-delay", str(DRAIN_S), "--grace-period", str(GRACE_S),
-        "--stream-batch-size", "1", "--engine-process", engine_process,
+        "--stream-batch-size", "2", "--engine-process", engine_process,
     )  # fmt: skip
     children = harness.children(proc.pid)
     assert len(children) == (engine_process == "on")
+    channels = [  # each its own connection: 8 streams is a connection's cap
+        grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(4)
+    ]
+    channel = channels[0]
     try:
-        with (
-            grpc.insecure_channel(target) as channel,
-            grpc.insecure_channel(
-                target, options=[("grpc.use_local_subchannel_pool", 1)]
-            ) as second,
-        ):  # its own connection: 8 streams is a connection's cap
-            stub = pb_grpc.InferenceStub(channel)
-            streams = [Stream(stub, seed) for seed in range(8)]
-            streams += [Stream(pb_grpc.InferenceStub(second), seed) for seed in range(8, 16)]
+        with contextlib.ExitStack() as stack:
+            for each in channels:
+                stack.enter_context(each)
+            streams = [
+                Stream(pb_grpc.InferenceStub(channels[seed // 8]), seed) for seed in range(32)
+            ]
             for stream in streams:
                 stream.start()
-            assert streams[0].first.wait(20), "the first stream produced nothing"
+            assert eventually(lambda: any(s.first.is_set() for s in streams), 20), (
+                "no stream produced anything"
+            )
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             # Checked on the connection already open: a new one per check spent the short

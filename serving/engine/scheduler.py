@@ -150,8 +150,11 @@ class Scheduler:
             return plan
         self.stats.iterations += 1
         if self._prefill:
-            plan.decode = [s for s in self._running if s.feeds_by_step]
-            plan.prefill = self._prefill_groups()
+            prefilling = []
+            for job in self._running:
+                (plan.decode if job.feeds_by_step else prefilling).append(job)
+            if prefilling:
+                plan.prefill = self._prefill_groups(prefilling)
         else:
             plan.decode = list(self._running)
         return plan
@@ -218,13 +221,12 @@ class Scheduler:
         self._join(shortest, now)
         self.stats.preemptions += 1
 
-    def _prefill_groups(self) -> dict[int, list[Sequence]]:
+    def _prefill_groups(self, prefilling: list[Sequence]) -> dict[int, list[Sequence]]:
         """Streams consuming their prompt, the least prompt left first (the oldest among
         equals: a short prompt never waits behind long ones) while the budget lasts (at
         least one), grouped by chunk length so each group is one [G, length] graph run."""
         groups: dict[int, list[Sequence]] = {}
         budget = self.config.prefill_tokens_per_iteration
-        prefilling = [s for s in self._running if not s.feeds_by_step]
         for seq in sorted(prefilling, key=lambda s: len(s.pending)):
             length = min(len(seq.pending), self.model.prefill_chunk)
             if groups and length > budget:

@@ -24,3 +24,9 @@ class EngineObserver:
     def token(self, gap_seconds: float) -> None:
         """A stream's next token, `gap_seconds` after its previous one (a beam search's
         next step)."""
+
+    def tokens(self, gaps: list[float]) -> None:
+        """An iteration's next tokens, each `gap` after its stream's previous one: one
+        call for the whole batch (an observer may count them at once)."""
+        for gap in gaps:
+            self.token(gap)

@@ -90,8 +90,17 @@ class Update:
         if len(picked) < len(logits):
             logits = logits[picked]
         tokens, logprobs = sample_rows(logits, [s.sampler for s in seqs], self.model.eos)
+        gaps = []  # the observer hears of the iteration's tokens at once
         for seq, token, lp in zip(seqs, tokens.tolist(), logprobs, strict=True):
-            self._deliver(seq, token, lp, now)
+            if seq.first_token:
+                gaps.append(now - seq.last_token)
+            else:
+                seq.first_token = now
+                self.observer.first_token(now - seq.submitted)
+            seq.last_token = now
+            self._deliver(seq, token, lp)
+        if gaps:
+            self.observer.tokens(gaps)
 
     def _answer(self, seq: Sequence, logits: np.ndarray, now: float) -> None:
         """logits: [V], as the graph gave them."""
@@ -107,8 +116,7 @@ class Update:
         seq.outbox.put(add)
         self.leave(seq, "stepped")
 
-    def _deliver(self, seq: Sequence, token: int, logprob, now: float) -> None:
-        self._timed(seq, now)
+    def _deliver(self, seq: Sequence, token: int, logprob) -> None:
         seq.status = Status.RUNNING
         text, stopped = ("", False) if token == self.model.eos else seq.output.push(token)
 
@@ -151,13 +159,3 @@ class Update:
             job.outbox.put(lambda d: d.pieces.extend(words))
         if len(keep) != len(logits) or np.any(keep != np.arange(len(keep))):
             self.runner.keep_rows(job, keep)
-
-    def _timed(self, seq: Sequence, now: float) -> None:
-        """The observer hears of a stream's sampled token: its first, or the gap since
-        its previous one."""
-        if seq.first_token:
-            self.observer.token(now - seq.last_token)
-        else:
-            seq.first_token = now
-            self.observer.first_token(now - seq.submitted)
-        seq.last_token = now

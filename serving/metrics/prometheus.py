@@ -168,6 +168,11 @@ class EngineMetrics:
         self._itl.observe(gap_seconds)
         self._tokens.inc()
 
+    def tokens(self, gaps: list[float]) -> None:
+        for gap in gaps:
+            self._itl.observe(gap)
+        self._tokens.inc(len(gaps))
+
 
 class HostUsage:
     """Triton's CPU metrics, from /proc (Linux; elsewhere none): the CPU utilization of

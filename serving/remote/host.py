@@ -64,7 +64,7 @@ class Recorder(EngineObserver):
         self._lock = threading.Lock()
         self.runs: list = []
         self.first_tokens: list = []
-        self.tokens: list = []
+        self.gaps: list = []
 
     def run(self, graph: str, rows: int, seconds: float) -> None:
         with self._lock:
@@ -76,12 +76,16 @@ class Recorder(EngineObserver):
 
     def token(self, gap_seconds: float) -> None:
         with self._lock:
-            self.tokens.append(gap_seconds)
+            self.gaps.append(gap_seconds)
+
+    def tokens(self, gaps: list[float]) -> None:
+        with self._lock:
+            self.gaps.extend(gaps)
 
     def drain(self) -> tuple[list, list, list]:
         with self._lock:
-            out = self.runs, self.first_tokens, self.tokens
-            self.runs, self.first_tokens, self.tokens = [], [], []
+            out = self.runs, self.first_tokens, self.gaps
+            self.runs, self.first_tokens, self.gaps = [], [], []
         return out
 
 

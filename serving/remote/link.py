@@ -461,5 +461,5 @@ class RemoteEngine:
             self.observer.run(*run)
         for seconds in first_tokens:
             self.observer.first_token(seconds)
-        for gap in tokens:
-            self.observer.token(gap)
+        if tokens:
+            self.observer.tokens(tokens)
