@@ -388,7 +388,9 @@ def test_seeded_text_is_identical_alone_and_among_63_others(repository, bind):
 def test_bound_state_stays_on_the_device_while_the_batch_is_unchanged(repository):
     """I/O binding on CPU OrtValues: once four streams run together, their state goes
     from one step's outputs to the next step's inputs with no host copy; a stream leaving
-    brings it home once and the rest go up once; the text is the unbound text."""
+    brings it home once and the rest go up once; the text is the unbound text. Unbound,
+    the host arrays a step returned are the next step's inputs the same way: no gather
+    while the batch is unchanged."""
     lm = load_model(repository / "char_lstm" / "1", "cpu")
     assert EngineCore(lm).runner.bind is False  # default: bound on CUDA only
     texts = []
@@ -400,12 +402,16 @@ def test_bound_state_stays_on_the_device_while_the_batch_is_unchanged(repository
         ]
         for seq in seqs:
             s.submit(seq)
+        gathered, gather = [], s.runner._gather
+        s.runner._gather = lambda jobs, g=gather, seen=gathered: seen.append(len(jobs)) or g(jobs)
         while any(seq.status.name != "RUNNING" for seq in seqs):
             s.step()  # the prompts, and each stream's first token
         s.step()  # the first decode run uploads the batch
-        moves = (s.stats.state_uploads, s.stats.state_downloads)
+        moves, gathers = (s.stats.state_uploads, s.stats.state_downloads), len(gathered)
+        assert gathered[-1] == 4  # the four streams' decode batch, gathered once
         for _ in range(30):
             s.step()
+        assert len(gathered) == gathers  # 30 steps, no gather
         if bind:
             assert moves == (1, 0)
             assert (s.stats.state_uploads, s.stats.state_downloads) == moves  # 30 steps, no copy

@@ -3,10 +3,12 @@ card's batch axis of each tensor), pads it when asked, runs the step or prefill 
 and scatters the new state back into each job.
 
 One step-graph call runs the plan's decode set ([B, 1]: a row per stream, a row per
-live beam), one prefill-graph call each group of equal chunk lengths ([G, length]). With
-bound state (`EngineConfig.bind_state`) the decode batch's state stays on the model's
-device while the same jobs step again (ONNX Runtime I/O binding); `fetch` brings a
-job's rows home when the update needs them on the host.
+live beam), one prefill-graph call each group of equal chunk lengths ([G, length]).
+While the same jobs step again, the decode batch's state stays as the last run gave it
+(resident) and is fed back whole: no gather, no scatter. With bound state
+(`EngineConfig.bind_state`) it stays on the model's device (ONNX Runtime I/O binding);
+without, as the host arrays the run returned. It is scattered into each job's
+`job.state` when the batch changes, or by `fetch` when the update needs one job's.
 
 A graph run that raises is retried one job at a time, so a request that breaks the
 graph fails alone (`Outputs.failed`; the update finishes it).
@@ -61,8 +63,9 @@ class Runner:
         self.pad_to = config.max_batch_size if (pad is None and _on_cuda(model)) or pad else 0
         bind = config.bind_state
         self.bind = _on_cuda(model) if bind is None else bind
-        # The decode batch whose state lives on the device: its jobs in row order, their
-        # row counts and the state OrtValues; their `job.state` is stale while it lives.
+        # The decode batch whose state is resident: its jobs in row order, their row
+        # counts and the state (OrtValues on the device when bound, else the host arrays
+        # the run returned); their `job.state` is stale while it lives.
         self._resident: tuple[list[Job], list[int], dict] | None = None
 
     def run(self, plan: Plan) -> Outputs:
@@ -83,8 +86,9 @@ class Runner:
         counts = [s.rows for s in jobs]
         try:
             start = time.perf_counter()
-            if self.bind and graph == "step":
-                logits, state = self._bound_run(jobs, counts, tokens)
+            if graph == "step":
+                run = self._bound_run if self.bind else self._host_run
+                logits, state = run(jobs, counts, tokens)
             else:
                 logits, state = self.padded_run(graph, tokens, self._gather(jobs))
             self.observer.run(graph, len(tokens), time.perf_counter() - start)
@@ -149,6 +153,21 @@ class Runner:
         self._resident = (list(jobs), counts, new)
         return logits[: len(tokens)], None
 
+    def _host_run(self, jobs: list[Job], counts: list[int], tokens: np.ndarray):
+        """A decode run with the batch's state kept as the last run returned it (host
+        arrays): the same jobs in the same order as last time feed it back as it is; any
+        other batch first scatters it into its jobs (`_settle`) and gathers its own.
+        Returns (logits [B, V], None): the new state stays resident."""
+        resident = self._resident
+        if resident is not None and _same(resident[0], jobs):
+            state = resident[2]
+        else:
+            self._settle()
+            _, state = self._pad(tokens, self._gather(jobs))
+        logits, new = self.model.run("step", self._pad(tokens, None)[0], state)
+        self._resident = (list(jobs), counts, new)
+        return logits[: len(tokens)], None
+
     def fetch(self, job: Job) -> None:
         """Make `job.state` current on the host: when its rows live on the device, the
         resident batch's state comes home (a step request is answered with its state; a
@@ -165,15 +184,17 @@ class Runner:
         }
 
     def _settle(self) -> None:
-        """Copy the resident batch's state to the host, into each of its unfinished jobs'
-        `job.state`, and forget it (a job joins or leaves, or `fetch`)."""
+        """Scatter the resident batch's state (copied to the host when bound) into each of
+        its unfinished jobs' `job.state`, and forget it (a job joins or leaves, or
+        `fetch`)."""
         if self._resident is None:
             return
         jobs, counts, state = self._resident
         self._resident = None
-        host = {name: self.model.to_host(value) for name, value in state.items()}
-        self.stats.state_downloads += 1
-        self._scatter(jobs, counts, host, skip_finished=True)
+        if self.bind:
+            state = {name: self.model.to_host(value) for name, value in state.items()}
+            self.stats.state_downloads += 1
+        self._scatter(jobs, counts, state, skip_finished=True)
 
     def _scatter(
         self, jobs: list[Job], counts: list[int], state: dict, skip_finished: bool = False
