@@ -1,5 +1,6 @@
 """What one engine iteration costs in process, and where it goes: char_lstm's
-`EngineCore` stepped in this thread with N streams (seeded, temperature 0.8), no gRPC.
+`EngineCore` stepped in this thread with N streams of 400 tokens (seeded, temperature
+0.8, none ending early), no gRPC.
 
     python -m bench.engine_iteration --streams 1,16,64
 
@@ -51,12 +52,18 @@ def measure(directory: Path, streams: int, tokens: int = 400) -> dict:
         for length in (50, tokens):  # a warm-up, then the measured run
             core = EngineCore(model, EngineConfig(max_batch_size=max(streams, 8)))
             jobs = [
-                text_request(model, "KING", length, SamplingParams(temperature=0.8, seed=i))
+                # min_tokens: no stream ends early on EOS, so the batch stays N wide
+                text_request(
+                    model,
+                    "KING",
+                    length,
+                    SamplingParams(temperature=0.8, seed=i, min_tokens=length),
+                )
                 for i in range(streams)
             ]
             for job in jobs:
                 core.submit(job)
-            while any(j.status.name != "RUNNING" for j in jobs):  # the prompts
+            while any(j.status.name != "RUNNING" for j in jobs):  # the prompts, first tokens
                 core.step()
             spent.update(graph=0.0, sampling=0.0)
             iterations, wall, cpu = 0, time.perf_counter(), time.process_time()

@@ -183,3 +183,16 @@ def test_stream_layers_pass_every_message_through_the_real_wrappers():
 
     times = asyncio.run(run())  # _time asserts that all 50 messages came through
     assert len(times) == 5 and all(t > 0 for t in times)
+
+
+def test_engine_iteration_splits_each_iteration_into_graph_sampling_and_the_rest(repository):
+    """bench.engine_iteration steps real streams to their end, every stream in every
+    iteration, and its parts add up to no more than the whole."""
+    from bench import engine_iteration
+
+    r = engine_iteration.measure(repository / "char_lstm" / "1", streams=3, tokens=20)
+    # The first token comes with the prompt; then one per stream per iteration to the end.
+    assert r["iterations"] == 19
+    assert 0 < r["graph_us"] and 0 < r["sampling_us"] and r["rest_us"] > 0
+    assert r["graph_us"] + r["sampling_us"] < r["wall_us"]
+    assert r["tokens_per_s"] > 0
