@@ -56,12 +56,18 @@ def get(url: str, timeout: float = 5) -> str:
         return response.read().decode()
 
 
+# The namespace the replicas' series carry in the local Prometheus, as Kubernetes service
+# discovery labels a pod's (deploy/k8s: the autoscaling rule selects by it).
+NAMESPACE = "stepwise"
+
+
 @dataclass
 class Replica:
     proc: subprocess.Popen
     port: int
     metrics_port: int
     log: Path
+    pod: str = ""  # its `pod` label in the local Prometheus
 
     @property
     def target(self) -> str:
@@ -146,14 +152,19 @@ def nginx_main_conf(tmp: Path, site: Path) -> str:
     )
 
 
-def prometheus_config(targets: list[str], scrape_interval: str = "1s") -> dict:
+def prometheus_config(replicas: list[Replica], scrape_interval: str = "1s") -> dict:
     """deploy/prometheus/prometheus.yml with the replicas as static targets (no Docker
-    DNS here) and a short scrape (1 s: a few seconds give rate() its two samples)."""
+    DNS here) and a short scrape (1 s: a few seconds give rate() its two samples). Each
+    target carries the `namespace` and `pod` labels Kubernetes service discovery would
+    give it, so the autoscaling rule's query (deploy/k8s) runs here as on a cluster."""
     config = load_yaml(PROMETHEUS_YML.read_text())
     config["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
     (job,) = config["scrape_configs"]
     job.pop("dns_sd_configs")
-    job["static_configs"] = [{"targets": targets}]
+    job["static_configs"] = [
+        {"targets": [r.instance], "labels": {"namespace": NAMESPACE, "pod": r.pod}}
+        for r in replicas
+    ]
     return config
 
 
@@ -184,7 +195,9 @@ def local_topology(
             )  # fmt: skip
             procs.append(server.proc)
             started.append(server)
-            servers.append(Replica(server.proc, server.port, metrics_port, log))
+            servers.append(
+                Replica(server.proc, server.port, metrics_port, log, pod=f"stepwise-server-{i}")
+            )
         for server in started:  # they load their models side by side
             server.wait_ready(90)
 
@@ -215,8 +228,7 @@ def local_topology(
 
         prom_port = free_port()
         prom_yml = tmp / "prometheus.yml"
-        targets = [r.instance for r in servers]
-        prom_yml.write_text(json.dumps(prometheus_config(targets, scrape_interval)))
+        prom_yml.write_text(json.dumps(prometheus_config(servers, scrape_interval)))
         procs.append(
             spawn(
                 ["prometheus", f"--config.file={prom_yml}", f"--storage.tsdb.path={tmp / 'tsdb'}",

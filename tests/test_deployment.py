@@ -23,9 +23,12 @@ import time
 
 import grpc
 import pytest
+from polling import eventually
 
+from deploy import kube
 from deploy.render import placeholders, render
 from deploy.topology import (
+    NAMESPACE,
     PROMETHEUS_YML,
     ROOT,
     TEMPLATE,
@@ -277,6 +280,43 @@ def test_load_through_nginx_reaches_both_replicas_and_fills_every_panel(topology
             break
         time.sleep(0.5)
     assert instances == want
+
+
+@_needs("nginx", "prometheus")
+def test_the_autoscaling_rule_gives_each_replica_a_series_that_rises_with_load(topology):
+    """deploy/k8s's prometheus-adapter rule, for the HPA's per-pod metric: its seriesQuery
+    finds both replicas, and its metricsQuery, filled as the adapter fills it for a
+    request about both pods, returns one series per replica from the real Prometheus:
+    0 while idle, above 0 under Generate load through nginx, never above the streams the
+    load holds, and 0 again once it ends. (Before the test that kills a replica.)"""
+    (rule,) = kube.adapter_rules()
+    pods = [r.pod for r in topology.replicas]
+    series = re.match(r"(\w+)\{", rule["seriesQuery"]).group(1)
+    query = kube.fill_metrics_query(
+        rule["metricsQuery"], series=series, group_by="pod",
+        label_matchers=kube.pods_matchers(NAMESPACE, pods),
+    )  # fmt: skip
+
+    def by_pod() -> dict[str, float]:
+        return {s["metric"]["pod"]: float(s["value"][1]) for s in topology.query(query)}
+
+    assert {s["metric"]["pod"] for s in topology.query(rule["seriesQuery"])} == set(pods)
+    idle = dict.fromkeys(pods, 0.0)
+    assert eventually(lambda: by_pod() == idle, 30), by_pod()  # earlier tests' streams end
+    streams = 8
+    run = loadtest(
+        topology, "autoscaling", "--rpc", "generate", "--model", "char_lstm",
+        "--concurrency", str(streams), "--max-tokens", "400", "--duration", "6",
+    )  # fmt: skip
+    peak = dict(idle)
+    while run.poll() is None:
+        for pod, value in by_pod().items():
+            peak[pod] = max(peak[pod], value)
+        time.sleep(0.25)
+    level = finished(topology, run, "autoscaling", 60)
+    assert level["successes"] > 0 and level["errors"] == {}, level
+    assert set(peak) == set(pods) and all(0 < v <= streams for v in peak.values()), peak
+    assert eventually(lambda: by_pod() == idle, 30), by_pod()
 
 
 @_needs("nginx", "prometheus")
