@@ -349,3 +349,64 @@ def test_the_engine_process_shares_one_engine_between_connections(repository, tm
         for h in list(host.shared.values()):
             h.engine.close()
         host.listener.close()
+
+
+def _received_end(conn, job_id: int, timeout: float) -> bool:
+    """Read `conn` (an engine process's messages) until job `job_id` ends; False if it
+    has not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while conn.poll(max(0.0, deadline - time.monotonic())):
+        message = conn.recv()
+        if message[0] != "deltas":
+            continue
+        for item in message[1]:
+            if item[0] == job_id and len(item) == 2 and item[1].finished:
+                return True
+    return False
+
+
+def test_a_frontend_that_stops_reading_holds_up_no_other_frontends_streams(repository, tmp_path):
+    """Two connections share one engine, and one stops reading (its socket buffers full).
+    The other's stream still runs to its end, and the silent one is cut off after its
+    stall time: its connection shut, what was queued for it dropped. (Before, the engine's
+    thread blocked writing to it, and every stream of that engine stopped.)"""
+    from serving.core.models import load_model
+    from serving.engine import text_request
+    from serving.engine.sampler import SamplingParams
+
+    host = EngineHost(str(tmp_path / "engine.sock"), b"k", SessionFactory("cpu"))
+    (stalled_end, silent), (live_end, reader) = Pipe(), Pipe()
+    for end in (stalled_end, silent):  # small buffers: full after a few messages
+        with socket.fromfd(end.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled, live = Outbound(stalled_end, stall_s=0.5), Outbound(live_end)
+    directory, config = repository / "char_lstm" / "1", EngineConfig()
+    lm = load_model(directory, "cpu")
+    try:
+        host._load(stalled, "lm#1", str(directory), config)
+        host._load(live, "lm#2", str(directory), config)
+        assert silent.recv() == ("loaded", "lm#1", None)
+        assert reader.recv() == ("loaded", "lm#2", None)
+        assert stalled.keys["lm#1"] is live.keys["lm#2"]  # one engine for both
+        params = SamplingParams(temperature=0.8, seed=1, min_tokens=4096)
+        host._handle(stalled, ("submit", "lm#1", text_request(lm, "KING", 4096, params)))
+        assert eventually(lambda: stalled._sending_since, 10)  # its writer is stuck
+        job = text_request(lm, "QUEEN", 200, SamplingParams(seed=2, min_tokens=200))
+        host._handle(live, ("submit", "lm#2", job))
+        assert _received_end(reader, job.id, 30), "the live stream stopped with the silent one"
+
+        def cut_off() -> bool:
+            stalled.watch()  # as its connection's reader does while the frontend is quiet
+            return stalled.cut_off
+
+        assert eventually(cut_off, 10)
+        with pytest.raises((EOFError, OSError)):  # what was written, then the end
+            for _ in range(100_000):
+                silent.recv()
+    finally:
+        for out in (stalled, live):
+            out.close()
+        for h in list(host.shared.values()):
+            h.engine.close()
+        host.listener.close()

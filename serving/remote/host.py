@@ -26,6 +26,12 @@ The process exits when its owner, the server or supervisor that started it (the
 connection that said "own"), goes away or says stop: an engine process never outlives
 it. Other connections come and go (a frontend restarting, or connecting again after
 this process was restarted) without ending it.
+
+Messages to a frontend are written by a thread of its connection: an engine's thread
+only queues them, so a frontend that stops reading (its process stopped or wedged)
+never holds up the engines that other frontends' streams share. One that takes no
+message for `stall_s` (10 s) is cut off: its connection is shut, its jobs cancelled,
+and it connects again if it recovers.
 """
 
 from __future__ import annotations
@@ -37,10 +43,14 @@ import json
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
+from collections import deque
 from multiprocessing.connection import Connection, Listener
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 from serving.core.models import load_model
@@ -54,6 +64,8 @@ log = logging.getLogger(__name__)
 
 REPORT_INTERVAL_S = 0.1  # counters and gauges reach the frontend at least this often
 EARLY = 0.25  # held parts due within this fraction of their interval go with others
+STALL_S = 10.0  # a frontend that takes no message for this long is cut off
+MAX_QUEUED = 10_000  # messages waiting for one frontend, at most (then it is cut off)
 
 
 class Recorder(EngineObserver):
@@ -147,8 +159,17 @@ class Outbound:
     connection's sends them then) or its end comes: one message per interval crosses
     the process boundary, not one per token."""
 
-    def __init__(self, conn: Connection):
+    def __init__(self, conn: Connection, stall_s: float = STALL_S):
         self.conn = conn
+        self.stall_s = stall_s
+        # Writes go through a socket of the connection's own (a duplicate: `send` with
+        # MSG_DONTWAIT never blocks, while its reader keeps the blocking one).
+        self._socket = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        self._outgoing: deque = deque()  # framed bytes for the writer, in order
+        self._writing = threading.Condition(threading.Lock())  # never taken with _lock held
+        # by the writer: only bytes the socket would not take at once wait on a frontend
+        self._sending_since = 0.0  # when the writer's current bytes began (0: idle)
+        self.cut_off = False  # it stopped reading: nothing more is queued
         self.keys: dict[str, Hosted] = {}  # this frontend's keys, in load order
         self._lock = threading.Lock()
         self._due = threading.Condition(self._lock)  # a held job to send, or closed
@@ -161,6 +182,7 @@ class Outbound:
         self.owner = False  # said "own": the process ends with this connection
         self.jobs: dict[int, tuple[str, object]] = {}  # frontend's job id -> (key, the job)
         threading.Thread(target=self._send_held, name="held", daemon=True).start()
+        threading.Thread(target=self._write, name="write", daemon=True).start()
 
     def call_soon_threadsafe(self, callback, takers) -> None:
         """Take what the woken jobs produced (`callback(takers)`) and send it at once."""
@@ -198,6 +220,9 @@ class Outbound:
         with self._lock:
             self.closed = True
             self._due.notify()
+        with self._writing:
+            self._outgoing.clear()
+            self._writing.notify()
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -231,10 +256,86 @@ class Outbound:
             self._send(message)
 
     def _send(self, message: tuple) -> None:
+        """Send `message` as `Connection.send` frames it, as far as the socket takes it
+        now; the rest goes to the writer. Whoever sends, an engine's thread above all,
+        never waits on the frontend."""
+        data = _framed(ForkingPickler.dumps(message))
+        with self._writing:
+            if self.cut_off or self.closed or self._stalled():
+                return
+            if not self._outgoing and not self._sending_since:  # the writer is idle
+                try:
+                    data = data[self._socket.send(data, socket.MSG_DONTWAIT) :]
+                except BlockingIOError:  # full: all of it waits
+                    pass
+                except OSError:  # the frontend is gone; its reader thread ends
+                    return
+                if not data:
+                    return
+            self._outgoing.append(data)
+            self._writing.notify()
+
+    def watch(self) -> None:
+        """Cut the frontend off if it has taken no message for `stall_s` (its
+        connection's reader calls this while the frontend sends nothing, so a frontend
+        is cut off even when nothing more is sent to it)."""
+        with self._writing:
+            if not (self.cut_off or self.closed):
+                self._stalled()
+
+    def _stalled(self) -> bool:
+        """Under `_writing`: whether the writer has been stuck in one message past
+        `stall_s`, or too many wait; if so, cut the frontend off."""
+        writing = self._sending_since
+        if (writing and time.monotonic() - writing > self.stall_s) or (
+            len(self._outgoing) >= MAX_QUEUED
+        ):
+            self._cut_off()
+            return True
+        return False
+
+    def _write(self) -> None:
+        """The connection's writer: sends what the socket would not take at once, in
+        order, waiting for the frontend to read, until the connection closes."""
+        while True:
+            with self._writing:
+                while not self._outgoing and not (self.closed or self.cut_off):
+                    self._writing.wait()
+                if not self._outgoing:
+                    break
+                data = self._outgoing.popleft()
+                self._sending_since = time.monotonic()
+            try:
+                self._socket.sendall(data)
+            except OSError:  # the frontend is gone; its reader thread ends
+                break
+            finally:
+                with self._writing:
+                    self._sending_since = 0.0
+        self._socket.close()  # the duplicate: the connection itself is its reader's
+
+    def _cut_off(self) -> None:
+        """Under `_writing`: the frontend stopped reading. Drop what waits for it and
+        shut its connection: the writer's blocked send fails, and the connection's reader
+        sees the end and cancels its jobs."""
+        self.cut_off = True
+        self._outgoing.clear()
+        log.warning(
+            "engine process: a frontend took no message for %g s; its connection is closed "
+            "and its streams end",
+            self.stall_s,
+        )
         try:
-            self.conn.send(message)
-        except (OSError, ValueError):  # the frontend is gone; its connection's thread ends
+            self._socket.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed already
             pass
+
+
+def _framed(payload: bytes) -> bytes:
+    """`payload` with the length header `multiprocessing.connection.Connection` reads."""
+    if len(payload) > 0x7FFFFFFF:
+        return struct.pack("!i", -1) + struct.pack("!Q", len(payload)) + payload
+    return struct.pack("!i", len(payload)) + payload
 
 
 class Taker:
@@ -325,6 +426,7 @@ class EngineHost:
             while True:
                 if not conn.poll(REPORT_INTERVAL_S):
                     out.report()
+                    out.watch()
                     continue
                 self._handle(out, conn.recv())
         except (EOFError, OSError):
