@@ -10,10 +10,15 @@ missing=""
 for m in $MODELS; do
     [ -f "$REPO/$m/1/model.json" ] || missing="$missing $m"
 done
+# $REPO/.complete names the models once all are there: what a server waiting for the
+# repository (deploy/k8s: its init container) waits for.
 if [ -z "$missing" ]; then
     echo "trainer: every model is in $REPO ($MODELS); nothing to train"
+    echo "$MODELS" > "$REPO/.complete"
     exit 0
 fi
 missing=${missing# }
 echo "trainer: building $missing into $REPO (make models)"
-exec make models MODELS="$missing" REPO="$REPO" CKPT=/tmp/checkpoints "$@"
+rm -f "$REPO/.complete"
+make models MODELS="$missing" REPO="$REPO" CKPT=/tmp/checkpoints "$@"
+echo "$MODELS" > "$REPO/.complete"

@@ -420,9 +420,17 @@ def test_the_compose_trainer_skips_training_when_every_default_model_is_there(tm
     assert done.returncode == 0, done.stderr
     assert "nothing to train" in done.stdout and " ".join(names) in done.stdout
     assert not (tmp_path / "asked").exists()
+    assert (repo / ".complete").read_text().split() == names  # what deploy/k8s waits for
     (repo / names[-1] / "1" / "model.json").unlink()  # a half-filled volume
+    (repo / ".complete").unlink()
     again = trainer()
     assert again.returncode == 0, again.stderr
     assert f"building {names[-1]} into {repo}" in again.stdout
     asked = (tmp_path / "asked").read_text().split()
     assert asked == ["models", f"MODELS={names[-1]}", f"REPO={repo}", "CKPT=/tmp/checkpoints"]
+    assert (repo / ".complete").read_text().split() == names
+    (shim / "make").write_text(  # training fails: no marker
+        f'#!/bin/sh\ncase "$1" in models) exit 3;; esac\nexec {real_make} "$@"\n'
+    )
+    failed = trainer()
+    assert failed.returncode == 3 and not (repo / ".complete").exists()

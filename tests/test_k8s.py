@@ -145,6 +145,13 @@ def test_the_deployment_wires_the_server_its_probes_ports_and_volumes(rendered, 
     assert job_volumes[job_mount["name"]]["persistentVolumeClaim"]["claimName"] == claim
     env = {e["name"]: e["value"] for e in trainer["env"]}
     assert env["STEPWISE_MODEL_REPOSITORY"] == job_mount["mountPath"]
+    # The server starts once the trainer has written its marker (deploy/trainer.sh).
+    (wait,) = pod["spec"]["initContainers"]
+    assert f"{args.model_repository}/.complete" in wait["command"][-1]
+    assert '"$REPO/.complete"' in (kube.ROOT / "deploy/trainer.sh").read_text()
+    assert {m["name"]: m["mountPath"] for m in wait["volumeMounts"]} == {
+        models["name"]: str(args.model_repository)
+    }
 
     labels = pod["metadata"]["labels"]
     assert matches(deployment["spec"]["selector"]["matchLabels"], labels)
