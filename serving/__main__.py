@@ -196,6 +196,14 @@ def parser() -> argparse.ArgumentParser:
         "still live then end with UNAVAILABLE saying the server is shutting down",
     )
     p.add_argument(
+        "--max-connection-age",
+        type=_seconds,
+        default=d.max_connection_age_ms / 1000,
+        help="seconds after which the server asks a client connection to close (HTTP/2 "
+        "GOAWAY; its calls get a minute more to finish): clients reconnect and, balancing "
+        "by DNS, find replicas added since (default 1800; docs/SCALING.md)",
+    )
+    p.add_argument(
         "--log-format",
         choices=FORMATS,
         default="text",
@@ -342,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             stream_interval_ms=args.stream_interval_ms,
             drain_delay_s=args.drain_delay,
             grace_period_s=args.grace_period,
+            max_connection_age_ms=round(args.max_connection_age * 1000),
             engine=EngineConfig(
                 max_batch_size=args.stream_batch_size,
                 prefill_tokens_per_iteration=args.prefill_tokens_per_iteration,

@@ -113,5 +113,9 @@ class ServerConfig:
             )
         if self.max_workers < 1 or self.max_message_bytes < 1:
             raise ValueError("max_workers and max_message_bytes must be at least 1")
+        if self.max_connection_age_ms < 1000:
+            raise ValueError(
+                f"max_connection_age must be at least 1 second, not {self.max_connection_age_ms} ms"
+            )
         if not (0 <= self.drain_delay_s <= 3600 and 0 <= self.grace_period_s <= 3600):
             raise ValueError("drain_delay_s and grace_period_s must be 0 to 3600 seconds")

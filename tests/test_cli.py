@@ -232,6 +232,7 @@ def test_the_command_line_takes_every_default_from_the_configuration():
     }  # fmt: skip
     for field, flag in same.items():
         assert getattr(args, flag) == getattr(config, field), field
+    assert args.max_connection_age * 1000 == config.max_connection_age_ms
     engine, batching, limits = EngineConfig(), BatchingConfig(), ImageLimits()
     assert args.stream_batch_size == engine.max_batch_size
     assert args.prefill_tokens_per_iteration == engine.prefill_tokens_per_iteration
@@ -252,9 +253,42 @@ def test_the_configuration_refuses_what_cannot_run():
         dict(max_streams=0), dict(device="tpu"), dict(model_control_mode="sometimes"),
         dict(model_control_mode="poll", repository_poll_secs=0), dict(intra_op_threads=-1),
         dict(grace_period_s=-1), dict(max_sequences_per_client=0),
-        dict(stream_interval_ms=1001),
+        dict(stream_interval_ms=1001), dict(max_connection_age_ms=0),
     ):  # fmt: skip
         with pytest.raises(ValueError):
             ServerConfig(**bad)
     with pytest.raises(AttributeError):  # frozen: what was checked stays so
         ServerConfig().max_streams = 0
+
+
+def test_max_connection_age_makes_clients_reconnect(repository, caplog):
+    """`--max-connection-age 1`: a client's connection is closed once a second old, and
+    its next call goes over a new one (another client port in the request log), without
+    an error; this is how clients balancing by DNS find new replicas (docs/SCALING.md)."""
+    import logging
+    import time
+
+    import grpc
+
+    from bench.harness import loopback_config
+    from serving.__main__ import parser
+    from serving._proto.stepwise.v1 import inference_pb2 as pb
+    from serving._proto.stepwise.v1 import inference_pb2_grpc as pb_grpc
+    from serving.app import create_server
+
+    age = parser().parse_args(["--max-connection-age", "1"]).max_connection_age
+    server, port = create_server(
+        loopback_config(repository, max_connection_age_ms=round(age * 1000))
+    )
+    server.start()
+    caplog.set_level(logging.INFO, logger="serving.requests")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            stub.ListModels(pb.ListModelsRequest(), timeout=10)
+            time.sleep(2.5)  # past the age (and gRPC's jitter of it)
+            stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    finally:
+        server.stop(None)
+    peers = [r.fields["peer"] for r in caplog.records if getattr(r, "fields", None)]
+    assert len(peers) == 2 and peers[0] != peers[1], peers

@@ -124,6 +124,8 @@ def test_the_deployment_wires_the_server_its_probes_ports_and_volumes(rendered, 
     assert pod["spec"]["terminationGracePeriodSeconds"] > drain
     live = container["livenessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] > drain
+    # Clients balancing by DNS reconnect within minutes and so find replicas added since.
+    assert args.max_connection_age <= 300
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(args.metrics_port)
     assert annotations["prometheus.io/path"] == "/metrics"
