@@ -216,6 +216,13 @@ def test_the_images_hold_what_they_should(stack):
         "import torch; print(torch.__version__, torch.version.cuda)",
     ).stdout.split()  # fmt: skip
     assert cuda[1] == "None", f"the trainer's torch is {cuda}"
+    # The replicas run as docker-compose.yml (and deploy/k8s) says: not root, on a
+    # read-only root filesystem, and serve so (they are healthy: the fixture waited).
+    for container in stack.replicas():
+        assert stack.engine.run("exec", container, "id", "-u").stdout.strip() == "65532"
+        assert stack.inspect(container, "{{.HostConfig.ReadonlyRootfs}}") == "true"
+        wrote = stack.engine.run("exec", container, "touch", "/app/x", check=False)
+        assert wrote.returncode != 0 and "Read-only file system" in wrote.stderr, wrote.stderr
 
 
 def test_the_loadtest_service_runs_through_lb_and_both_replicas_serve(stack):

@@ -114,6 +114,9 @@ def test_compose_files_validate_and_wire_the_topology():
     check = _healthcheck_text(server)
     assert "grpc_health" in check and "127.0.0.1:8001" in check and "SERVING" in check
     assert server["command"] == ["--device", "cpu", "--client-id-header", "x-real-ip"]
+    # Not root, a read-only root filesystem: as deploy/k8s runs the image.
+    assert server["user"] == "65532:65532" and server["read_only"] is True
+    assert server["tmpfs"] == ["/tmp"]
 
     lb = services["lb"]
     assert lb["image"].startswith("nginx:")
