@@ -91,7 +91,6 @@ class Runner:
                 logits, state = run(jobs, counts, tokens)
             else:
                 logits, state = self.padded_run(graph, tokens, self._gather(jobs))
-            self.observer.run(graph, len(tokens), time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 - a job's failure must stay that job's
             if len(jobs) == 1:
                 log.error(
@@ -104,7 +103,9 @@ class Runner:
                 self._run(graph, [job], tokens[row : row + n], out)
                 row += n
             return
-        if state is not None:  # None: it stays on the device (`_bound_run`)
+        # Outside the try: the jobs have stepped, and a retry would step them again.
+        self.observer.run(graph, len(tokens), time.perf_counter() - start)
+        if state is not None:  # None: it stays resident (`_bound_run`, `_host_run`)
             self._scatter(jobs, counts, state)
         row, width = 0, tokens.shape[1]
         for job, n in zip(jobs, counts, strict=True):

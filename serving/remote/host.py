@@ -27,9 +27,10 @@ connection that said "own"), goes away or says stop: an engine process never out
 it. Other connections come and go (a frontend restarting, or connecting again after
 this process was restarted) without ending it.
 
-Messages to a frontend are written by a thread of its connection: an engine's thread
-only queues them, so a frontend that stops reading (its process stopped or wedged)
-never holds up the engines that other frontends' streams share. One that takes no
+Messages to a frontend never block their sender: an engine's thread writes what the
+socket takes at once, and a writer thread of the connection sends the rest, so a
+frontend that stops reading (its process stopped or wedged) never holds up the engines
+that other frontends' streams share. One that takes no
 message for `stall_s` (10 s) is cut off: its connection is shut, its jobs cancelled,
 and it connects again if it recovers.
 """
@@ -170,6 +171,7 @@ class Outbound:
         # by the writer: only bytes the socket would not take at once wait on a frontend
         self._sending_since = 0.0  # when the writer's current bytes began (0: idle)
         self.cut_off = False  # it stopped reading: nothing more is queued
+        self._finished = False  # the writer ended (closed, cut off, or the frontend gone)
         self.keys: dict[str, Hosted] = {}  # this frontend's keys, in load order
         self._lock = threading.Lock()
         self._due = threading.Condition(self._lock)  # a held job to send, or closed
@@ -222,6 +224,8 @@ class Outbound:
             self._due.notify()
         with self._writing:
             self._outgoing.clear()
+            if self._sending_since:  # the writer is stuck on a frontend that may never read
+                self._shut()
             self._writing.notify()
 
     def _flush(self) -> None:
@@ -261,7 +265,7 @@ class Outbound:
         never waits on the frontend."""
         data = _framed(ForkingPickler.dumps(message))
         with self._writing:
-            if self.cut_off or self.closed or self._stalled():
+            if self.cut_off or self.closed or self._finished or self._stalled():
                 return
             if not self._outgoing and not self._sending_since:  # the writer is idle
                 try:
@@ -312,7 +316,10 @@ class Outbound:
             finally:
                 with self._writing:
                     self._sending_since = 0.0
-        self._socket.close()  # the duplicate: the connection itself is its reader's
+        with self._writing:  # not while a direct send may use it
+            self._finished = True  # nothing more goes out on this connection
+            self._outgoing.clear()
+            self._socket.close()  # the duplicate: the connection itself is its reader's
 
     def _cut_off(self) -> None:
         """Under `_writing`: the frontend stopped reading. Drop what waits for it and
@@ -325,6 +332,10 @@ class Outbound:
             "and its streams end",
             self.stall_s,
         )
+        self._shut()
+
+    def _shut(self) -> None:
+        """Shut the connection both ways: a blocked send fails, the reader sees its end."""
         try:
             self._socket.shutdown(socket.SHUT_RDWR)
         except OSError:  # closed already
@@ -435,6 +446,7 @@ class EngineHost:
             log.exception("engine process: serving a frontend failed")
         finally:
             out.close()
+            conn.close()
             for key, job in list(out.jobs.values()):  # its streams end with the connection
                 hosted = out.keys.get(key)
                 if hosted is not None:
