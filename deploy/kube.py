@@ -22,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy/k8s"
 OVERLAYS = (
+    "models",
     "base",
     "overlays/cpu",
     "overlays/gpu",

@@ -405,9 +405,13 @@ def test_the_compose_trainer_skips_training_when_every_default_model_is_there(tm
     shim = tmp_path / "bin"
     shim.mkdir()
     real_make = shutil.which("make")
+    builds = (  # `make models MODELS=... REPO=...`: exports what it is asked for
+        'repo=${3#REPO=}; for m in ${2#MODELS=}; do mkdir -p "$repo/$m/1"; '
+        'echo {} > "$repo/$m/1/model.json"; done'
+    )
     (shim / "make").write_text(
         "#!/bin/sh\n"
-        f'case "$1" in models) echo "$@" > {tmp_path}/asked; exit 0;; esac\n'
+        f'case "$1" in models) echo "$@" > {tmp_path}/asked; {builds}; exit 0;; esac\n'
         f'exec {real_make} "$@"\n'
     )
     (shim / "make").chmod(0o755)
@@ -432,8 +436,19 @@ def test_the_compose_trainer_skips_training_when_every_default_model_is_there(tm
     asked = (tmp_path / "asked").read_text().split()
     assert asked == ["models", f"MODELS={names[-1]}", f"REPO={repo}", "CKPT=/tmp/checkpoints"]
     assert (repo / ".complete").read_text().split() == names
+    (repo / names[-1] / "1" / "model.json").unlink()
     (shim / "make").write_text(  # training fails: no marker
         f'#!/bin/sh\ncase "$1" in models) exit 3;; esac\nexec {real_make} "$@"\n'
     )
     failed = trainer()
     assert failed.returncode == 3 and not (repo / ".complete").exists()
+    (shim / "make").write_text(  # make says it succeeded, but a model is still missing
+        f'#!/bin/sh\ncase "$1" in models) exit 0;; esac\nexec {real_make} "$@"\n'
+    )
+    short = trainer()
+    assert short.returncode == 1 and f"{names[-1]} is still missing" in short.stderr
+    assert not (repo / ".complete").exists()
+    empty = subprocess.run(["sh", str(ROOT / "deploy/trainer.sh")], cwd=ROOT,
+                           env={**env, "STEPWISE_MODELS": " "}, capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert empty.returncode == 1 and "no models to build" in empty.stderr

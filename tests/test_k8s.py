@@ -25,11 +25,13 @@ HEALTH_SERVICES = {"", SERVICE_NAME, kserve.SERVICE_NAME}  # what the server reg
 # The Dockerfile stage each server image is built from.
 STAGES = {"stepwise-server": "serving", "stepwise-server-gpu": "serving-gpu"}
 KINDS = {
+    "models": {"PersistentVolumeClaim", "Job"},
     "base": {"Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim", "Job"},
     "overlays/cpu": {"Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim",
                      "Job", "HorizontalPodAutoscaler", "ConfigMap"},
-    "overlays/kserve": {"ServingRuntime", "InferenceService", "PersistentVolumeClaim", "Job"},
-    "overlays/triton": {"InferenceService", "PersistentVolumeClaim", "Job"},
+    # The KServe pods do not wait for the Job: the claim is applied and filled first.
+    "overlays/kserve": {"ServingRuntime", "InferenceService"},
+    "overlays/triton": {"InferenceService"},
 }  # fmt: skip
 KINDS["overlays/gpu"] = KINDS["overlays/cpu"]
 KINDS["overlays/prometheus-operator"] = KINDS["overlays/cpu"] | {"ServiceMonitor"}
@@ -174,6 +176,7 @@ def test_the_autoscaler_scales_the_deployment_on_the_adapter_rules_metric(render
     docs = rendered[overlay]
     hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
     deployment = one(docs, "Deployment")
+    assert "replicas" not in deployment["spec"]  # the HPA's to set; an apply would reset it
     assert hpa["scaleTargetRef"] == {
         "apiVersion": deployment["apiVersion"],
         "kind": "Deployment",
@@ -216,7 +219,7 @@ def test_the_kserve_runtime_runs_the_server_on_the_claim_it_is_given(rendered):
     assert runtime["spec"]["annotations"]["prometheus.io/port"] == str(args.metrics_port)
     assert "grpc-v2" in runtime["spec"]["protocolVersions"]
 
-    claim = one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    claim = one(rendered["models"], "PersistentVolumeClaim")["metadata"]["name"]
     predictor = one(docs, "InferenceService")["spec"]["predictor"]
     model = predictor["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
@@ -228,16 +231,18 @@ def test_the_kserve_runtime_runs_the_server_on_the_claim_it_is_given(rendered):
     triton = rendered["overlays/triton"]
     model = one(triton, "InferenceService")["spec"]["predictor"]["model"]
     assert model["runtime"] == "kserve-tritonserver" and model["modelFormat"]["name"] == "triton"
-    assert (
-        model["storageUri"] == f"pvc://{one(triton, 'PersistentVolumeClaim')['metadata']['name']}/"
-    )
+    assert model["storageUri"] == f"pvc://{claim}/"
 
 
 def test_the_metrics_the_autoscaling_rule_reads_are_on_the_servers_page(repository):
     """Every series name the adapter rule selects is one a real server exposes."""
     (rule,) = kube.adapter_rules()
     names = set(re.findall(r"\b(?:stepwise|nv)_\w+", rule["seriesQuery"] + rule["metricsQuery"]))
-    assert names == {"stepwise_live_streams", "nv_inference_pending_request_count"}
+    assert names == {
+        "stepwise_live_streams",
+        "nv_inference_pending_request_count",
+        "stepwise_stream_slots",
+    }
     server, _ = create_server(loopback_config(repository, metrics_port=0))
     server.start()
     try:
@@ -246,5 +251,8 @@ def test_the_metrics_the_autoscaling_rule_reads_are_on_the_servers_page(reposito
             page = response.read().decode()
     finally:
         server.stop(None)
-    for name in names:
+    for name in names - {"stepwise_stream_slots"}:
         assert re.search(rf"^{name}\{{.*model=\"char_lstm\".*\}} ", page, re.M), name
+    # of the slot gauge, the rule takes the streams waiting (state="waiting") alone
+    assert re.search(r'^stepwise_stream_slots\{.*state="waiting".*\} ', page, re.M)
+    assert 'state=~"waiting|"' in rule["metricsQuery"]
