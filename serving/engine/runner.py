@@ -87,8 +87,7 @@ class Runner:
         try:
             start = time.perf_counter()
             if graph == "step":
-                run = self._bound_run if self.bind else self._host_run
-                logits, state = run(jobs, counts, tokens)
+                logits, state = self._resident_run(jobs, counts, tokens)
             else:
                 logits, state = self.padded_run(graph, tokens, self._gather(jobs))
         except Exception as exc:  # noqa: BLE001 - a job's failure must stay that job's
@@ -105,7 +104,7 @@ class Runner:
             return
         # Outside the try: the jobs have stepped, and a retry would step them again.
         self.observer.run(graph, len(tokens), time.perf_counter() - start)
-        if state is not None:  # None: it stays resident (`_bound_run`, `_host_run`)
+        if state is not None:  # None: it stays resident (`_resident_run`)
             self._scatter(jobs, counts, state)
         row, width = 0, tokens.shape[1]
         for job, n in zip(jobs, counts, strict=True):
@@ -137,35 +136,23 @@ class Runner:
             }
         return tokens, state
 
-    def _bound_run(self, jobs: list[Job], counts: list[int], tokens: np.ndarray):
-        """A decode run with the batch's state kept on the device. The same jobs in the
-        same order as last time feed the last run's state OrtValues back as they are;
-        any other batch first brings that state home (`_settle`) and uploads its own.
-        Returns (logits [B, V], None): the new state stays resident."""
-        resident = self._resident
-        if resident is not None and _same(resident[0], jobs):
-            state = resident[2]
-        else:
-            self._settle()
-            _, host = self._pad(tokens, self._gather(jobs))
-            state = {name: self.model.to_device(value) for name, value in host.items()}
-            self.stats.state_uploads += 1
-        logits, new = self.model.run_bound("step", self._pad(tokens, None)[0], state)
-        self._resident = (list(jobs), counts, new)
-        return logits[: len(tokens)], None
-
-    def _host_run(self, jobs: list[Job], counts: list[int], tokens: np.ndarray):
-        """A decode run with the batch's state kept as the last run returned it (host
-        arrays): the same jobs in the same order as last time feed it back as it is; any
-        other batch first scatters it into its jobs (`_settle`) and gathers its own.
-        Returns (logits [B, V], None): the new state stays resident."""
+    def _resident_run(self, jobs: list[Job], counts: list[int], tokens: np.ndarray):
+        """A decode run with the batch's state resident: the same jobs in the same order
+        as last time feed the last run's state back as it is; any other batch first
+        scatters that state into its jobs (`_settle`) and gathers its own. Bound, the
+        state is OrtValues on the device (uploaded when gathered); else the host arrays
+        the run returned. Returns (logits [B, V], None): the new state stays resident."""
         resident = self._resident
         if resident is not None and _same(resident[0], jobs):
             state = resident[2]
         else:
             self._settle()
             _, state = self._pad(tokens, self._gather(jobs))
-        logits, new = self.model.run("step", self._pad(tokens, None)[0], state)
+            if self.bind:
+                state = {name: self.model.to_device(value) for name, value in state.items()}
+                self.stats.state_uploads += 1
+        run = self.model.run_bound if self.bind else self.model.run
+        logits, new = run("step", self._pad(tokens, None)[0], state)
         self._resident = (list(jobs), counts, new)
         return logits[: len(tokens)], None
 
